@@ -1,0 +1,199 @@
+"""The `charstream` command: train, sample, eval, export (torch side) and serve (onnxruntime side).
+
+Each subcommand imports its side lazily, so `charstream serve` runs where torch is absent.
+Bad input ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    return value
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=args.data,
+        out=args.out,
+        cell=args.cell,
+        layers=args.layers,
+        hidden=args.hidden,
+        embedding=args.embedding,
+        dropout=args.dropout,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        min_lr_ratio=args.min_lr_ratio,
+        lr_decay_steps=args.lr_decay_steps,
+        max_steps=args.max_steps,
+        epochs=args.epochs,
+        max_minutes=args.max_minutes,
+        grad_clip=args.grad_clip,
+        val_fraction=args.val_fraction,
+        eval_interval=args.eval_interval,
+        seed=args.seed,
+        device=args.device,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    result = train(cfg)
+    print(
+        f"trained {result.step} steps in {result.seconds:.0f}s ({result.chars_per_s:,.0f} chars/s); "
+        f"best val loss {result.best_val_loss:.4f} nats/char -> {result.out / 'best.pt'}"
+    )
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from training.checkpoint import load_model
+    from training.sample import generate
+
+    model, vocab, _ = load_model(args.checkpoint)
+    text = generate(model, vocab, args.prime, args.length, args.temperature, args.top_k, args.seed)
+    sys.stdout.write(args.prime + text + "\n")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.checkpoint import load_model
+    from training.corpus import read_corpus
+    from training.evaluate import LN2, evaluate_loss
+
+    model, vocab, ckpt = load_model(args.checkpoint)
+    corpus = read_corpus(args.data)
+    if args.split == "val":
+        fraction = args.val_fraction or ckpt.get("corpus", {}).get("val_fraction", 0.1)
+        _, text = corpus.split(fraction)
+    else:
+        text = corpus.text
+    if len(text) < 2:
+        from training.errors import UserError
+
+        raise UserError("evaluation text needs at least 2 characters")
+    loss = evaluate_loss(model, torch.tensor(vocab.encode(text), dtype=torch.long))
+    print(f"{args.split} loss: {loss:.4f} nats/char  {loss / LN2:.4f} bits/char  ({len(text):,} chars)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.export import export_many
+
+    export_many(args.checkpoints, args.out, args.variants, args.ort, names=args.name)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.cli import serve
+
+    return serve(models=args.models, host=args.host, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="charstream", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a char model on UTF-8 text")
+    t.add_argument("--data", nargs="+", required=True, help="file(s) or a folder of UTF-8 text")
+    t.add_argument("--out", default="runs/default", help="folder for best.pt, last.pt, metrics")
+    t.add_argument("--cell", default="lstm", help="lstm or gru")
+    t.add_argument("--layers", type=_int, default=2)
+    t.add_argument("--hidden", type=_int, default=256)
+    t.add_argument("--embedding", type=_int, default=64)
+    t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--seq-len", type=_int, default=128)
+    t.add_argument("--batch-size", type=_int, default=64)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--warmup-steps", type=_int, default=100)
+    t.add_argument("--schedule", default="cosine", help="cosine, step or constant")
+    t.add_argument("--min-lr-ratio", type=float, default=0.1)
+    t.add_argument("--lr-decay-steps", type=_int, default=None)
+    stop = t.add_mutually_exclusive_group()
+    stop.add_argument("--max-steps", type=_int, default=None)
+    stop.add_argument("--epochs", type=float, default=None)
+    t.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time")
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--eval-interval", type=_int, default=250)
+    t.add_argument("--seed", type=_int, default=1337)
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("sample", help="sample text from a checkpoint")
+    s.add_argument("checkpoint")
+    s.add_argument("--prime", default="\n")
+    s.add_argument("--length", type=_int, default=500)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=_int, default=None)
+    s.add_argument("--seed", type=_int, default=None)
+    s.set_defaults(func=_sample)
+
+    e = sub.add_parser("eval", help="validation loss of a checkpoint in nats/char and bits/char")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", nargs="+", required=True)
+    e.add_argument("--split", choices=("val", "all"), default="val")
+    e.add_argument("--val-fraction", type=float, default=None)
+    e.set_defaults(func=_eval)
+
+    x = sub.add_parser("export", help="export checkpoints to stateful ONNX graphs")
+    x.add_argument("checkpoints", nargs="+")
+    x.add_argument("--out", required=True, help="folder that receives one folder per model")
+    x.add_argument("--variants", default="fp32,int8", help="comma list of fp32, int8, fp16")
+    x.add_argument("--ort", action="store_true", help="also write .ort files for mobile builds")
+    x.add_argument("--name", action="append", default=None, help="model folder name (one per checkpoint)")
+    x.set_defaults(func=_export)
+
+    v = sub.add_parser("serve", help="serve exported models over HTTP, SSE and WebSocket")
+    v.add_argument("--models", default=None, help="folder of exported models")
+    v.add_argument("--host", default=None)
+    v.add_argument("--port", type=_int, default=None)
+    v.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    user_errors: tuple[type[BaseException], ...] = ()
+    try:
+        from training.errors import UserError as TrainingUserError
+
+        user_errors += (TrainingUserError,)
+    except ImportError:
+        pass
+    try:
+        from service.errors import ServiceConfigError
+
+        user_errors += (ServiceConfigError,)
+    except ImportError:
+        pass
+    try:
+        return func(args)
+    except user_errors as exc:
+        print(f"charstream {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"charstream {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
