@@ -93,7 +93,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from training.export import export_many
 
-    export_many(args.checkpoints, args.out, args.variants, args.ort, names=args.name)
+    export_many(args.checkpoints, args.out, args.variants, args.ort, names=args.name, data=args.data)
     return 0
 
 
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="folder that receives one folder per model")
     x.add_argument("--variants", default="fp32,int8", help="comma list of fp32, int8, fp16")
     x.add_argument("--ort", action="store_true", help="also write .ort files for mobile builds")
+    x.add_argument("--data", nargs="+", default=None, help="corpus whose validation split measures each variant")
     x.add_argument("--name", action="append", default=None, help="model folder name (one per checkpoint)")
     x.set_defaults(func=_export)
 
