@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -70,6 +71,10 @@ class ModelInfo:
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    @cached_property
+    def vocab_index(self) -> dict[str, int]:
+        return {ch: i for i, ch in enumerate(self.vocab)}
 
     @property
     def state_names(self) -> tuple[str, ...]:

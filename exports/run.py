@@ -16,8 +16,13 @@ import onnxruntime as ort
 
 
 def load(path: str) -> tuple[ort.InferenceSession, list[str], dict[str, str]]:
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own classes for missing or damaged files
+        raise ValueError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
     meta = session.get_modelmeta().custom_metadata_map
+    if "vocab" not in meta:
+        raise ValueError(f"{path} is not a charstream graph (no vocab in its metadata)")
     return session, json.loads(meta["vocab"]), meta
 
 
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.length < 0 or args.temperature < 0:
             raise ValueError("--length and --temperature must be at least 0")
         text = generate(args.model, args.prime, args.length, args.temperature, args.seed)
-    except (ValueError, KeyError, OSError, ort.capi.onnxruntime_pybind11_state.Fail) as exc:  # type: ignore[attr-defined]
+    except (ValueError, OSError) as exc:
         print(f"exports.run: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     print(args.prime + text)

@@ -1,0 +1,1 @@
+"""charstream's serving side: FastAPI + onnxruntime, never torch."""

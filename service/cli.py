@@ -1,0 +1,37 @@
+"""`charstream serve`: uvicorn with charstream's settings and structured logs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.logs import configure, log_config
+from service.settings import load_settings
+
+
+def serve(models: str | None = None, host: str | None = None, port: int | None = None) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    overrides: dict[str, object] = {}
+    if models is not None:
+        overrides["models_dir"] = Path(models)
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    settings = load_settings(**overrides)
+    configure(settings.log_level, settings.log_json)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=log_config(settings.log_level, settings.log_json),
+        timeout_graceful_shutdown=10,
+        ws_ping_interval=20,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn exits quietly when start-up fails (e.g. CHARSTREAM_REQUIRE_MODELS and a broken model).
+    return 0 if server.started else 3

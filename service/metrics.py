@@ -1,0 +1,59 @@
+"""Prometheus metrics, one registry per app so that several apps (tests, workers) never collide."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STEP_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 0.1, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "charstream_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
+        )
+        self.generated_chars = Counter(
+            "charstream_generated_chars", "Characters sampled and sent", ["model"], registry=r
+        )
+        self.prompt_chars = Counter("charstream_prompt_chars", "Prompt and feed characters read", ["model"], registry=r)
+        self.step_latency = Histogram(
+            "charstream_step_seconds", "Wall time of one onnxruntime call", ["model", "kind"],
+            buckets=STEP_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "charstream_batch_size", "Sessions in one onnxruntime call", ["model", "kind"],
+            buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.active_sessions = Gauge("charstream_sessions", "Sessions held by the server", registry=r)
+        self.busy_sessions = Gauge("charstream_sessions_busy", "Sessions with a request running", registry=r)
+        self.session_state_bytes = Gauge(
+            "charstream_session_state_bytes", "Bytes of recurrent state and logits held by sessions", registry=r
+        )
+        self.session_memory_bytes = Gauge(
+            "charstream_session_memory_bytes", "State plus bookkeeping bytes of all sessions", registry=r
+        )
+        self.active_generations = Gauge(
+            "charstream_active_generations", "Generations and feeds in the scheduler", ["model"], registry=r
+        )
+        self.websockets = Gauge("charstream_websocket_connections", "Open WebSocket connections", registry=r)
+        self.evicted = Counter("charstream_sessions_evicted", "Sessions dropped after their TTL", registry=r)
+        self.errors = Counter("charstream_generation_errors", "Generations ended by an error", ["code"], registry=r)
+
+    def observe_step(self, model: str, seconds: float, batch: int, seq: int) -> None:
+        kind = "step" if seq == 1 else "prime"
+        self.step_latency.labels(model, kind).observe(seconds)
+        self.batch_size.labels(model, kind).observe(batch)
+
+    def set_collect_hook(self, hook: Callable[[], None]) -> None:
+        """Run `hook` right before each scrape so gauges are current (prometheus-client has no hook)."""
+        self._hook = hook
+
+    def refresh(self) -> None:
+        hook = getattr(self, "_hook", None)
+        if hook is not None:
+            hook()

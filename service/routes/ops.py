@@ -1,0 +1,37 @@
+"""Operations: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import ServiceDep
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive and its event loop answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(service: ServiceDep) -> JSONResponse:
+    """Ready when at least one model is loaded; lists models that failed and why."""
+    registry = service.registry
+    body = {
+        "status": "ready" if registry.ready else "not_ready",
+        "models": sorted(registry.models),
+        "default_model": registry.default,
+        "failed": registry.failures,
+    }
+    return JSONResponse(body, status_code=200 if registry.ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(service: ServiceDep) -> Response:
+    """Prometheus metrics: requests, sessions, generated characters, step latency, batch sizes."""
+    service.refresh_metrics()
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

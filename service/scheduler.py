@@ -1,0 +1,335 @@
+"""Continuous batching: every session that needs its next character shares one onnxruntime step.
+
+One scheduler per model runs a loop on the event loop; the onnxruntime call and the sampling
+run in one worker thread (onnxruntime releases the GIL), so a slow step never stalls other
+connections. Each iteration:
+
+  1. jobs that just arrived read their prompt (one seq=T call per group of equal length);
+  2. one batched call reads every active job's last sampled character (its `pending` token),
+     then each row samples its next character with its own parameters and RNG;
+  3. back on the event loop, each character goes to its stream at once; jobs that finished
+     or were cancelled leave the batch.
+
+Jobs join and leave between iterations, so a long generation never holds up a short one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import groupby
+
+import numpy as np
+
+from service.engine import Engine
+from service.metrics import Metrics
+from service.sampling import SamplingParams, StopMatcher, log_softmax_at, sample_rows
+
+log = logging.getLogger("charstream.scheduler")
+
+# A prompt longer than this is read in several calls, so one huge prompt cannot stall the batch.
+PRIME_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class TextEvent:
+    text: str
+    logprobs: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    finish_reason: str  # length | stop | cancelled | fed
+    generated_chars: int
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    code: str
+    message: str
+
+
+Event = TextEvent | DoneEvent | ErrorEvent
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation (or feed) on one session's state, owned by the scheduler until it completes."""
+
+    prime: list[int]
+    state: list[np.ndarray]  # (layers, hidden) per state tensor
+    logits: np.ndarray | None  # (vocab,) next-char logits, None until the model has read something
+    params: SamplingParams
+    rng: np.random.Generator
+    keep_state: bool = True  # False for stateless requests: skip reading the final character
+    on_complete: Callable[[Job], None] | None = None
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    generated: int = 0
+    absorbed: int = 0  # characters the state has read during this job
+    pending: int | None = None  # sampled and sent, not yet read by the model
+    pending_logprob: float | None = None
+    fresh: bool = False  # `pending` was sampled in the last step and is not sent yet
+    finish_reason: str | None = None
+    cancelled: bool = False
+    failed: bool = False
+    completed: bool = False
+    stop: StopMatcher = field(init=False)
+    held_logprobs: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stop = StopMatcher(self.params.stop)
+
+    @property
+    def wants_char(self) -> bool:
+        return self.finish_reason is None and not self.cancelled
+
+    @property
+    def done(self) -> bool:
+        return (self.finish_reason is not None or self.cancelled) and (
+            self.pending is None or not self.keep_state
+        )
+
+
+class Scheduler:
+    def __init__(
+        self,
+        name: str,
+        engine: Engine,
+        metrics: Metrics,
+        max_batch_size: int = 256,
+        max_wait_us: int = 0,
+        batching: bool = True,
+    ) -> None:
+        self.name = name
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size if batching else 1
+        self.max_wait_s = max_wait_us / 1e6
+        self.vocab = engine.info.vocab
+        self._joining: list[Job] = []
+        self._active: list[Job] = []
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
+        self._task: asyncio.Task[None] | None = None
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"scheduler-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for job in self._joining + self._active:
+            self._fail(job, "shutting_down", "the server is shutting down")
+        self._joining.clear()
+        self._active.clear()
+        self._executor.shutdown(wait=True)
+
+    def submit(self, job: Job) -> None:
+        self._joining.append(job)
+        self._wake.set()
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job: it leaves the batch at the next step boundary."""
+        if not job.completed:
+            job.cancelled = True
+            self._wake.set()
+
+    @property
+    def active(self) -> int:
+        return len(self._active) + len(self._joining)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._joining and not self._active:
+                self._wake.clear()
+                await self._wake.wait()
+                if self.max_wait_s:
+                    # Arrivals often come together: let them share the first step.
+                    await asyncio.sleep(self.max_wait_s)
+            try:
+                if self._joining:
+                    joining, self._joining = self._joining, []
+                    await self._admit(joining)
+                if self._active:
+                    await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not kill the loop for every other session
+                log.exception("scheduler iteration failed", extra={"model": self.name})
+                for job in self._active:
+                    self._fail(job, "internal", "the generation failed on the server")
+                self._active.clear()
+
+    async def _admit(self, joining: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        ready = []
+        for job in joining:
+            if job.cancelled:
+                self._complete(job)
+            elif job.prime:
+                ready.append(job)
+            else:
+                self._activate(job)
+        ready.sort(key=lambda j: len(j.prime))
+        for _, group_iter in groupby(ready, key=lambda j: len(j.prime)):
+            group = list(group_iter)
+            for start in range(0, len(group), self.max_batch_size):
+                batch = group[start : start + self.max_batch_size]
+                try:
+                    await loop.run_in_executor(self._executor, self._prime, batch)
+                except Exception as exc:
+                    log.exception("prime failed", extra={"model": self.name, "batch": len(batch)})
+                    for job in batch:
+                        self._fail(job, "engine_error", f"the model failed to read the prompt: {exc}")
+                    continue
+                for job in batch:
+                    self._activate(job)
+
+    def _activate(self, job: Job) -> None:
+        if job.cancelled:
+            self._complete(job)
+        elif job.params.max_new_chars == 0:
+            job.finish_reason = "fed"
+            self._complete(job)
+        else:
+            self._active.append(job)
+
+    async def _step(self) -> None:
+        loop = asyncio.get_running_loop()
+        for job in [j for j in self._active if j.done]:
+            self._complete(job)
+        batch_all = list(self._active)
+        for start in range(0, len(batch_all), self.max_batch_size):
+            batch = [j for j in batch_all[start : start + self.max_batch_size] if not j.completed]
+            if not batch:
+                continue
+            try:
+                await loop.run_in_executor(self._executor, self._compute, batch)
+            except Exception as exc:
+                log.exception("step failed", extra={"model": self.name, "batch": len(batch)})
+                for job in batch:
+                    self._fail(job, "engine_error", f"the model step failed: {exc}")
+                continue
+            for job in batch:
+                self._dispatch(job)
+
+    # -- worker thread ---------------------------------------------------------------------------
+
+    def _run(self, tokens: np.ndarray, jobs: list[Job]) -> np.ndarray:
+        """One onnxruntime call for `jobs`, whose states are gathered into (layers, batch, hidden)."""
+        state = [np.stack([j.state[k] for j in jobs], axis=1) for k in range(len(jobs[0].state))]
+        t0 = time.perf_counter()
+        logits, new_state = self.engine.run(tokens, state)
+        self.metrics.observe_step(self.name, time.perf_counter() - t0, len(jobs), tokens.shape[1])
+        for i, job in enumerate(jobs):
+            job.state = [np.ascontiguousarray(s[:, i, :]) for s in new_state]
+            job.absorbed += tokens.shape[1]
+        return logits[:, -1, :]  # (batch, vocab)
+
+    def _prime(self, jobs: list[Job]) -> None:
+        prompt = np.asarray([j.prime for j in jobs], dtype=np.int64)
+        last = None
+        for start in range(0, prompt.shape[1], PRIME_CHUNK):
+            last = self._run(np.ascontiguousarray(prompt[:, start : start + PRIME_CHUNK]), jobs)
+        assert last is not None
+        for i, job in enumerate(jobs):
+            job.logits = last[i].copy()
+            job.prime = []
+
+    def _compute(self, jobs: list[Job]) -> None:
+        """Read each job's pending character, then sample the next one for jobs that want it."""
+        reading = [j for j in jobs if j.pending is not None and (j.keep_state or j.wants_char)]
+        if reading:
+            tokens = np.asarray([[j.pending] for j in reading], dtype=np.int64)
+            last = self._run(tokens, reading)
+            for i, job in enumerate(reading):
+                job.logits = last[i].copy()
+                job.pending = None
+        sampling = [j for j in jobs if j.wants_char and j.pending is None and j.logits is not None]
+        if not sampling:
+            return
+        logits = np.stack([j.logits for j in sampling])  # type: ignore[misc]
+        params = [j.params for j in sampling]
+        temperature = np.array([p.temperature for p in params])
+        uniform = np.array([j.rng.random() if p.temperature > 0 else 0.0 for j, p in zip(sampling, params, strict=True)])
+        ids = sample_rows(
+            logits,
+            temperature,
+            np.array([p.top_k for p in params]),
+            np.array([p.top_p for p in params]),
+            uniform,
+        )
+        lps = log_softmax_at(logits, ids) if any(p.logprobs for p in params) else None
+        for i, job in enumerate(sampling):
+            job.fresh = True
+            job.pending = int(ids[i])
+            job.pending_logprob = None if lps is None else float(lps[i])
+
+    # -- event loop side -------------------------------------------------------------------------
+
+    def _dispatch(self, job: Job) -> None:
+        if job.completed:
+            return
+        if job.fresh:
+            job.fresh = False
+            if job.cancelled:
+                # Sampled after the cancel: the client never sees it, so the state never reads it.
+                job.pending = None
+            else:
+                self._emit(job)
+        if job.done:
+            self._complete(job)
+
+    def _emit(self, job: Job) -> None:
+        assert job.pending is not None
+        job.generated += 1
+        if job.params.logprobs and job.pending_logprob is not None:
+            job.held_logprobs.append(job.pending_logprob)
+        text, stopped = job.stop.push(self.vocab[job.pending])
+        if stopped:
+            job.finish_reason = "stop"
+        elif job.generated >= job.params.max_new_chars:
+            text += job.stop.flush()
+            job.finish_reason = "length"
+        self.metrics.generated_chars.labels(self.name).inc()
+        if text:
+            logprobs = None
+            if job.params.logprobs:
+                logprobs = job.held_logprobs[: len(text)]
+                del job.held_logprobs[: len(text)]
+            job.events.put_nowait(TextEvent(text, logprobs))
+
+    def _complete(self, job: Job) -> None:
+        if job.completed:
+            return
+        job.completed = True
+        if job in self._active:
+            self._active.remove(job)
+        reason = job.finish_reason or "cancelled"
+        job.events.put_nowait(DoneEvent(reason, job.generated))
+        if job.on_complete is not None:
+            job.on_complete(job)
+
+    def _fail(self, job: Job, code: str, message: str) -> None:
+        if job.completed:
+            return
+        job.completed = True
+        job.failed = True
+        if job in self._active:
+            self._active.remove(job)
+        job.events.put_nowait(ErrorEvent(code, message))
+        if job.on_complete is not None:
+            job.on_complete(job)

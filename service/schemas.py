@@ -1,0 +1,152 @@
+"""Request and response schemas of the HTTP and WebSocket API; no serving code is imported here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.sampling import SamplingParams
+
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="seeds the session's RNG")]
+
+
+class SamplingFields(BaseModel):
+    """Sampling parameters; unset fields take the server's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_chars: int = Field(default=256, ge=1, description="characters to generate at most")
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0, description="0 = greedy")
+    top_k: int = Field(default=0, ge=0, description="keep the k most likely characters; 0 = off")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus mass to keep; 1 = off")
+    stop: list[str] = Field(default_factory=list, max_length=8, description="stop sequences (not returned)")
+    logprobs: bool = Field(default=False, description="return the model's log-probability of each character")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop sequences must not be empty strings")
+        if any(len(s) > 64 for s in value):
+            raise ValueError("stop sequences must be at most 64 characters")
+        return value
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            max_new_chars=self.max_new_chars,
+            stop=tuple(self.stop),
+            logprobs=self.logprobs,
+        )
+
+
+class GenerateRequest(SamplingFields):
+    model: str | None = Field(default=None, description="model id; the server's default if unset")
+    prompt: str = Field(default="", description="text the model reads before generating")
+    seed: Seed | None = None
+    stream: bool = Field(default=False, description="answer as Server-Sent Events")
+    session_id: str | None = Field(default=None, description="continue this session and keep its new state")
+
+
+class SessionGenerateRequest(SamplingFields):
+    prompt: str = Field(default="", description="text appended to the session before generating")
+    stream: bool = False
+
+
+class Usage(BaseModel):
+    prompt_chars: int
+    generated_chars: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    finish_reason: Literal["length", "stop", "cancelled"]
+    usage: Usage
+    model: str
+    session_id: str | None = None
+    logprobs: list[float] | None = None
+
+
+class CreateSessionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str = Field(default="", description="text the session reads at creation")
+    seed: Seed | None = None
+
+
+class ForkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seed: Seed | None = Field(default=None, description="a new seed for the fork; unset keeps the RNG stream")
+
+
+class FeedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, description="text the session reads without generating")
+
+
+class SessionInfo(BaseModel):
+    id: str
+    object: Literal["session"] = "session"
+    model: str
+    seed: int
+    history_chars: int
+    created_at: float
+    expires_at: float
+    state_bytes: int
+
+
+class FeedResponse(BaseModel):
+    session: SessionInfo
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["model"] = "model"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# WebSocket messages from the client (the server's messages are documented in docs/api.md).
+class WsGenerate(SamplingFields):
+    type: Literal["generate"]
+    session_id: str | None = None
+    model: str | None = None
+    prompt: str = ""
+    seed: Seed | None = None
+
+
+class WsFeed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["feed"]
+    text: str = Field(min_length=1)
+    session_id: str | None = None
+    model: str | None = None
+
+
+class WsCancel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["cancel"]

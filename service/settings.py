@@ -1,0 +1,58 @@
+"""Settings read once from the environment (prefix CHARSTREAM_), e.g. CHARSTREAM_PORT=9000."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.errors import ServiceConfigError
+
+
+def bundled_models_dir() -> Path:
+    """The `exports/` folder that ships with charstream and holds the default model."""
+    import exports
+
+    return Path(exports.__file__).resolve().parent
+
+
+def _default_threads() -> int:
+    # Leave one core to the event loop, which samples, frames and sends while a step runs.
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHARSTREAM_", extra="ignore", frozen=True)
+
+    models_dir: Path = Field(default_factory=bundled_models_dir, description="folder of exported models")
+    default_model: str | None = Field(default=None, description="model used when a request names none")
+    variant: Literal["fp32", "int8", "fp16"] = Field(default="fp32", description="which file of each model to load")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    session_ttl_s: float = Field(default=900.0, gt=0, description="idle sessions expire after this")
+    max_sessions: int = Field(default=10_000, ge=1)
+    max_prompt_chars: int = Field(default=100_000, ge=1)
+    max_new_chars: int = Field(default=4096, ge=1)
+    ort_threads: int = Field(default_factory=_default_threads, ge=1, description="onnxruntime intra-op threads")
+    batching: bool = Field(default=True, description="share one onnxruntime step across sessions")
+    max_batch_size: int = Field(default=256, ge=1)
+    max_wait_us: int = Field(default=500, ge=0, description="an idle scheduler waits this long for company")
+    api_key: SecretStr | None = None
+    require_models: bool = Field(default=False, description="exit at start-up unless every model loads")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = Field(default=True, description="one JSON object per log line")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment; a bad value fails with one line naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        raise ServiceConfigError(
+            f"CHARSTREAM_{field.upper()}: {err['msg']} (got {err.get('input')!r})"
+        ) from None
