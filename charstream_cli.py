@@ -157,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="folder that receives one folder per model")
     x.add_argument("--variants", default="fp32,int8", help="comma list of fp32, int8, fp16")
     x.add_argument("--ort", action="store_true", help="also write .ort files for mobile builds")
-    x.add_argument("--data", nargs="+", default=None, help="corpus whose validation split measures each variant")
+    x.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="corpus whose validation split measures each variant",
+    )
     x.add_argument("--name", action="append", default=None, help="model folder name (one per checkpoint)")
     x.set_defaults(func=_export)
 

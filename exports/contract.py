@@ -115,8 +115,9 @@ def metadata_for(
 
 def parse_metadata(meta: Mapping[str, str]) -> ModelInfo:
     """Read a graph's metadata_props (e.g. onnxruntime's custom_metadata_map) into a ModelInfo."""
-    missing = [k for k in (META_FORMAT_VERSION, META_VOCAB, META_CELL, META_NUM_LAYERS, META_HIDDEN_SIZE)
-               if k not in meta]
+    missing = [
+        k for k in (META_FORMAT_VERSION, META_VOCAB, META_CELL, META_NUM_LAYERS, META_HIDDEN_SIZE) if k not in meta
+    ]
     if missing:
         raise ContractError(f"not a charstream graph: metadata lacks {', '.join(missing)}")
     try:

@@ -32,7 +32,9 @@ def zero_state(meta: dict[str, str], batch: int = 1) -> list[np.ndarray]:
     return [np.zeros(shape, np.float32) for _ in range(count)]
 
 
-def step(session: ort.InferenceSession, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+def step(
+    session: ort.InferenceSession, tokens: np.ndarray, state: list[np.ndarray]
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """tokens int64 [batch, seq] -> logits [batch, seq, vocab] and the new state."""
     names = [i.name for i in session.get_inputs()]  # tokens, h[, c]
     outputs = session.run(None, dict(zip(names, [tokens, *state], strict=True)))
@@ -80,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--length and --temperature must be at least 0")
         text = generate(args.model, args.prime, args.length, args.temperature, args.seed)
     except (ValueError, OSError) as exc:
-        print(f"exports.run: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print(
+            f"exports.run: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            file=sys.stderr,
+        )
         return 2
     print(args.prime + text)
     return 0

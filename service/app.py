@@ -26,8 +26,13 @@ log = logging.getLogger("charstream.app")
 SWEEP_INTERVAL_S = 5.0
 
 
-def _error(status: int, code: str, message: str, field: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
         body["field"] = field
@@ -91,29 +96,35 @@ class RequestMetrics:
             self.metrics.requests.labels(scope["method"], path, str(status)).inc()
 
 
-def create_app(settings: Settings | None = None, service: GenerationService | None = None) -> FastAPI:
-    """The app; with `service` given (tests), it serves that instead of loading the models folder."""
+def load_registry(settings: Settings) -> ModelRegistry:
+    """The models folder, loaded; with CHARSTREAM_REQUIRE_MODELS, any failure stops the start."""
+    registry = ModelRegistry.load(settings.models_dir, settings.variant, settings.ort_threads, settings.default_model)
+    if settings.require_models and (registry.failures or not registry.ready):
+        reasons = "; ".join(f"{k}: {v}" for k, v in registry.failures.items())
+        raise ServiceConfigError(f"CHARSTREAM_REQUIRE_MODELS is set and models failed: {reasons}")
+    return registry
+
+
+def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+    """The app; the models folder is loaded at start-up unless a loaded `registry` is given."""
     settings = settings or load_settings()
-    metrics = service.metrics if service is not None else Metrics()
+    metrics = Metrics()
+    service: GenerationService | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal service
-        if service is None:
-            registry = ModelRegistry.load(
-                settings.models_dir, settings.variant, settings.ort_threads, settings.default_model
-            )
-            if settings.require_models and (registry.failures or not registry.ready):
-                reasons = "; ".join(f"{k}: {v}" for k, v in registry.failures.items())
-                raise ServiceConfigError(f"CHARSTREAM_REQUIRE_MODELS is set and models failed: {reasons}")
-            service = GenerationService.create(registry, settings, metrics)
+        service = GenerationService.create(registry or load_registry(settings), settings, metrics)
         app.state.service = service
         app.state.settings = settings
         service.start()
         sweeper = asyncio.create_task(_sweep(service))
         log.info(
             "charstream ready",
-            extra={"models": ",".join(service.registry.models), "failed": len(service.registry.failures)},
+            extra={
+                "models": ",".join(service.registry.models),
+                "failed": len(service.registry.failures),
+            },
         )
         try:
             yield

@@ -11,7 +11,7 @@ from service.settings import load_settings
 def serve(models: str | None = None, host: str | None = None, port: int | None = None) -> int:
     import uvicorn
 
-    from service.app import create_app
+    from service.app import create_app, load_registry
 
     overrides: dict[str, object] = {}
     if models is not None:
@@ -22,8 +22,9 @@ def serve(models: str | None = None, host: str | None = None, port: int | None =
         overrides["port"] = port
     settings = load_settings(**overrides)
     configure(settings.log_level, settings.log_json)
+    registry = load_registry(settings)  # before uvicorn, so a start-up failure is one clear line
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, registry),
         host=settings.host,
         port=settings.port,
         log_config=log_config(settings.log_level, settings.log_json),
@@ -33,5 +34,5 @@ def serve(models: str | None = None, host: str | None = None, port: int | None =
     )
     server = uvicorn.Server(config)
     server.run()
-    # uvicorn exits quietly when start-up fails (e.g. CHARSTREAM_REQUIRE_MODELS and a broken model).
+    # uvicorn returns quietly when it cannot start (e.g. the port is taken): say so in the exit code.
     return 0 if server.started else 3

@@ -19,9 +19,11 @@ class Engine:
         # Spinning workers would burn the core the event loop needs between steps.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The variant is known only after loading, so peek at the metadata with a cheap first load.
-        meta = ort.InferenceSession(
-            str(path), providers=["CPUExecutionProvider"], sess_options=_metadata_only_options()
-        ).get_modelmeta().custom_metadata_map
+        meta = (
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"], sess_options=_metadata_only_options())
+            .get_modelmeta()
+            .custom_metadata_map
+        )
         self.info = contract.parse_metadata(meta)
         options.graph_optimization_level = contract.optimization_level(self.info.variant, ort)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -7,7 +7,11 @@ import logging
 import logging.config
 from typing import Any
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,11 +33,13 @@ class JsonFormatter(logging.Formatter):
 def log_config(level: str = "info", json_lines: bool = True) -> dict[str, Any]:
     """A dictConfig for charstream and uvicorn alike (uvicorn.run takes it as log_config)."""
     formatter: dict[str, Any] = (
-        {"()": JsonFormatter}
-        if json_lines
-        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+        {"()": JsonFormatter} if json_lines else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
     )
-    handler = {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+    handler = {
+        "class": "logging.StreamHandler",
+        "formatter": "default",
+        "stream": "ext://sys.stderr",
+    }
     lvl = level.upper()
     return {
         "version": 1,

@@ -15,30 +15,46 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "charstream_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
+            "charstream_requests",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
+            registry=r,
         )
         self.generated_chars = Counter(
             "charstream_generated_chars", "Characters sampled and sent", ["model"], registry=r
         )
         self.prompt_chars = Counter("charstream_prompt_chars", "Prompt and feed characters read", ["model"], registry=r)
         self.step_latency = Histogram(
-            "charstream_step_seconds", "Wall time of one onnxruntime call", ["model", "kind"],
-            buckets=STEP_BUCKETS, registry=r,
+            "charstream_step_seconds",
+            "Wall time of one onnxruntime call",
+            ["model", "kind"],
+            buckets=STEP_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "charstream_batch_size", "Sessions in one onnxruntime call", ["model", "kind"],
-            buckets=BATCH_BUCKETS, registry=r,
+            "charstream_batch_size",
+            "Sessions in one onnxruntime call",
+            ["model", "kind"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.active_sessions = Gauge("charstream_sessions", "Sessions held by the server", registry=r)
         self.busy_sessions = Gauge("charstream_sessions_busy", "Sessions with a request running", registry=r)
         self.session_state_bytes = Gauge(
-            "charstream_session_state_bytes", "Bytes of recurrent state and logits held by sessions", registry=r
+            "charstream_session_state_bytes",
+            "Bytes of recurrent state and logits held by sessions",
+            registry=r,
         )
         self.session_memory_bytes = Gauge(
-            "charstream_session_memory_bytes", "State plus bookkeeping bytes of all sessions", registry=r
+            "charstream_session_memory_bytes",
+            "State plus bookkeeping bytes of all sessions",
+            registry=r,
         )
         self.active_generations = Gauge(
-            "charstream_active_generations", "Generations and feeds in the scheduler", ["model"], registry=r
+            "charstream_active_generations",
+            "Generations and feeds in the scheduler",
+            ["model"],
+            registry=r,
         )
         self.websockets = Gauge("charstream_websocket_connections", "Open WebSocket connections", registry=r)
         self.evicted = Counter("charstream_sessions_evicted", "Sessions dropped after their TTL", registry=r)

@@ -49,7 +49,9 @@ class ModelRegistry:
         self.default = default
 
     @classmethod
-    def load(cls, models_dir: Path, variant: str = "fp32", threads: int = 1, default: str | None = None) -> ModelRegistry:
+    def load(
+        cls, models_dir: Path, variant: str = "fp32", threads: int = 1, default: str | None = None
+    ) -> ModelRegistry:
         models: dict[str, LoadedModel] = {}
         failures: dict[str, str] = {}
         if not models_dir.is_dir():
@@ -70,10 +72,16 @@ class ModelRegistry:
             except Exception as exc:  # any broken file is reported and skipped, never fatal
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 failures[folder.name] = f"{path.name}: {reason[:300]}"
-                log.error("model failed to load", extra={"model": folder.name, "reason": failures[folder.name]})
+                log.error(
+                    "model failed to load",
+                    extra={"model": folder.name, "reason": failures[folder.name]},
+                )
                 continue
             models[folder.name] = LoadedModel(folder.name, folder, engine, manifest)
-            log.info("model loaded", extra={"model": folder.name, "file": str(path), "cell": engine.info.cell})
+            log.info(
+                "model loaded",
+                extra={"model": folder.name, "file": str(path), "cell": engine.info.cell},
+            )
         if not models and not failures:
             failures["*"] = f"no model folders under {models_dir}"
         if default is not None and default not in models:
@@ -105,7 +113,7 @@ class ModelRegistry:
         if missing:
             shown = ", ".join(repr(ch) for ch in missing[:20])
             raise InvalidInput(
-                f"{field_name} has {len(missing)} character(s) outside model {model.id!r}'s vocabulary: {shown}",
+                f"{field_name} has {len(missing)} character(s) outside the vocabulary of model {model.id!r}: {shown}",
                 field=field_name,
             )
         return [index[ch] for ch in text]

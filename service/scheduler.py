@@ -16,6 +16,7 @@ Jobs join and leave between iterations, so a long generation never holds up a sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -89,9 +90,7 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return (self.finish_reason is not None or self.cancelled) and (
-            self.pending is None or not self.keep_state
-        )
+        return (self.finish_reason is not None or self.cancelled) and (self.pending is None or not self.keep_state)
 
 
 class Scheduler:
@@ -124,10 +123,8 @@ class Scheduler:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         for job in self._joining + self._active:
             self._fail(job, "shutting_down", "the server is shutting down")
@@ -264,7 +261,9 @@ class Scheduler:
         logits = np.stack([j.logits for j in sampling])  # type: ignore[misc]
         params = [j.params for j in sampling]
         temperature = np.array([p.temperature for p in params])
-        uniform = np.array([j.rng.random() if p.temperature > 0 else 0.0 for j, p in zip(sampling, params, strict=True)])
+        uniform = np.array(
+            [j.rng.random() if p.temperature > 0 else 0.0 for j, p in zip(sampling, params, strict=True)]
+        )
         ids = sample_rows(
             logits,
             temperature,

@@ -276,7 +276,14 @@ class GenerationService:
             ids = [model.engine.info.vocab_index[DEFAULT_START]]
         return ids
 
-    def _job(self, session: Session, model: LoadedModel, ids: list[int], params: SamplingParams, stored: bool) -> Job:
+    def _job(
+        self,
+        session: Session,
+        model: LoadedModel,
+        ids: list[int],
+        params: SamplingParams,
+        stored: bool,
+    ) -> Job:
         def on_complete(job: Job) -> None:
             if not job.failed:
                 session.state = job.state

@@ -147,8 +147,7 @@ class InMemorySessionStore(SessionStore):
             soonest = min((self._expires_in(s) for s in self._sessions.values()), default=self.ttl_s)
             retry = max(1, int(soonest) + 1)
             raise TooManySessions(
-                f"the server holds its maximum of {self.max_sessions} sessions; "
-                f"delete one or retry in {retry}s",
+                f"the server holds its maximum of {self.max_sessions} sessions; delete one or retry in {retry}s",
                 headers={"Retry-After": str(retry)},
             )
         session.last_used = self._clock()
@@ -187,9 +186,7 @@ class InMemorySessionStore(SessionStore):
         return session_id in self._busy
 
     async def evict_expired(self) -> int:
-        expired = [
-            sid for sid, s in self._sessions.items() if sid not in self._busy and self._expires_in(s) <= 0
-        ]
+        expired = [sid for sid, s in self._sessions.items() if sid not in self._busy and self._expires_in(s) <= 0]
         for sid in expired:
             del self._sessions[sid]
         return len(expired)

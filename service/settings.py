@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     default_model: str | None = Field(default=None, description="model used when a request names none")
     variant: Literal["fp32", "int8", "fp16"] = Field(default="fp32", description="which file of each model to load")
     host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535, description="0 picks a free port")
     session_ttl_s: float = Field(default=900.0, gt=0, description="idle sessions expire after this")
     max_sessions: int = Field(default=10_000, ge=1)
     max_prompt_chars: int = Field(default=100_000, ge=1)
@@ -53,6 +53,4 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
-        raise ServiceConfigError(
-            f"CHARSTREAM_{field.upper()}: {err['msg']} (got {err.get('input')!r})"
-        ) from None
+        raise ServiceConfigError(f"CHARSTREAM_{field.upper()}: {err['msg']} (got {err.get('input')!r})") from None

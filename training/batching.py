@@ -23,8 +23,7 @@ class LaneBatcher:
             raise UserError(f"--seq-len must be at least 1, got {seq_len}")
         if ids.numel() < seq_len + 1:
             raise UserError(
-                f"{what} text has {ids.numel()} characters, shorter than one training window "
-                f"(--seq-len {seq_len} + 1)"
+                f"{what} text has {ids.numel()} characters, shorter than one training window (--seq-len {seq_len} + 1)"
             )
         # Each lane needs inputs and targets shifted by one, hence the -1.
         lane_len = (ids.numel() - 1) // batch_size

@@ -79,8 +79,7 @@ class Corpus:
         n_val = int(len(self.text) * val_fraction)
         if n_val < 2:
             raise UserError(
-                f"corpus of {len(self.text)} characters leaves no validation text at "
-                f"--val-fraction {val_fraction}"
+                f"corpus of {len(self.text)} characters leaves no validation text at --val-fraction {val_fraction}"
             )
         cut = len(self.text) - n_val
         return self.text[:cut], self.text[cut:]
@@ -106,9 +105,7 @@ def read_text_file(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{path} is not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})"
-        ) from None
+        raise UserError(f"{path} is not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})") from None
 
 
 def read_corpus(paths: Sequence[str | Path]) -> Corpus:

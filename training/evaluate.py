@@ -34,9 +34,7 @@ def evaluate_loss(model: CharRNN, ids: Tensor, lanes: int = 8, window: int = 256
     for start in range(0, lane_len, window):
         xs, ys = x[:, start : start + window], y[:, start : start + window]
         logits, state = model(xs, state)
-        total += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="sum"
-        ).item()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="sum").item()
         count += ys.numel()
     model.train(was_training)
     return total / count

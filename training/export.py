@@ -112,12 +112,12 @@ def export_fp32(model: CharRNN, path: Path, metadata: dict[str, str]) -> None:
         torch.onnx.export(
             _StatefulGraph(model).eval(),
             (tokens, *state),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects too
             dynamo=False,
             opset_version=OPSET,
             input_names=inputs,
             output_names=outputs,
-            dynamic_axes=dynamic_axes,  # type: ignore[arg-type]
+            dynamic_axes=dynamic_axes,
             do_constant_folding=True,
         )
     proto = onnx.load_from_string(buffer.getvalue())
@@ -197,8 +197,7 @@ def verify_parity(model: CharRNN, path: Path, tolerance: float = PARITY_TOLERANC
     if not max_err <= tolerance:
         where = max(errors, key=lambda k: errors[k])
         raise ExportError(
-            f"parity check failed: onnxruntime and torch differ by {max_err:.3g} at {where} "
-            f"(tolerance {tolerance:g})"
+            f"parity check failed: onnxruntime and torch differ by {max_err:.3g} at {where} (tolerance {tolerance:g})"
         )
     return errors
 
@@ -335,8 +334,15 @@ def convert_ort(src: Path, dst: Path) -> None:
 # Measurements per variant
 
 
-def ort_lanes_eval(session: Any, cell: str, layers: int, hidden: int, ids: np.ndarray,
-                   lanes: int = 8, window: int = 256) -> tuple[float, np.ndarray]:
+def ort_lanes_eval(
+    session: Any,
+    cell: str,
+    layers: int,
+    hidden: int,
+    ids: np.ndarray,
+    lanes: int = 8,
+    window: int = 256,
+) -> tuple[float, np.ndarray]:
     """Loss (nats/char) over `ids` read as carried-state lanes, and the argmax at every position."""
     n = ids.size - 1
     lanes = max(1, min(lanes, n // 2 or 1))
@@ -418,8 +424,13 @@ def export_one(request: ExportRequest, out: Path) -> Path:
     cfg = model.config
     corpus = ckpt.get("corpus", {})
     metadata = contract.metadata_for(
-        vocab.to_json(), cfg.cell, cfg.num_layers, cfg.hidden_size, cfg.embedding_size,
-        corpus.get("name", ""), ckpt.get("val_loss"),
+        vocab.to_json(),
+        cfg.cell,
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.embedding_size,
+        corpus.get("name", ""),
+        ckpt.get("val_loss"),
     )
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{request.name}.", suffix=".tmp", dir=out))
@@ -442,8 +453,12 @@ def export_one(request: ExportRequest, out: Path) -> Path:
 
 
 def _build(
-    request: ExportRequest, model: CharRNN, vocab: Vocabulary, ckpt: dict[str, Any],
-    metadata: dict[str, str], folder: Path,
+    request: ExportRequest,
+    model: CharRNN,
+    vocab: Vocabulary,
+    ckpt: dict[str, Any],
+    metadata: dict[str, str],
+    folder: Path,
 ) -> dict[str, Any]:
     cfg = model.config
     fp32 = folder / contract.MODEL_FILE
@@ -484,7 +499,11 @@ def _build(
         if request.ort:
             ort_path = path.with_suffix(".ort")
             convert_ort(path, ort_path)
-            entry["ort"] = {"file": ort_path.name, "sha256": _sha256(ort_path), "bytes": ort_path.stat().st_size}
+            entry["ort"] = {
+                "file": ort_path.name,
+                "sha256": _sha256(ort_path),
+                "bytes": ort_path.stat().st_size,
+            }
         variants[variant] = entry
 
     corpus = ckpt.get("corpus", {})
@@ -550,7 +569,7 @@ def export_many(
             from training.checkpoint import load_checkpoint
 
             fraction = load_checkpoint(request.checkpoint).get("corpus", {}).get("val_fraction") or 0.1
-            request.eval_text = eval_text[len(eval_text) - int(len(eval_text) * fraction):]
+            request.eval_text = eval_text[len(eval_text) - int(len(eval_text) * fraction) :]
         folder = export_one(request, out_dir)
         manifest = json.loads((folder / contract.MANIFEST_NAME).read_text())
         sizes = ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in manifest["variants"].items())

@@ -71,9 +71,7 @@ class CharRNN(nn.Module):
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
         device = device if device is not None else self.head.weight.device
-        return tuple(
-            torch.zeros(shape, device=device) for _ in range(self.config.state_tensors)
-        )
+        return tuple(torch.zeros(shape, device=device) for _ in range(self.config.state_tensors))
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab) and the new state."""

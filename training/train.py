@@ -65,15 +65,30 @@ class TrainConfig:
             (self.warmup_steps >= 0, f"--warmup-steps must be at least 0, got {self.warmup_steps}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
             (self.grad_clip > 0, f"--grad-clip must be positive, got {self.grad_clip}"),
-            (self.eval_interval >= 1, f"--eval-interval must be at least 1, got {self.eval_interval}"),
-            (self.max_steps is None or self.max_steps >= 1,
-             f"--max-steps must be at least 1, got {self.max_steps}"),
-            (self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
-            (self.max_minutes is None or self.max_minutes > 0,
-             f"--max-minutes must be positive, got {self.max_minutes}"),
-            (not (self.max_steps is not None and self.epochs is not None),
-             "give --max-steps or --epochs, not both"),
-            (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
+            (
+                self.eval_interval >= 1,
+                f"--eval-interval must be at least 1, got {self.eval_interval}",
+            ),
+            (
+                self.max_steps is None or self.max_steps >= 1,
+                f"--max-steps must be at least 1, got {self.max_steps}",
+            ),
+            (
+                self.epochs is None or self.epochs > 0,
+                f"--epochs must be positive, got {self.epochs}",
+            ),
+            (
+                self.max_minutes is None or self.max_minutes > 0,
+                f"--max-minutes must be positive, got {self.max_minutes}",
+            ),
+            (
+                not (self.max_steps is not None and self.epochs is not None),
+                "give --max-steps or --epochs, not both",
+            ),
+            (
+                self.device in ("auto", "cpu", "cuda"),
+                f"--device must be auto, cpu or cuda, got {self.device!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -254,9 +269,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             if window == 0:
                 state = model.init_state(cfg.batch_size, device)
             for x, y in batcher.epoch(offset, start=window):
-                lr = learning_rate(
-                    step, cfg.lr, cfg.warmup_steps, decay_steps, cfg.schedule, cfg.min_lr_ratio
-                )
+                lr = learning_rate(step, cfg.lr, cfg.warmup_steps, decay_steps, cfg.schedule, cfg.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -265,7 +278,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 state = tuple(s.detach() for s in state)
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 step += 1
@@ -273,10 +286,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 steps_this_run += 1
                 steps_since_log += 1
                 loss_since_log += loss.item()
-                out_of_time = (
-                    cfg.max_minutes is not None
-                    and time.perf_counter() - t_start >= cfg.max_minutes * 60
-                )
+                out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_start >= cfg.max_minutes * 60
                 if out_of_time:
                     max_steps = step  # validate, checkpoint and stop below, as at a planned end
 

@@ -52,7 +52,10 @@ async def _sse(generation: Generation) -> AsyncIterator[bytes]:
             yield _frame(
                 {
                     "finish_reason": event.finish_reason,
-                    "usage": {"prompt_chars": generation.prompt_chars, "generated_chars": event.generated_chars},
+                    "usage": {
+                        "prompt_chars": generation.prompt_chars,
+                        "generated_chars": event.generated_chars,
+                    },
                     "model": generation.model,
                     "session_id": generation.session_id,
                 }
@@ -88,7 +91,11 @@ async def list_models(service: ServiceDep) -> ModelList:
 async def generate(request: GenerateRequest, service: ServiceDep) -> GenerateResponse | StreamingResponse:
     """Generate text from a prompt; `stream: true` answers as Server-Sent Events."""
     generation = await service.generate(
-        request.to_sampling_params(), request.prompt, request.model, request.seed, request.session_id
+        request.to_sampling_params(),
+        request.prompt,
+        request.model,
+        request.seed,
+        request.session_id,
     )
     return await _respond(generation, request.stream)
 

@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from service.deps import check_api_key, get_service
@@ -28,7 +28,7 @@ from service.serving import Generation, GenerationService
 log = logging.getLogger("charstream.ws")
 router = APIRouter()
 
-MESSAGE_TYPES = {"generate": WsGenerate, "feed": WsFeed, "cancel": WsCancel}
+MESSAGE_TYPES: dict[str, type[BaseModel]] = {"generate": WsGenerate, "feed": WsFeed, "cancel": WsCancel}
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:
@@ -92,7 +92,9 @@ class Connection:
         schema = MESSAGE_TYPES.get(data["type"]) if isinstance(data["type"], str) else None
         if schema is None:
             await self.error(
-                "unknown_type", f"unknown message type {data['type']!r}; use generate, feed or cancel", "type"
+                "unknown_type",
+                f"unknown message type {data['type']!r}; use generate, feed or cancel",
+                "type",
             )
             return
         try:
@@ -148,7 +150,10 @@ class Connection:
                     {
                         "type": "done",
                         "finish_reason": event.finish_reason,
-                        "usage": {"prompt_chars": generation.prompt_chars, "generated_chars": event.generated_chars},
+                        "usage": {
+                            "prompt_chars": generation.prompt_chars,
+                            "generated_chars": event.generated_chars,
+                        },
                         "session_id": generation.session_id,
                     }
                 )

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.utils import SHAKESPEARE, tiny_train_config
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tiny models gain nothing from intra-op threads, and OpenMP threads that spin-wait make a
+    # busy 2-core machine crawl; one thread keeps the suite's time steady.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 120k characters of tiny-shakespeare: big enough to learn from in seconds."""
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare-small.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:120_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> dict[str, Path]:
+    """A real tiny LSTM and GRU, trained by the project's own loop."""
+    from training.train import train
+
+    out = {}
+    for cell in ("lstm", "gru"):
+        folder = tmp_path_factory.mktemp(f"run-{cell}")
+        train(tiny_train_config(corpus_file, folder, cell=cell))
+        out[cell] = folder / "best.pt"
+    return out
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path], corpus_file: Path) -> Path:
+    """Both tiny models exported (fp32 + int8) as the service reads them."""
+    from training.export import export_many
+
+    out = tmp_path_factory.mktemp("models")
+    export_many(
+        [str(checkpoints["lstm"]), str(checkpoints["gru"])],
+        str(out),
+        "fp32,int8",
+        names=["tiny-lstm", "tiny-gru"],
+        data=[str(corpus_file)],
+    )
+    return out

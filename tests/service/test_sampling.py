@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.sampling import StopMatcher, log_softmax_at, sample_rows
+
+
+def _sample(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, u: float = 0.5) -> int:
+    b = logits.shape[0]
+    return sample_rows(logits, np.full(b, temperature), np.full(b, top_k), np.full(b, top_p), np.full(b, u)).tolist()
+
+
+def test_greedy_takes_the_argmax_whatever_the_draw() -> None:
+    logits = np.array([[0.1, 3.0, 2.9, -1.0]], np.float32)
+    assert {_sample(logits, temperature=0.0, u=u)[0] for u in (0.0, 0.3, 0.99)} == {1}
+
+
+def test_top_k_never_picks_outside_the_k_best() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1, 50)).astype(np.float32)
+    best3 = set(np.argsort(-logits[0])[:3].tolist())
+    picks = {_sample(logits, top_k=3, u=u)[0] for u in np.linspace(0, 0.999, 200)}
+    assert picks == best3
+
+
+def test_top_p_keeps_the_smallest_set_holding_the_mass() -> None:
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(probs)[None, :].astype(np.float32)
+    picks = {_sample(logits, top_p=0.7, u=u)[0] for u in np.linspace(0, 0.999, 300)}
+    assert picks == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: two tokens
+    assert {_sample(logits, top_p=0.01, u=u)[0] for u in (0.1, 0.9)} == {0}
+
+
+def test_draw_follows_the_distribution() -> None:
+    logits = np.log(np.array([[0.2, 0.8]]))
+    # The inverse CDF runs over tokens sorted by probability: a small draw picks the likeliest.
+    assert _sample(logits, u=0.1) == [1] and _sample(logits, u=0.9) == [0]
+    rng = np.random.default_rng(1)
+    draws = [_sample(logits, u=rng.random())[0] for _ in range(4000)]
+    assert abs(np.mean(draws) - 0.8) < 0.03
+
+
+def test_rows_are_independent_of_their_batch() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(6, 40)).astype(np.float32)
+    temps = np.array([0.0, 0.5, 1.0, 1.5, 0.8, 1.0])
+    ks = np.array([0, 5, 0, 10, 3, 0])
+    ps = np.array([1.0, 1.0, 0.9, 0.5, 1.0, 0.95])
+    us = rng.random(6)
+    together = sample_rows(logits, temps, ks, ps, us)
+    alone = [
+        sample_rows(logits[i : i + 1], temps[i : i + 1], ks[i : i + 1], ps[i : i + 1], us[i : i + 1])[0]
+        for i in range(6)
+    ]
+    assert together.tolist() == alone
+
+
+def test_log_softmax_at() -> None:
+    logits = np.array([[1.0, 2.0, 3.0]])
+    want = 3.0 - np.log(np.exp([1.0, 2.0, 3.0]).sum())
+    assert log_softmax_at(logits, np.array([2]))[0] == pytest.approx(want)
+
+
+def test_stop_matcher_holds_back_prefixes_and_cuts_the_stop() -> None:
+    m = StopMatcher(("\n\n", "END"))
+    out = []
+    stopped = False
+    for ch in "Hello\nworld E\nEN\n\nafter":
+        text, stopped = m.push(ch)
+        out.append(text)
+        if stopped:
+            break
+    assert stopped and "".join(out) == "Hello\nworld E\nEN"
+
+
+def test_stop_matcher_flushes_held_text_at_the_end() -> None:
+    m = StopMatcher(("STOP",))
+    assert m.push("ab") == ("ab", False)
+    assert m.push("ST") == ("", False)
+    assert m.flush() == "ST"
+    assert StopMatcher(()).push("x") == ("x", False)

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.errors import ServiceConfigError
+from service.settings import bundled_models_dir, load_settings
+from tests.utils import REPO
+
+
+def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings()
+    assert s.models_dir == bundled_models_dir() == REPO / "exports"
+    assert s.host == "127.0.0.1" and s.batching is True
+    monkeypatch.setenv("CHARSTREAM_PORT", "9001")
+    monkeypatch.setenv("CHARSTREAM_BATCHING", "false")
+    s = load_settings()
+    assert s.port == 9001 and s.batching is False
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "fragment"),
+    [
+        ("CHARSTREAM_PORT", "eighty", "CHARSTREAM_PORT:"),
+        (
+            "CHARSTREAM_MAX_SESSIONS",
+            "0",
+            "CHARSTREAM_MAX_SESSIONS: Input should be greater than or equal to 1",
+        ),
+        ("CHARSTREAM_VARIANT", "int4", "CHARSTREAM_VARIANT:"),
+        ("CHARSTREAM_SESSION_TTL_S", "-5", "CHARSTREAM_SESSION_TTL_S:"),
+    ],
+)
+def test_a_wrong_setting_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str, fragment: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ServiceConfigError, match=fragment):
+        load_settings()
+
+
+def test_serve_with_a_wrong_setting_exits_with_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "CHARSTREAM_MAX_NEW_CHARS": "lots"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "charstream serve: error: CHARSTREAM_MAX_NEW_CHARS: Input should be a valid integer, "
+        "unable to parse string as an integer (got 'lots')"
+    ]
+
+
+def test_require_models_exits_non_zero_when_a_model_is_broken(tmp_path: Path) -> None:
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.onnx").write_bytes(b"junk")
+    result = subprocess.run(
+        [sys.executable, "-m", "service"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(REPO),
+            "CHARSTREAM_MODELS_DIR": str(tmp_path),
+            "CHARSTREAM_REQUIRE_MODELS": "1",
+            "CHARSTREAM_PORT": "0",
+        },
+    )
+    assert result.returncode != 0
+    # The structured log line of the failed load, then the one-line error.
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("charstream serve: error: CHARSTREAM_REQUIRE_MODELS is set and models failed: broken")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,116 @@
+"""The `charstream` command end to end, as a user runs it: one-line errors, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.utils import REPO
+
+
+def charstream(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "charstream_cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def test_train_sample_eval(tmp_path: Path, corpus_file: Path) -> None:
+    out = tmp_path / "run"
+    result = charstream(
+        "train",
+        "--data",
+        str(corpus_file),
+        "--out",
+        str(out),
+        "--max-steps",
+        "20",
+        "--hidden",
+        "16",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "16",
+        "--eval-interval",
+        "10",
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "best val loss" in result.stdout
+    sample = charstream("sample", str(out / "best.pt"), "--prime", "ROMEO:", "--length", "40", "--seed", "3")
+    assert sample.returncode == 0 and sample.stdout.startswith("ROMEO:") and len(sample.stdout) >= 46
+    again = charstream("sample", str(out / "best.pt"), "--prime", "ROMEO:", "--length", "40", "--seed", "3")
+    assert again.stdout == sample.stdout
+    ev = charstream("eval", str(out / "best.pt"), "--data", str(corpus_file))
+    assert ev.returncode == 0 and "nats/char" in ev.stdout and "bits/char" in ev.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"", "is empty"),
+        (b"abc\xffdef" * 100, "not valid UTF-8"),
+        (b"a tiny corpus. " * 7, "shorter than one training window"),
+    ],
+)
+def test_train_bad_corpus(tmp_path: Path, content: bytes, fragment: str) -> None:
+    data = tmp_path / "corpus.txt"
+    data.write_bytes(content)
+    assert_one_line_error(charstream("train", "--data", str(data), "--out", str(tmp_path / "o")), fragment)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--layers", "0"], "--layers must be at least 1"),
+        (["--lr", "-0.001"], "--lr must be positive"),
+        (["--cell", "rnn"], "--cell must be one of lstm, gru"),
+        (["--dropout", "2"], "--dropout must be in"),
+    ],
+)
+def test_train_nonsense_hyper_parameters(tmp_path: Path, corpus_file: Path, args: list[str], fragment: str) -> None:
+    result = charstream("train", "--data", str(corpus_file), "--out", str(tmp_path / "o"), *args)
+    assert_one_line_error(result, fragment)
+
+
+def test_sample_bad_inputs(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    ckpt = str(checkpoints["lstm"])
+    assert_one_line_error(charstream("sample", ckpt, "--prime", "héllo€"), "outside the vocabulary: 'é', '€'")
+    assert_one_line_error(charstream("sample", str(tmp_path / "none.pt")), "does not exist")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00" * 64)
+    assert_one_line_error(charstream("sample", str(corrupt)), "corrupt or not a checkpoint")
+    assert_one_line_error(charstream("eval", str(corrupt), "--data", str(corrupt)), "corrupt or not a checkpoint")
+
+
+def test_export_bad_inputs(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    ckpt = str(checkpoints["gru"])
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert_one_line_error(charstream("export", ckpt, "--out", str(a_file)), "exists and is not a folder")
+    assert_one_line_error(
+        charstream("export", ckpt, "--out", str(tmp_path / "o"), "--variants", "fp32,int4"),
+        "unknown variant 'int4'",
+    )
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"PK\x03\x04 not torch")
+    assert_one_line_error(
+        charstream("export", str(foreign), "--out", str(tmp_path / "o")),
+        "corrupt or not a checkpoint",
+    )
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.utils import REPO, tiny_train_config
+from training.checkpoint import load_checkpoint, load_model, save_atomic
+from training.errors import UserError
+from training.evaluate import evaluate_loss, unigram_entropy
+from training.train import train
+
+
+def test_training_beats_the_unigram_entropy(checkpoints: dict[str, Path], corpus_file: Path) -> None:
+    """The session fixture trained each tiny model for 200 steps: it must have learned context."""
+    from training.corpus import read_corpus
+
+    corpus = read_corpus([corpus_file])
+    _, val = corpus.split(0.1)
+    for cell, path in checkpoints.items():
+        model, vocab, ckpt = load_model(path)
+        ids = torch.tensor(vocab.encode(val))
+        unigram = unigram_entropy(ids, len(vocab))
+        loss = evaluate_loss(model, ids)
+        assert loss == pytest.approx(ckpt["val_loss"], abs=1e-4)
+        assert loss < unigram - 0.3, f"{cell}: val loss {loss:.3f} vs unigram entropy {unigram:.3f}"
+        run = path.parent
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == 200 and "val_loss" in rows[-1] and rows[-1]["chars_per_s"] > 0
+        assert (run / "last.pt").exists() and (run / "loss.png").stat().st_size > 1000
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model_state"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_resume_is_exact(tmp_path: Path, corpus_file: Path, cell: str) -> None:
+    """N steps straight == N/2 steps, then --resume to N (model, optimizer, schedule, RNG, carried state)."""
+    common = dict(cell=cell, max_steps=40, lr_decay_steps=40, eval_interval=20, dropout=0.2, warmup_steps=5)
+    # 26 windows per epoch at these sizes, so the run crosses an epoch boundary after the resume point.
+    train(tiny_train_config(corpus_file, tmp_path / "straight", **common, batch_size=128))
+    half = dict(common, max_steps=20)
+    train(tiny_train_config(corpus_file, tmp_path / "resumed", **half, batch_size=128))
+    train(tiny_train_config(corpus_file, tmp_path / "resumed", **common, batch_size=128, resume=True))
+
+    straight, resumed = (
+        _weights(tmp_path / "straight" / "last.pt"),
+        _weights(tmp_path / "resumed" / "last.pt"),
+    )
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["step"] == b["step"] == 40 and a["epoch"] == b["epoch"] >= 1
+    assert a["best_val_loss"] == b["best_val_loss"]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "metrics log repeats or loses steps across a resume"
+
+
+def test_resume_rejects_a_different_model(tmp_path: Path, corpus_file: Path) -> None:
+    train(tiny_train_config(corpus_file, tmp_path, max_steps=10, eval_interval=10))
+    with pytest.raises(UserError, match="cannot resume"):
+        train(tiny_train_config(corpus_file, tmp_path, max_steps=20, hidden=64, resume=True))
+    with pytest.raises(UserError, match="already at step 10"):
+        train(tiny_train_config(corpus_file, tmp_path, max_steps=10, resume=True))
+
+
+def test_resume_without_checkpoint(tmp_path: Path, corpus_file: Path) -> None:
+    with pytest.raises(UserError, match=r"--resume given, but .* does not exist"):
+        train(tiny_train_config(corpus_file, tmp_path, resume=True))
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pt"
+    save_atomic({"format": "x", "v": 1}, path)
+    before = path.read_bytes()
+
+    def broken_save(obj: object, f: object) -> None:
+        f.write(b"half a checkpoint")  # type: ignore[attr-defined]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic({"format": "x", "v": 2}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_a_kill_during_checkpointing_never_leaves_a_corrupt_file(tmp_path: Path) -> None:
+    """SIGKILL a process that rewrites a checkpoint in a loop: the file always loads."""
+    script = textwrap.dedent(
+        f"""
+        import torch, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from training.checkpoint import save_atomic
+        from pathlib import Path
+        i = 0
+        while True:
+            save_atomic({{"i": i, "w": torch.randn(256, 256)}}, Path({str(tmp_path / "ck.pt")!r}))
+            i += 1
+            print(i, flush=True)
+        """
+    )
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        for _ in range(5):
+            proc.stdout.readline()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    loaded = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert loaded["i"] >= 4 and loaded["w"].shape == (256, 256)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "corrupt or not a checkpoint"), (b"garbage" * 100, "corrupt or not a checkpoint")],
+)
+def test_corrupt_checkpoint(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(path)
+
+
+def test_foreign_checkpoint(tmp_path: Path) -> None:
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a charstream checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lr": -0.1}, "--lr must be positive"),
+        ({"layers": 0}, "--layers must be at least 1"),
+        ({"max_steps": 0}, "--max-steps must be at least 1"),
+        ({"schedule": "linear"}, "--schedule must be one of"),
+        ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
+        ({"seq_len": 200_000}, "shorter than one training window"),
+        ({"batch_size": 10_000}, "too short for --batch-size 10000"),
+    ],
+)
+def test_nonsense_training_settings(
+    tmp_path: Path, corpus_file: Path, overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(UserError, match=message):
+        train(tiny_train_config(corpus_file, tmp_path, **overrides))

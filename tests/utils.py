@@ -1,0 +1,87 @@
+"""Factories shared by the tests: tiny trained models, exported folders, a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
+
+
+def tiny_train_config(data: Path, out: Path, cell: str = "lstm", **overrides: object):
+    from training.train import TrainConfig
+
+    values: dict[str, object] = dict(
+        data=[str(data)],
+        out=str(out),
+        cell=cell,
+        layers=2,
+        hidden=48,
+        embedding=16,
+        seq_len=32,
+        batch_size=32,
+        lr=1.5e-2,
+        warmup_steps=10,
+        max_steps=200,
+        eval_interval=100,
+        progress=False,
+        seed=7,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class Server:
+    base_url: str
+    ws_url: str
+    server: object
+    app: object
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def run_server(**settings: object) -> Iterator[Server]:
+    """A real uvicorn server on 127.0.0.1 in a thread; always stopped, also when the test fails."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    port = free_port()
+    cfg = load_settings(host="127.0.0.1", port=port, log_json=False, **settings)
+    app = create_app(cfg)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="websockets-sansio"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield Server(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", server, app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        assert not thread.is_alive(), "uvicorn did not stop"
