@@ -1,0 +1,53 @@
+# charstream serving image: onnxruntime + FastAPI/uvicorn + the service and exports packages.
+# No torch, no compilers, non-root, one port, a health check, settings from CHARSTREAM_*.
+#
+#   docker build -t charstream .                                   # with network access
+#   docker build --build-arg BASE_IMAGE=localhost/python:3.11-slim -t charstream .   # offline, with wheelhouse/
+#
+# When wheelhouse/ holds wheels, Python packages install from it alone (--no-index);
+# otherwise from the package index.
+ARG BASE_IMAGE=python:3.11-slim
+
+# ---- build: a virtual environment with the serve extra's requirements -------------------------
+FROM ${BASE_IMAGE} AS build
+WORKDIR /src
+COPY pyproject.toml ./
+COPY wheelhouse/ /wheelhouse/
+RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['serve']))" > requirements.txt \
+ && python3 -m venv /opt/venv \
+ && if ls /wheelhouse/*.whl > /dev/null 2>&1; then FROM_WHEELS="--no-index --find-links /wheelhouse"; fi \
+ && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check $FROM_WHEELS -r requirements.txt \
+ && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+
+# ---- train: torch (CPU build) for `docker compose --profile train run train ...` ---------------
+FROM build AS train
+COPY training/ /app/training/
+COPY exports/ /app/exports/
+COPY charstream_cli.py /app/
+RUN if ls /wheelhouse/*.whl > /dev/null 2>&1; then FROM_WHEELS="--no-index --find-links /wheelhouse"; \
+    else FROM_WHEELS="--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple"; fi \
+ && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check $FROM_WHEELS "torch>=2.4" onnx tqdm matplotlib
+ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/app PYTHONUNBUFFERED=1
+WORKDIR /work
+ENTRYPOINT ["python", "-m", "charstream_cli"]
+
+# ---- runtime: the serving image --------------------------------------------------------------
+FROM ${BASE_IMAGE} AS serve
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin charstream
+COPY --from=build /opt/venv /opt/venv
+COPY exports/ /app/exports/
+COPY service/ /app/service/
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    CHARSTREAM_HOST=0.0.0.0 \
+    CHARSTREAM_PORT=8000 \
+    CHARSTREAM_MODELS_DIR=/app/exports
+USER charstream
+WORKDIR /app
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('CHARSTREAM_PORT', '8000'), timeout=2)"]
+CMD ["python", "-m", "service"]

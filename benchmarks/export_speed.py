@@ -1,0 +1,127 @@
+"""The export targets, measured side by side in one run on one model:
+
+- onnxruntime single step at batch 1 vs PyTorch eager (default CPU backend, and mkldnn off);
+- int8 vs fp32: file size, step time, validation loss (from the manifest);
+- priming a 1,000-character prompt with one seq=1000 call vs 1,000 single-step calls.
+
+All timings use one thread (torch.set_num_threads(1), onnxruntime intra_op_num_threads=1), the
+setting of one server worker or an edge device; medians of repeated runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from benchmarks.common import table, write_results
+from exports import contract
+from training.checkpoint import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def median_us(fn: Callable[[], object], runs: int, warmup: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=str(REPO / "exports" / "shakespeare-lstm"))
+    parser.add_argument("--checkpoint", default=str(REPO / "runs" / "shakespeare-lstm" / "best.pt"))
+    parser.add_argument("--runs", type=int, default=500)
+    args = parser.parse_args()
+    folder = Path(args.model)
+    manifest = json.loads((folder / contract.MANIFEST_NAME).read_text())
+    torch.set_num_threads(1)
+
+    fp32 = session(folder / "model.onnx")
+    int8 = session(folder / "model.int8.onnx")
+    layers, hidden = manifest["num_layers"], manifest["hidden_size"]
+    n_state = 2 if manifest["cell"] == "lstm" else 1
+    names = ["tokens", "h", "c"][: 1 + n_state]
+    state = [np.zeros((layers, 1, hidden), np.float32) for _ in range(n_state)]
+    feed = dict(zip(names, [np.zeros((1, 1), np.int64), *state], strict=True))
+
+    rows: list[dict[str, object]] = []
+    ort_fp32 = median_us(lambda: fp32.run(None, feed), args.runs)
+    ort_int8 = median_us(lambda: int8.run(None, feed), args.runs)
+    rows.append({"what": "onnxruntime fp32 step, batch 1", "us": ort_fp32})
+    rows.append({"what": "onnxruntime int8 step, batch 1", "us": ort_int8})
+
+    torch_rows = {}
+    if Path(args.checkpoint).exists():
+        model, _, _ = load_model(args.checkpoint)
+        tok = torch.zeros((1, 1), dtype=torch.long)
+        st = model.init_state(1)
+        with torch.no_grad():
+            torch_rows["default"] = median_us(lambda: model(tok, st), args.runs)
+            with torch.backends.mkldnn.flags(enabled=False):
+                torch_rows["mkldnn off"] = median_us(lambda: model(tok, st), args.runs)
+        for k, v in torch_rows.items():
+            rows.append({"what": f"torch eager step ({k}), batch 1", "us": v})
+
+    prompt = np.random.default_rng(0).integers(0, manifest["vocab_size"], (1, 1000)).astype(np.int64)
+    state0 = [np.zeros((layers, 1, hidden), np.float32) for _ in range(n_state)]
+
+    def prime_once() -> None:
+        fp32.run(None, dict(zip(names, [prompt, *state0], strict=True)))
+
+    def prime_stepwise() -> None:
+        st = state0
+        for t in range(1000):
+            out = fp32.run(None, dict(zip(names, [prompt[:, t : t + 1], *st], strict=True)))
+            st = out[1:]
+
+    prime_one = median_us(prime_once, 30, warmup=3)
+    prime_steps = median_us(prime_stepwise, 5, warmup=1)
+    rows.append({"what": "prime 1,000 chars: one seq=1000 call", "us": prime_one})
+    rows.append({"what": "prime 1,000 chars: 1,000 seq=1 calls", "us": prime_steps})
+
+    v32, v8 = manifest["variants"]["fp32"], manifest["variants"].get("int8", {})
+    ratios = {
+        "ort_vs_torch_default": torch_rows.get("default", float("nan")) / ort_fp32,
+        "ort_vs_torch_mkldnn_off": torch_rows.get("mkldnn off", float("nan")) / ort_fp32,
+        "int8_smaller": v32["bytes"] / v8["bytes"] if v8 else float("nan"),
+        "int8_faster": ort_fp32 / ort_int8,
+        "int8_val_loss_change": v8.get("val_loss_change"),
+        "prime_one_call_faster": prime_steps / prime_one,
+    }
+    print(f"model {folder.name}: {manifest['cell']} {layers}x{hidden}, one thread")
+    print(table(["measurement", "microseconds"], [[r["what"], r["us"]] for r in rows]))
+    print()
+    print(table(["ratio", "value", "target"], [
+        ["onnxruntime step vs torch eager (default)", ratios["ort_vs_torch_default"], ">= 5x"],
+        ["onnxruntime step vs torch eager (mkldnn off)", ratios["ort_vs_torch_mkldnn_off"], ">= 5x"],
+        ["int8 smaller than fp32", ratios["int8_smaller"], ">= 3x"],
+        ["int8 step faster than fp32", ratios["int8_faster"], ">= 1.5x"],
+        ["int8 val loss change (nats/char)", ratios["int8_val_loss_change"], "<= +0.02"],
+        ["prime: one call vs 1,000 steps", ratios["prime_one_call_faster"], ">= 2x"],
+    ]))
+    path = write_results("export_speed", {"model": folder.name, "rows": rows, "ratios": ratios})
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

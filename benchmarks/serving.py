@@ -1,0 +1,311 @@
+"""Serving throughput and latency against a real server on loopback, side by side in one run.
+
+Measures, for the bundled model:
+  ceiling   an in-process loop of batched onnxruntime steps + sampling, no server (batch 1..128)
+  torch     PyTorch eager stepping one stream, what a user would write instead of a server
+  server    real WebSocket (and SSE) clients at 1..256 concurrent streams: aggregate chars/s,
+            time to first char, inter-char latency p50/p99, server CPU and RSS
+  baseline  the same server with CHARSTREAM_BATCHING=false
+  history   time to first char continuing a session with 10,000 chars of history vs a fresh
+            session vs re-priming the same history statelessly
+  memory    RSS per idle session, 10,000 sessions
+
+Client and server share this machine's cores; the numbers are ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+from websockets.asyncio.client import connect
+
+from benchmarks.common import RESULTS, table, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / "exports"
+
+
+# -- a real server ---------------------------------------------------------------------------------
+
+
+class ServerProcess:
+    def __init__(self, port: int, **env: str) -> None:
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        full_env = dict(os.environ)
+        full_env.update(
+            CHARSTREAM_PORT=str(port), CHARSTREAM_LOG_LEVEL="warning", CHARSTREAM_MAX_SESSIONS="20000",
+            CHARSTREAM_MAX_NEW_CHARS="100000", CHARSTREAM_MAX_PROMPT_CHARS="100000",
+        )
+        full_env.update(env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full_env)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.1)
+        self.ps = psutil.Process(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def cpu_seconds(self) -> float:
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    def rss(self) -> int:
+        return int(self.ps.memory_info().rss)
+
+
+# -- clients ---------------------------------------------------------------------------------------
+
+
+async def ws_stream(url: str, chars: int, seed: int, prompt: str = "ROMEO:") -> tuple[float, list[float]]:
+    """Time to first char and the arrival time of every char, for one WebSocket generation."""
+    async with connect(url, max_queue=None) as ws:
+        t0 = time.perf_counter()
+        await ws.send(json.dumps({"type": "generate", "prompt": prompt, "max_new_chars": chars, "seed": seed}))
+        arrivals: list[float] = []
+        while True:
+            m = json.loads(await ws.recv())
+            if m["type"] == "text":
+                now = time.perf_counter()
+                arrivals.extend([now] * len(m["text"]))
+            elif m["type"] in ("done", "error"):
+                break
+        return t0, arrivals
+
+
+async def sse_stream(base: str, chars: int, seed: int) -> tuple[float, list[float]]:
+    body = {"prompt": "ROMEO:", "max_new_chars": chars, "seed": seed, "stream": True}
+    async with httpx.AsyncClient(base_url=base, timeout=300) as c:
+        t0 = time.perf_counter()
+        arrivals: list[float] = []
+        async with c.stream("POST", "/v1/generate", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and '"text"' in line:
+                    now = time.perf_counter()
+                    arrivals.extend([now] * len(json.loads(line[6:])["text"]))
+        return t0, arrivals
+
+
+def summarize(results: list[tuple[float, list[float]]], wall: float) -> dict[str, float]:
+    ttfc = [a[0] - t0 for t0, a in results if a]
+    gaps = [b - a for _, arr in results for a, b in zip(arr, arr[1:], strict=False)]
+    total = sum(len(a) for _, a in results)
+    return {
+        "chars_per_s": total / wall,
+        "ttfc_p50_ms": statistics.median(ttfc) * 1e3,
+        "inter_char_p50_ms": float(np.percentile(gaps, 50)) * 1e3 if gaps else 0.0,
+        "inter_char_p99_ms": float(np.percentile(gaps, 99)) * 1e3 if gaps else 0.0,
+    }
+
+
+def run_load(server: ServerProcess, protocol: str, streams: int, chars: int) -> dict[str, float]:
+    async def go() -> tuple[list[tuple[float, list[float]]], float]:
+        t0 = time.perf_counter()
+        if protocol == "ws":
+            url = f"ws://127.0.0.1:{server.port}/v1/stream"
+            tasks = [ws_stream(url, chars, i) for i in range(streams)]
+        else:
+            tasks = [sse_stream(server.base, chars, i) for i in range(streams)]
+        res = await asyncio.gather(*tasks)
+        return list(res), time.perf_counter() - t0
+
+    cpu0 = server.cpu_seconds()
+    results, wall = asyncio.run(go())
+    out = summarize(results, wall)
+    out["server_cpu_pct"] = 100 * (server.cpu_seconds() - cpu0) / wall
+    out["server_rss_mb"] = server.rss() / 2**20
+    return out
+
+
+# -- in-process references -------------------------------------------------------------------------
+
+
+def ceiling(batch: int, steps: int) -> float:
+    """chars/s of batched onnxruntime steps + per-row sampling in one process, no server."""
+    from service.engine import Engine
+    from service.sampling import sample_rows
+    from service.settings import load_settings
+
+    engine = Engine(MODEL_DIR / "shakespeare-lstm" / "model.onnx", load_settings().ort_threads)
+    state = engine.zero_state(batch)
+    tokens = np.zeros((batch, 1), np.int64)
+    rngs = [np.random.default_rng(i) for i in range(batch)]
+    ones, zeros = np.ones(batch), np.zeros(batch, np.int64)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits, state = engine.run(tokens, state)
+        ids = sample_rows(logits[:, -1], ones, zeros, ones, np.array([r.random() for r in rngs]))
+        tokens = ids.reshape(batch, 1).astype(np.int64)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def torch_eager(steps: int) -> float | None:
+    ckpt = REPO / "runs" / "shakespeare-lstm" / "best.pt"
+    if not ckpt.exists():
+        return None
+    import torch
+
+    from training.checkpoint import load_model
+
+    model, _, _ = load_model(ckpt)
+    tok = torch.zeros((1, 1), dtype=torch.long)
+    state = model.init_state(1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits, state = model(tok, state)
+            tok = torch.multinomial(torch.softmax(logits[0, -1], -1), 1, generator=g).view(1, 1)
+    return steps / (time.perf_counter() - t0)
+
+
+def history_ttfc(server: ServerProcess, history: int) -> dict[str, float]:
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:history]
+    with httpx.Client(base_url=server.base, timeout=300) as c:
+        def ttfc(path: str, body: dict[str, Any]) -> float:
+            t0 = time.perf_counter()
+            with c.stream("POST", path, json=body | {"stream": True, "max_new_chars": 1}) as r:
+                for line in r.iter_lines():
+                    if '"text"' in line:
+                        return time.perf_counter() - t0
+            raise RuntimeError("no text")
+
+        long_sid = c.post("/v1/sessions", json={"prompt": text}).json()["id"]
+        fresh = [ttfc("/v1/generate", {"prompt": "ROMEO:"}) for _ in range(20)]
+        cont = [ttfc(f"/v1/sessions/{long_sid}/generate", {}) for _ in range(20)]
+        reprime = [ttfc("/v1/generate", {"prompt": text}) for _ in range(5)]
+    return {
+        "fresh_ms": statistics.median(fresh) * 1e3,
+        "continue_10k_ms": statistics.median(cont) * 1e3,
+        "restateless_10k_ms": statistics.median(reprime) * 1e3,
+    }
+
+
+def idle_memory(server: ServerProcess, sessions: int) -> dict[str, float]:
+    with httpx.Client(base_url=server.base, timeout=60) as c:
+        c.post("/v1/sessions", json={"prompt": "warm"})
+        before = server.rss()
+        for _ in range(sessions):
+            c.post("/v1/sessions", json={"prompt": "A"})
+        after = server.rss()
+        metric = next(
+            float(line.split()[1]) for line in c.get("/metrics").text.splitlines()
+            if line.startswith("charstream_session_memory_bytes ")
+        )
+    return {"sessions": sessions, "rss_per_session_bytes": (after - before) / sessions,
+            "rss_delta_mb": (after - before) / 2**20, "accounted_per_session_bytes": metric / (sessions + 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--chars", type=int, default=400, help="characters per stream")
+    parser.add_argument("--streams", default="1,8,32,64,128,256")
+    parser.add_argument("--quick", action="store_true", help="fewer points, for a smoke run")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.streams.split(",")]
+    if args.quick:
+        levels = [1, 8, 64]
+    report: dict[str, Any] = {}
+
+    report["ceiling"] = {b: ceiling(b, max(50, 4000 // b)) for b in (1, 8, 32, 64, 128)}
+    report["torch_eager_chars_per_s"] = torch_eager(1000)
+
+    port = 8931
+    server = ServerProcess(port)
+    try:
+        report["ws"] = {n: run_load(server, "ws", n, args.chars) for n in levels}
+        report["sse"] = {n: run_load(server, "sse", n, args.chars) for n in (1, 8, 64)}
+        report["history"] = history_ttfc(server, 10_000)
+        report["memory"] = idle_memory(server, 2000 if args.quick else 10_000)
+    finally:
+        server.stop()
+    server = ServerProcess(port + 1, CHARSTREAM_BATCHING="false")
+    try:
+        report["ws_unbatched"] = {n: run_load(server, "ws", n, args.chars) for n in (1, 8, 64)}
+    finally:
+        server.stop()
+
+    rows = []
+    for n, r in report["ws"].items():
+        off = report["ws_unbatched"].get(n)
+        rows.append([n, r["chars_per_s"], off["chars_per_s"] if off else "", r["ttfc_p50_ms"],
+                     r["inter_char_p50_ms"], r["inter_char_p99_ms"], r["server_cpu_pct"], r["server_rss_mb"]])
+    print("WebSocket streams, bundled model (batching on; 'off' = CHARSTREAM_BATCHING=false)")
+    print(table(["streams", "chars/s", "chars/s off", "ttfc p50 ms", "gap p50 ms", "gap p99 ms", "cpu %", "rss MB"], rows))
+    print()
+    print("SSE streams")
+    print(table(["streams", "chars/s", "ttfc p50 ms", "gap p50 ms", "gap p99 ms"],
+                [[n, r["chars_per_s"], r["ttfc_p50_ms"], r["inter_char_p50_ms"], r["inter_char_p99_ms"]]
+                 for n, r in report["sse"].items()]))
+    print()
+    print("In-process ceiling (batched onnxruntime step + sampling, no server)")
+    print(table(["batch", "chars/s"], [[b, v] for b, v in report["ceiling"].items()]))
+    print(f"torch eager, one stream: {report['torch_eager_chars_per_s'] or float('nan'):,.0f} chars/s")
+    print()
+    ws = report["ws"]
+    top = 64 if 64 in ws else max(ws)
+    ratios = {
+        f"ws_{top}_vs_1": ws[top]["chars_per_s"] / ws[1]["chars_per_s"],
+        f"ws_{top}_vs_unbatched": ws[top]["chars_per_s"] / report["ws_unbatched"][top]["chars_per_s"]
+        if top in report["ws_unbatched"] else None,
+        f"ws_{top}_vs_ceiling_{top}": ws[top]["chars_per_s"] / report["ceiling"][top],
+        f"p99_gap_{top}_vs_p50_gap_1": ws[top]["inter_char_p99_ms"] / max(ws[1]["inter_char_p50_ms"], 1e-9),
+        "ws_1_vs_ceiling_1": ws[1]["chars_per_s"] / report["ceiling"][1],
+        "sse_1_vs_ceiling_1": report["sse"][1]["chars_per_s"] / report["ceiling"][1],
+        "continue_10k_vs_fresh_ttfc": report["history"]["continue_10k_ms"] / report["history"]["fresh_ms"],
+        "restateless_10k_vs_fresh_ttfc": report["history"]["restateless_10k_ms"] / report["history"]["fresh_ms"],
+    }
+    print(table(["ratio", "value"], [[k, v if v is not None else "n/a"] for k, v in ratios.items()]))
+    print(table(["memory", "value"], [[k, v] for k, v in report["memory"].items()]))
+    report["ratios"] = ratios
+    path = write_results("serving", report)
+    plot(report, RESULTS / "serving.png")
+    print(f"results: {path}")
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ws = report["ws"]
+    ax.plot(list(ws), [r["chars_per_s"] for r in ws.values()], marker="o", label="server, WebSocket, batching on")
+    off = report["ws_unbatched"]
+    ax.plot(list(off), [r["chars_per_s"] for r in off.values()], marker="s", label="server, batching off")
+    ceil = report["ceiling"]
+    ax.plot(list(ceil), list(ceil.values()), linestyle="--", label="in-process ceiling")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate chars/s")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
