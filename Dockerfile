@@ -20,6 +20,10 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['serve']))" > req
  && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check $FROM_WHEELS -r requirements.txt \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
+# ---- runtime venv: the same, without the installer ---------------------------------------------
+FROM build AS venv
+RUN /opt/venv/bin/pip uninstall -q -y pip setuptools
+
 # ---- train: torch (CPU build) for `docker compose --profile train run train ...` ---------------
 FROM build AS train
 COPY training/ /app/training/
@@ -34,8 +38,8 @@ ENTRYPOINT ["python", "-m", "charstream_cli"]
 
 # ---- runtime: the serving image --------------------------------------------------------------
 FROM ${BASE_IMAGE} AS serve
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin charstream
-COPY --from=build /opt/venv /opt/venv
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin charstream
+COPY --from=venv /opt/venv /opt/venv
 COPY exports/ /app/exports/
 COPY service/ /app/service/
 ENV PATH=/opt/venv/bin:$PATH \

@@ -128,15 +128,20 @@ def main() -> None:
     print(f"model {folder.name}: {manifest['cell']} {layers}x{hidden}, one thread")
     print(table(["measurement", "microseconds"], [[r["what"], r["us"]] for r in rows]))
     print()
-    print(table(["ratio", "value", "target"], [
-        ["onnxruntime step vs torch eager (default)", ratios["ort_vs_torch_default"], ">= 5x"],
-        ["onnxruntime step vs torch eager (mkldnn off)", ratios["ort_vs_torch_mkldnn_off"], ">= 5x"],
-        ["onnxruntime int8 step vs torch eager (mkldnn off)", ratios["ort_int8_vs_torch_mkldnn_off"], ""],
-        ["int8 smaller than fp32", ratios["int8_smaller"], ">= 3x"],
-        ["int8 step faster than fp32", ratios["int8_faster"], ">= 1.5x"],
-        ["int8 val loss change (nats/char)", ratios["int8_val_loss_change"], "<= +0.02"],
-        ["prime: one call vs 1,000 steps", ratios["prime_one_call_faster"], ">= 2x"],
-    ]))
+    print(
+        table(
+            ["ratio", "value", "target"],
+            [
+                ["onnxruntime step vs torch eager (default)", ratios["ort_vs_torch_default"], ">= 5x"],
+                ["onnxruntime step vs torch eager (mkldnn off)", ratios["ort_vs_torch_mkldnn_off"], ">= 5x"],
+                ["onnxruntime int8 step vs torch eager (mkldnn off)", ratios["ort_int8_vs_torch_mkldnn_off"], ""],
+                ["int8 smaller than fp32", ratios["int8_smaller"], ">= 3x"],
+                ["int8 step faster than fp32", ratios["int8_faster"], ">= 1.5x"],
+                ["int8 val loss change (nats/char)", ratios["int8_val_loss_change"], "<= +0.02"],
+                ["prime: one call vs 1,000 steps", ratios["prime_one_call_faster"], ">= 2x"],
+            ],
+        )
+    )
     path = write_results("export_speed", {"model": folder.name, "rows": rows, "ratios": ratios})
     print(f"results: {path}")
 

@@ -46,8 +46,11 @@ class ServerProcess:
         self.base = f"http://127.0.0.1:{port}"
         full_env = dict(os.environ)
         full_env.update(
-            CHARSTREAM_PORT=str(port), CHARSTREAM_LOG_LEVEL="warning", CHARSTREAM_MAX_SESSIONS="20000",
-            CHARSTREAM_MAX_NEW_CHARS="100000", CHARSTREAM_MAX_PROMPT_CHARS="100000",
+            CHARSTREAM_PORT=str(port),
+            CHARSTREAM_LOG_LEVEL="warning",
+            CHARSTREAM_MAX_SESSIONS="20000",
+            CHARSTREAM_MAX_NEW_CHARS="100000",
+            CHARSTREAM_MAX_PROMPT_CHARS="100000",
         )
         full_env.update(env)
         self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full_env)
@@ -183,6 +186,7 @@ def torch_eager(steps: int) -> float | None:
 def history_ttfc(server: ServerProcess, history: int) -> dict[str, float]:
     text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:history]
     with httpx.Client(base_url=server.base, timeout=300) as c:
+
         def ttfc(path: str, body: dict[str, Any]) -> float:
             t0 = time.perf_counter()
             with c.stream("POST", path, json=body | {"stream": True, "max_new_chars": 1}) as r:
@@ -210,11 +214,16 @@ def idle_memory(server: ServerProcess, sessions: int) -> dict[str, float]:
             c.post("/v1/sessions", json={"prompt": "A"})
         after = server.rss()
         metric = next(
-            float(line.split()[1]) for line in c.get("/metrics").text.splitlines()
+            float(line.split()[1])
+            for line in c.get("/metrics").text.splitlines()
             if line.startswith("charstream_session_memory_bytes ")
         )
-    return {"sessions": sessions, "rss_per_session_bytes": (after - before) / sessions,
-            "rss_delta_mb": (after - before) / 2**20, "accounted_per_session_bytes": metric / (sessions + 1)}
+    return {
+        "sessions": sessions,
+        "rss_per_session_bytes": (after - before) / sessions,
+        "rss_delta_mb": (after - before) / 2**20,
+        "accounted_per_session_bytes": metric / (sessions + 1),
+    }
 
 
 def main() -> None:
@@ -249,15 +258,33 @@ def main() -> None:
     rows = []
     for n, r in report["ws"].items():
         off = report["ws_unbatched"].get(n)
-        rows.append([n, r["chars_per_s"], off["chars_per_s"] if off else "", r["ttfc_p50_ms"],
-                     r["inter_char_p50_ms"], r["inter_char_p99_ms"], r["server_cpu_pct"], r["server_rss_mb"]])
+        rows.append(
+            [
+                n,
+                r["chars_per_s"],
+                off["chars_per_s"] if off else "",
+                r["ttfc_p50_ms"],
+                r["inter_char_p50_ms"],
+                r["inter_char_p99_ms"],
+                r["server_cpu_pct"],
+                r["server_rss_mb"],
+            ]
+        )
     print("WebSocket streams, bundled model (batching on; 'off' = CHARSTREAM_BATCHING=false)")
-    print(table(["streams", "chars/s", "chars/s off", "ttfc p50 ms", "gap p50 ms", "gap p99 ms", "cpu %", "rss MB"], rows))
+    print(
+        table(["streams", "chars/s", "chars/s off", "ttfc p50 ms", "gap p50 ms", "gap p99 ms", "cpu %", "rss MB"], rows)
+    )
     print()
     print("SSE streams")
-    print(table(["streams", "chars/s", "ttfc p50 ms", "gap p50 ms", "gap p99 ms"],
-                [[n, r["chars_per_s"], r["ttfc_p50_ms"], r["inter_char_p50_ms"], r["inter_char_p99_ms"]]
-                 for n, r in report["sse"].items()]))
+    print(
+        table(
+            ["streams", "chars/s", "ttfc p50 ms", "gap p50 ms", "gap p99 ms"],
+            [
+                [n, r["chars_per_s"], r["ttfc_p50_ms"], r["inter_char_p50_ms"], r["inter_char_p99_ms"]]
+                for n, r in report["sse"].items()
+            ],
+        )
+    )
     print()
     print("In-process ceiling (batched onnxruntime step + sampling, no server)")
     print(table(["batch", "chars/s"], [[b, v] for b, v in report["ceiling"].items()]))
@@ -268,7 +295,8 @@ def main() -> None:
     ratios = {
         f"ws_{top}_vs_1": ws[top]["chars_per_s"] / ws[1]["chars_per_s"],
         f"ws_{top}_vs_unbatched": ws[top]["chars_per_s"] / report["ws_unbatched"][top]["chars_per_s"]
-        if top in report["ws_unbatched"] else None,
+        if top in report["ws_unbatched"]
+        else None,
         f"ws_{top}_vs_ceiling_{top}": ws[top]["chars_per_s"] / report["ceiling"][top],
         f"p99_gap_{top}_vs_p50_gap_1": ws[top]["inter_char_p99_ms"] / max(ws[1]["inter_char_p50_ms"], 1e-9),
         "ws_1_vs_ceiling_1": ws[1]["chars_per_s"] / report["ceiling"][1],

@@ -1,0 +1,126 @@
+"""Finding or preparing a container engine for the smoke test: Docker when an engine answers,
+otherwise Podman (installed from Debian's packages when absent), with a locally made base image
+when the registry cannot be reached, and Python packages from a wheelhouse built on the host."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL_BASE = "localhost/python:3.11-slim"
+DEFAULT_BASE = "python:3.11-slim"
+
+
+class EngineUnavailable(Exception):
+    pass
+
+
+@dataclass
+class Engine:
+    command: str  # docker or podman
+    env: dict[str, str] = field(default_factory=dict)
+    compose: list[str] = field(default_factory=list)
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 600, **kw: object
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.command, *args],
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **self.env},
+            **kw,  # type: ignore[call-overload]
+        )
+
+    def image_exists(self, ref: str) -> bool:
+        return self.run("image", "inspect", ref, check=False).returncode == 0
+
+
+def _ok(cmd: list[str]) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _apt_install(*packages: str) -> None:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise EngineUnavailable(f"no container engine, and cannot install {' '.join(packages)} (not root or no apt)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, env=env, timeout=600)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", *packages], check=True, capture_output=True, env=env, timeout=900
+    )
+
+
+def find_engine() -> Engine:
+    if shutil.which("docker") and _ok(["docker", "info"]):
+        compose = ["docker", "compose"] if _ok(["docker", "compose", "version"]) else []
+        return Engine("docker", compose=compose)
+    if not (shutil.which("podman") and shutil.which("podman-compose") and shutil.which("debootstrap")):
+        _apt_install("podman", "runc", "debootstrap", "podman-compose")
+    # runc as the runtime and no default ulimits: what this kind of machine accepts.
+    engine = Engine("podman", env={"CONTAINERS_CONF": str(REPO / "tests" / "container" / "containers.conf")})
+    engine.compose = ["podman-compose"]
+    return engine
+
+
+def base_image(engine: Engine) -> str:
+    """python:3.11-slim if present or pullable; else a Debian bookworm rootfs made with debootstrap."""
+    for ref in (DEFAULT_BASE, LOCAL_BASE):
+        if engine.image_exists(ref):
+            return ref
+    if engine.run("pull", "-q", DEFAULT_BASE, check=False, timeout=120).returncode == 0:
+        return DEFAULT_BASE
+    if not shutil.which("debootstrap"):
+        _apt_install("debootstrap")
+    with tempfile.TemporaryDirectory(prefix="charstream-rootfs-") as root:
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm", root],
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
+        # Slim it as python:3.11-slim is slimmed: no package caches, docs, manuals or locales.
+        for junk in (
+            "var/cache/apt",
+            "var/lib/apt/lists",
+            "usr/share/doc",
+            "usr/share/man",
+            "usr/share/locale",
+            "usr/share/info",
+            "var/log",
+        ):
+            target = Path(root) / junk
+            if target.is_dir():
+                for child in target.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+        with subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE) as tar:
+            engine.run("import", "-", LOCAL_BASE, stdin=tar.stdout, timeout=600)
+    return LOCAL_BASE
+
+
+def build_wheelhouse() -> Path:
+    """Wheels of the serve requirements, built on the host, so the image builds with no index."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["serve"]
+    wheelhouse = REPO / "wheelhouse"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheelhouse), *requirements],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    return wheelhouse

@@ -1,0 +1,184 @@
+"""Container smoke test: build the serving image, run it on 127.0.0.1, generate over HTTP and
+WebSocket, check it runs as non-root without torch, bring up the compose file; always clean up."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.sync.client import connect
+
+from tests.container.engine import REPO, Engine, EngineUnavailable, base_image, build_wheelhouse, find_engine
+from tests.utils import free_port
+
+pytestmark = pytest.mark.container
+IMAGE = "localhost/charstream-smoke:test"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    try:
+        return find_engine()
+    except EngineUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def image(engine: Engine) -> Iterator[str]:
+    base = base_image(engine)
+    build_wheelhouse()
+    t0 = time.perf_counter()
+    # Podman's default OCI format has no HEALTHCHECK; the docker format keeps it.
+    fmt = ["--format", "docker"] if engine.command == "podman" else []
+    result = engine.run(
+        "build",
+        *fmt,
+        "--build-arg",
+        f"BASE_IMAGE={base}",
+        "--target",
+        "serve",
+        "-t",
+        IMAGE,
+        str(REPO),
+        check=False,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seconds = time.perf_counter() - t0
+    size = int(engine.run("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip())
+    print(f"\nimage built in {seconds:.1f}s from {base}; size {size / 1e6:.0f} MB")
+    assert size < 400e6, f"image is {size / 1e6:.0f} MB"
+    yield IMAGE
+    engine.run("rmi", "-f", IMAGE, check=False)
+
+
+class Container:
+    def __init__(self, engine: Engine, image: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.engine = engine
+        self.name = f"charstream-smoke-{secrets.token_hex(4)}"
+        self.port = free_port()
+        env_args = [x for k, v in (env or {}).items() for x in ("-e", f"{k}={v}")]
+        self.started = time.perf_counter()
+        engine.run("run", "-d", "--name", self.name, "-p", f"127.0.0.1:{self.port}:8000", *env_args, *args, image)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def wait(self, path: str = "/readyz", status: int = 200, timeout: float = 60) -> tuple[httpx.Response, float]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                r = httpx.get(self.base + path, timeout=2)
+                if r.status_code == status:
+                    return r, time.perf_counter() - self.started
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                logs = self.engine.run("logs", self.name, check=False)
+                raise AssertionError(f"{path} never answered {status}: {logs.stdout[-2000:]}{logs.stderr[-2000:]}")
+            time.sleep(0.1)
+
+    def remove(self) -> None:
+        self.engine.run("rm", "-f", self.name, check=False)
+
+
+@pytest.fixture
+def containers(engine: Engine) -> Iterator[list[Container]]:
+    started: list[Container] = []
+    yield started
+    for c in started:
+        c.remove()
+
+
+def test_image_serves_the_bundled_model(engine: Engine, image: str, containers: list[Container]) -> None:
+    c = Container(engine, image)
+    containers.append(c)
+    ready, seconds = c.wait()
+    print(f"\ncontainer start to ready: {seconds:.2f}s")
+    assert ready.json()["models"] == ["shakespeare-lstm"]
+    r = httpx.post(f"{c.base}/v1/generate", json={"prompt": "ROMEO:", "max_new_chars": 50, "seed": 1}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["text"]) == 50
+    with connect(f"ws://127.0.0.1:{c.port}/v1/stream") as ws:
+        ws.send(json.dumps({"type": "generate", "prompt": "KING:", "max_new_chars": 20}))
+        texts, final = [], None
+        while final is None:
+            m = json.loads(ws.recv(timeout=30))
+            if m["type"] == "text":
+                texts.append(m["text"])
+            elif m["type"] in ("done", "error"):
+                final = m
+        assert final["type"] == "done" and len("".join(texts)) == 20
+    uid = engine.run("exec", c.name, "id", "-u").stdout.strip()
+    assert uid != "0"
+    no_torch = engine.run("exec", c.name, "python", "-c", "import torch", check=False)
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    no_training = engine.run("exec", c.name, "python", "-c", "import training", check=False)
+    assert no_training.returncode != 0
+    no_gcc = engine.run("exec", c.name, "sh", "-c", "command -v gcc cc", check=False)
+    assert no_gcc.stdout.strip() == ""
+    health = engine.run("inspect", c.name, "--format", "{{json .Config.Healthcheck}}").stdout
+    assert "healthz" in health
+
+
+def test_broken_models_volume_starts_not_ready(
+    engine: Engine, image: str, containers: list[Container], tmp_path: Path
+) -> None:
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.onnx").write_bytes(b"not a model")
+    os.chmod(tmp_path, 0o755)
+    volume = ["-v", f"{tmp_path}:/models:ro"]
+    c = Container(engine, image, *volume, env={"CHARSTREAM_MODELS_DIR": "/models"})
+    containers.append(c)
+    r, _ = c.wait(status=503)
+    assert r.json()["status"] == "not_ready" and "broken" in r.json()["failed"]
+    assert httpx.get(f"{c.base}/healthz").status_code == 200  # alive, just not ready
+
+    strict = Container(
+        engine, image, *volume, env={"CHARSTREAM_MODELS_DIR": "/models", "CHARSTREAM_REQUIRE_MODELS": "1"}
+    )
+    containers.append(strict)
+    code = engine.run("wait", strict.name, timeout=60).stdout.strip()
+    assert code not in ("", "0")
+    assert "CHARSTREAM_REQUIRE_MODELS" in engine.run("logs", strict.name).stderr
+
+
+def test_a_wrong_setting_fails_with_one_line(engine: Engine, image: str, containers: list[Container]) -> None:
+    c = Container(engine, image, env={"CHARSTREAM_MAX_SESSIONS": "plenty"})
+    containers.append(c)
+    assert engine.run("wait", c.name, timeout=60).stdout.strip() == "2"
+    logs = engine.run("logs", c.name)
+    lines = (logs.stdout + logs.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("charstream serve: error: CHARSTREAM_MAX_SESSIONS:")
+
+
+def test_compose_up_serves(engine: Engine, image: str) -> None:
+    if not engine.compose:
+        pytest.skip("no compose command for this engine")
+    project = f"charstream-smoke-{secrets.token_hex(3)}"
+    port = free_port()
+    env = {**os.environ, **engine.env, "CHARSTREAM_PUBLISH_PORT": str(port)}
+    # compose uses the image built above rather than building its own copy.
+    engine.run("tag", image, "charstream:latest")
+    cmd = [*engine.compose, "-p", project, "-f", str(REPO / "compose.yaml")]
+    try:
+        up = subprocess.run([*cmd, "up", "-d", "serve"], capture_output=True, text=True, env=env, timeout=600)
+        assert up.returncode == 0, up.stderr[-3000:]
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "compose service never became ready"
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "A", "max_new_chars": 10}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["text"]) == 10
+    finally:
+        subprocess.run([*cmd, "down", "-v"], capture_output=True, env=env, timeout=300)
+        engine.run("rmi", "charstream:latest", check=False)
