@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ async def sse_stream(base: str, chars: int, seed: int) -> tuple[float, list[floa
 
 def summarize(results: list[tuple[float, list[float]]], wall: float) -> dict[str, float]:
     ttfc = [a[0] - t0 for t0, a in results if a]
-    gaps = [b - a for _, arr in results for a, b in zip(arr, arr[1:], strict=False)]
+    gaps = [b - a for _, arr in results for a, b in pairwise(arr)]
     total = sum(len(a) for _, a in results)
     return {
         "chars_per_s": total / wall,
