@@ -30,6 +30,9 @@ def serve(models: str | None = None, host: str | None = None, port: int | None =
         log_config=log_config(settings.log_level, settings.log_json),
         timeout_graceful_shutdown=10,
         ws_ping_interval=20,
+        # Frames here are a few characters each: compressing them costs CPU on both ends and a
+        # deflate context per connection, and saves nothing.
+        ws_per_message_deflate=False,
         lifespan="on",
     )
     server = uvicorn.Server(config)

@@ -74,6 +74,7 @@ class Job:
     pending: int | None = None  # sampled and sent, not yet read by the model
     pending_logprob: float | None = None
     fresh: bool = False  # `pending` was sampled in the last step and is not sent yet
+    slot: int = -1  # row in the scheduler's state arrays while active
     finish_reason: str | None = None
     cancelled: bool = False
     failed: bool = False
@@ -110,7 +111,17 @@ class Scheduler:
         self.max_wait_s = max_wait_us / 1e6
         self.vocab = engine.info.vocab
         self._joining: list[Job] = []
-        self._active: list[Job] = []
+        # Insertion-ordered: the batch order is arrival order; removal is O(1).
+        self._active: dict[Job, None] = {}
+        # Active jobs' state, next-char logits and sampling parameters live in rows ("slots") of
+        # these arrays, so a step gathers and scatters a whole batch with one indexing operation.
+        info = engine.info
+        self._state = np.zeros((len(info.state_names), info.num_layers, 0, info.hidden_size), np.float32)
+        self._logits = np.zeros((0, info.vocab_size), np.float32)
+        self._temperature = np.zeros(0)
+        self._top_k = np.zeros(0, np.int64)
+        self._top_p = np.zeros(0)
+        self._free: list[int] = []
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
         self._task: asyncio.Task[None] | None = None
@@ -126,11 +137,12 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for job in self._joining + self._active:
+        # A step may still be running in the worker: let it finish before touching the slots.
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+        for job in [*self._joining, *self._active]:
             self._fail(job, "shutting_down", "the server is shutting down")
         self._joining.clear()
         self._active.clear()
-        self._executor.shutdown(wait=True)
 
     def submit(self, job: Job) -> None:
         self._joining.append(job)
@@ -166,9 +178,8 @@ class Scheduler:
                 raise
             except Exception:  # a bug here must not kill the loop for every other session
                 log.exception("scheduler iteration failed", extra={"model": self.name})
-                for job in self._active:
+                for job in list(self._active):
                     self._fail(job, "internal", "the generation failed on the server")
-                self._active.clear()
 
     async def _admit(self, joining: list[Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -201,8 +212,43 @@ class Scheduler:
         elif job.params.max_new_chars == 0:
             job.finish_reason = "fed"
             self._complete(job)
+        elif job.logits is None:
+            self._fail(job, "internal", "nothing to continue from: the session has no history and no prompt")
         else:
-            self._active.append(job)
+            self._take_slot(job)
+            self._active[job] = None
+
+    def _take_slot(self, job: Job) -> None:
+        if not self._free:
+            old = self._logits.shape[0]
+            new = max(64, 2 * old)
+            state = np.zeros((*self._state.shape[:2], new, self._state.shape[3]), np.float32)
+            state[:, :, :old] = self._state
+            logits = np.zeros((new, self._logits.shape[1]), np.float32)
+            logits[:old] = self._logits
+            self._state, self._logits = state, logits
+            self._temperature = np.concatenate([self._temperature, np.zeros(new - old)])
+            self._top_k = np.concatenate([self._top_k, np.zeros(new - old, np.int64)])
+            self._top_p = np.concatenate([self._top_p, np.ones(new - old)])
+            self._free.extend(range(new - 1, old - 1, -1))  # low slots first
+        slot = self._free.pop()
+        self._state[:, :, slot] = np.stack(job.state)
+        assert job.logits is not None
+        self._logits[slot] = job.logits
+        self._temperature[slot] = job.params.temperature
+        self._top_k[slot] = job.params.top_k
+        self._top_p[slot] = job.params.top_p
+        job.slot = slot
+
+    def _give_back_slot(self, job: Job, keep: bool) -> None:
+        """Copy the job's state out of its slot (when `keep`) and free the slot."""
+        if job.slot < 0:
+            return
+        if keep:
+            job.state = [self._state[k, :, job.slot].copy() for k in range(self._state.shape[0])]
+            job.logits = self._logits[job.slot].copy()
+        self._free.append(job.slot)
+        job.slot = -1
 
     async def _step(self) -> None:
         loop = asyncio.get_running_loop()
@@ -225,53 +271,49 @@ class Scheduler:
 
     # -- worker thread ---------------------------------------------------------------------------
 
-    def _run(self, tokens: np.ndarray, jobs: list[Job]) -> np.ndarray:
-        """One onnxruntime call for `jobs`, whose states are gathered into (layers, batch, hidden)."""
-        state = [np.stack([j.state[k] for j in jobs], axis=1) for k in range(len(jobs[0].state))]
-        t0 = time.perf_counter()
-        logits, new_state = self.engine.run(tokens, state)
-        self.metrics.observe_step(self.name, time.perf_counter() - t0, len(jobs), tokens.shape[1])
-        for i, job in enumerate(jobs):
-            job.state = [np.ascontiguousarray(s[:, i, :]) for s in new_state]
-            job.absorbed += tokens.shape[1]
-        return logits[:, -1, :]  # (batch, vocab)
-
     def _prime(self, jobs: list[Job]) -> None:
+        """Read each job's prompt (all of one length) in seq=T calls, before it takes a slot."""
         prompt = np.asarray([j.prime for j in jobs], dtype=np.int64)
+        state = [np.stack([j.state[k] for j in jobs], axis=1) for k in range(len(jobs[0].state))]
         last = None
         for start in range(0, prompt.shape[1], PRIME_CHUNK):
-            last = self._run(np.ascontiguousarray(prompt[:, start : start + PRIME_CHUNK]), jobs)
+            tokens = np.ascontiguousarray(prompt[:, start : start + PRIME_CHUNK])
+            t0 = time.perf_counter()
+            logits, state = self.engine.run(tokens, state)
+            self.metrics.observe_step(self.name, time.perf_counter() - t0, len(jobs), tokens.shape[1])
+            last = logits[:, -1, :]
         assert last is not None
         for i, job in enumerate(jobs):
+            job.state = [np.ascontiguousarray(s[:, i, :]) for s in state]
             job.logits = last[i].copy()
+            job.absorbed += prompt.shape[1]
             job.prime = []
 
     def _compute(self, jobs: list[Job]) -> None:
         """Read each job's pending character, then sample the next one for jobs that want it."""
         reading = [j for j in jobs if j.pending is not None and (j.keep_state or j.wants_char)]
         if reading:
-            tokens = np.asarray([[j.pending] for j in reading], dtype=np.int64)
-            last = self._run(tokens, reading)
-            for i, job in enumerate(reading):
-                job.logits = last[i].copy()
+            idx = np.fromiter((j.slot for j in reading), np.intp, len(reading))
+            tokens = np.fromiter((j.pending for j in reading), np.int64, len(reading)).reshape(-1, 1)
+            state = self._state[:, :, idx]  # (tensors, layers, batch, hidden), one gathering copy
+            t0 = time.perf_counter()
+            logits, new_state = self.engine.run(tokens, list(state))
+            self.metrics.observe_step(self.name, time.perf_counter() - t0, len(reading), 1)
+            self._state[:, :, idx] = np.stack(new_state)
+            self._logits[idx] = logits[:, -1, :]
+            for job in reading:
                 job.pending = None
-        sampling = [j for j in jobs if j.wants_char and j.pending is None and j.logits is not None]
+                job.absorbed += 1
+        sampling = [j for j in jobs if j.wants_char and j.pending is None]
         if not sampling:
             return
-        logits = np.stack([j.logits for j in sampling])  # type: ignore[misc]
-        params = [j.params for j in sampling]
-        temperature = np.array([p.temperature for p in params])
-        uniform = np.array(
-            [j.rng.random() if p.temperature > 0 else 0.0 for j, p in zip(sampling, params, strict=True)]
-        )
-        ids = sample_rows(
-            logits,
-            temperature,
-            np.array([p.top_k for p in params]),
-            np.array([p.top_p for p in params]),
-            uniform,
-        )
-        lps = log_softmax_at(logits, ids) if any(p.logprobs for p in params) else None
+        idx = np.fromiter((j.slot for j in sampling), np.intp, len(sampling))
+        logits = self._logits[idx]
+        temperature = self._temperature[idx]
+        # One draw per row from the row's own RNG: a session's text never depends on its neighbours.
+        uniform = np.array([j.rng.random() if j.params.temperature > 0 else 0.0 for j in sampling])
+        ids = sample_rows(logits, temperature, self._top_k[idx], self._top_p[idx], uniform)
+        lps = log_softmax_at(logits, ids) if any(j.params.logprobs for j in sampling) else None
         for i, job in enumerate(sampling):
             job.fresh = True
             job.pending = int(ids[i])
@@ -315,8 +357,8 @@ class Scheduler:
         if job.completed:
             return
         job.completed = True
-        if job in self._active:
-            self._active.remove(job)
+        self._active.pop(job, None)
+        self._give_back_slot(job, keep=True)
         reason = job.finish_reason or "cancelled"
         job.events.put_nowait(DoneEvent(reason, job.generated))
         if job.on_complete is not None:
@@ -327,8 +369,8 @@ class Scheduler:
             return
         job.completed = True
         job.failed = True
-        if job in self._active:
-            self._active.remove(job)
+        self._active.pop(job, None)
+        self._give_back_slot(job, keep=False)
         job.events.put_nowait(ErrorEvent(code, message))
         if job.on_complete is not None:
             job.on_complete(job)
