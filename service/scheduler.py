@@ -1,16 +1,19 @@
 """Continuous batching: every session that needs its next character shares one onnxruntime step.
 
-One scheduler per model runs a loop on the event loop; the onnxruntime call and the sampling
-run in one worker thread (onnxruntime releases the GIL), so a slow step never stalls other
-connections. Each iteration:
+One scheduler per model owns a step thread. Each iteration of that thread:
 
-  1. jobs that just arrived read their prompt (one seq=T call per group of equal length);
-  2. one batched call reads every active job's last sampled character (its `pending` token),
-     then each row samples its next character with its own parameters and RNG;
-  3. back on the event loop, each character goes to its stream at once; jobs that finished
-     or were cancelled leave the batch.
+  1. jobs that just arrived read their prompt (one seq=T call per group of equal length) and
+     take a slot in the scheduler's state arrays;
+  2. one batched onnxruntime call reads every active job's last sampled character, then each
+     row samples its next character with its own parameters and RNG, and stop sequences and
+     lengths are checked;
+  3. the resulting text and completion events are handed to the event loop in one
+     `call_soon_threadsafe`, and the next step starts at once.
 
-Jobs join and leave between iterations, so a long generation never holds up a short one.
+Steps never wait for the event loop: while it sends step t's characters, the thread already
+runs step t+1 (onnxruntime releases the GIL). A stream whose client reads slowly gets several
+characters in one frame. Jobs join and leave between steps, so a long generation never holds
+up a short one, and a cancelled job leaves at the next step.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
 
@@ -110,8 +113,10 @@ class Scheduler:
         self.max_batch_size = max_batch_size if batching else 1
         self.max_wait_s = max_wait_us / 1e6
         self.vocab = engine.info.vocab
-        self._joining: list[Job] = []
-        # Insertion-ordered: the batch order is arrival order; removal is O(1).
+        self._lock = threading.Condition()
+        self._joining: list[Job] = []  # guarded by _lock
+        self._stopping = False
+        # Owned by the step thread. Insertion-ordered: the batch order is arrival order.
         self._active: dict[Job, None] = {}
         # Active jobs' state, next-char logits and sampling parameters live in rows ("slots") of
         # these arrays, so a step gathers and scatters a whole batch with one indexing operation.
@@ -122,67 +127,81 @@ class Scheduler:
         self._top_k = np.zeros(0, np.int64)
         self._top_p = np.zeros(0)
         self._free: list[int] = []
-        self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
-        self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: list[tuple[Job, Event | None]] = []  # step thread only; None = complete
 
-    # -- public API ------------------------------------------------------------------------------
+    # -- public API (event loop) -------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name=f"scheduler-{self.name}")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run_forever, name=f"step-{self.name}", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        # A step may still be running in the worker: let it finish before touching the slots.
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
+        # The thread is gone: whatever it left is failed here, on the loop.
         for job in [*self._joining, *self._active]:
             self._fail(job, "shutting_down", "the server is shutting down")
+        self._flush()
         self._joining.clear()
         self._active.clear()
 
     def submit(self, job: Job) -> None:
-        self._joining.append(job)
-        self._wake.set()
+        with self._lock:
+            self._joining.append(job)
+            self._lock.notify()
 
     def cancel(self, job: Job) -> None:
         """Stop a job: it leaves the batch at the next step boundary."""
         if not job.completed:
             job.cancelled = True
-            self._wake.set()
+            with self._lock:
+                self._lock.notify()
 
     @property
     def active(self) -> int:
         return len(self._active) + len(self._joining)
 
-    # -- the loop --------------------------------------------------------------------------------
+    # -- the step thread ---------------------------------------------------------------------------
 
-    async def _loop(self) -> None:
+    def _run_forever(self) -> None:
         while True:
-            if not self._joining and not self._active:
-                self._wake.clear()
-                await self._wake.wait()
-                if self.max_wait_s:
-                    # Arrivals often come together: let them share the first step.
-                    await asyncio.sleep(self.max_wait_s)
+            with self._lock:
+                while not self._stopping and not self._joining and not self._active:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                idle_wake = not self._active
+            if idle_wake and self.max_wait_s:
+                time.sleep(self.max_wait_s)  # arrivals often come together: let them share the first step
+            with self._lock:
+                joining, self._joining = self._joining, []
             try:
-                if self._joining:
-                    joining, self._joining = self._joining, []
-                    await self._admit(joining)
+                if joining:
+                    self._admit(joining)
                 if self._active:
-                    await self._step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug here must not kill the loop for every other session
-                log.exception("scheduler iteration failed", extra={"model": self.name})
+                    self._step()
+            except Exception:  # a bug here must not end the thread for every other session
+                log.exception("scheduler step failed", extra={"model": self.name})
                 for job in list(self._active):
                     self._fail(job, "internal", "the generation failed on the server")
+            self._flush()
 
-    async def _admit(self, joining: list[Job]) -> None:
-        loop = asyncio.get_running_loop()
+    def _flush(self) -> None:
+        """Hand this step's events to the event loop in one call."""
+        if not self._outbox or self._loop is None:
+            return
+        batch, self._outbox = self._outbox, []
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to receive
+            self._loop.call_soon_threadsafe(_deliver, batch)
+
+    def _admit(self, joining: list[Job]) -> None:
         ready = []
         for job in joining:
             if job.cancelled:
@@ -197,7 +216,7 @@ class Scheduler:
             for start in range(0, len(group), self.max_batch_size):
                 batch = group[start : start + self.max_batch_size]
                 try:
-                    await loop.run_in_executor(self._executor, self._prime, batch)
+                    self._prime(batch)
                 except Exception as exc:
                     log.exception("prime failed", extra={"model": self.name, "batch": len(batch)})
                     for job in batch:
@@ -250,17 +269,19 @@ class Scheduler:
         self._free.append(job.slot)
         job.slot = -1
 
-    async def _step(self) -> None:
-        loop = asyncio.get_running_loop()
-        for job in [j for j in self._active if j.done]:
-            self._complete(job)
+    def _step(self) -> None:
+        for job in [j for j in self._active if j.cancelled or j.done]:
+            if job.cancelled and job.fresh:
+                self._drop_unsent(job)
+            if job.done:
+                self._complete(job)
         batch_all = list(self._active)
         for start in range(0, len(batch_all), self.max_batch_size):
             batch = [j for j in batch_all[start : start + self.max_batch_size] if not j.completed]
             if not batch:
                 continue
             try:
-                await loop.run_in_executor(self._executor, self._compute, batch)
+                self._compute(batch)
             except Exception as exc:
                 log.exception("step failed", extra={"model": self.name, "batch": len(batch)})
                 for job in batch:
@@ -268,8 +289,6 @@ class Scheduler:
                 continue
             for job in batch:
                 self._dispatch(job)
-
-    # -- worker thread ---------------------------------------------------------------------------
 
     def _prime(self, jobs: list[Job]) -> None:
         """Read each job's prompt (all of one length) in seq=T calls, before it takes a slot."""
@@ -294,7 +313,7 @@ class Scheduler:
         reading = [j for j in jobs if j.pending is not None and (j.keep_state or j.wants_char)]
         if reading:
             idx = np.fromiter((j.slot for j in reading), np.intp, len(reading))
-            tokens = np.fromiter((j.pending for j in reading), np.int64, len(reading)).reshape(-1, 1)
+            tokens = np.array([j.pending for j in reading], np.int64).reshape(-1, 1)
             state = self._state[:, :, idx]  # (tensors, layers, batch, hidden), one gathering copy
             t0 = time.perf_counter()
             logits, new_state = self.engine.run(tokens, list(state))
@@ -309,27 +328,28 @@ class Scheduler:
             return
         idx = np.fromiter((j.slot for j in sampling), np.intp, len(sampling))
         logits = self._logits[idx]
-        temperature = self._temperature[idx]
         # One draw per row from the row's own RNG: a session's text never depends on its neighbours.
         uniform = np.array([j.rng.random() if j.params.temperature > 0 else 0.0 for j in sampling])
-        ids = sample_rows(logits, temperature, self._top_k[idx], self._top_p[idx], uniform)
+        ids = sample_rows(logits, self._temperature[idx], self._top_k[idx], self._top_p[idx], uniform)
         lps = log_softmax_at(logits, ids) if any(j.params.logprobs for j in sampling) else None
         for i, job in enumerate(sampling):
             job.fresh = True
             job.pending = int(ids[i])
             job.pending_logprob = None if lps is None else float(lps[i])
 
-    # -- event loop side -------------------------------------------------------------------------
+    def _drop_unsent(self, job: Job) -> None:
+        # Sampled after the cancel: the client never sees it, so the state never reads it.
+        job.fresh = False
+        job.pending = None
 
     def _dispatch(self, job: Job) -> None:
         if job.completed:
             return
         if job.fresh:
-            job.fresh = False
             if job.cancelled:
-                # Sampled after the cancel: the client never sees it, so the state never reads it.
-                job.pending = None
+                self._drop_unsent(job)
             else:
+                job.fresh = False
                 self._emit(job)
         if job.done:
             self._complete(job)
@@ -351,7 +371,7 @@ class Scheduler:
             if job.params.logprobs:
                 logprobs = job.held_logprobs[: len(text)]
                 del job.held_logprobs[: len(text)]
-            job.events.put_nowait(TextEvent(text, logprobs))
+            self._outbox.append((job, TextEvent(text, logprobs)))
 
     def _complete(self, job: Job) -> None:
         if job.completed:
@@ -359,10 +379,7 @@ class Scheduler:
         job.completed = True
         self._active.pop(job, None)
         self._give_back_slot(job, keep=True)
-        reason = job.finish_reason or "cancelled"
-        job.events.put_nowait(DoneEvent(reason, job.generated))
-        if job.on_complete is not None:
-            job.on_complete(job)
+        self._outbox.append((job, DoneEvent(job.finish_reason or "cancelled", job.generated)))
 
     def _fail(self, job: Job, code: str, message: str) -> None:
         if job.completed:
@@ -371,6 +388,13 @@ class Scheduler:
         job.failed = True
         self._active.pop(job, None)
         self._give_back_slot(job, keep=False)
-        job.events.put_nowait(ErrorEvent(code, message))
-        if job.on_complete is not None:
+        self._outbox.append((job, ErrorEvent(code, message)))
+
+
+def _deliver(batch: list[tuple[Job, Event | None]]) -> None:
+    """On the event loop: queue each event for its stream; a final event also completes the job."""
+    for job, event in batch:
+        if event is not None:
+            job.events.put_nowait(event)
+        if isinstance(event, (DoneEvent, ErrorEvent)) and job.on_complete is not None:
             job.on_complete(job)
