@@ -211,19 +211,26 @@ class Scheduler:
             else:
                 self._activate(job)
         ready.sort(key=lambda j: len(j.prime))
-        for _, group_iter in groupby(ready, key=lambda j: len(j.prime)):
-            group = list(group_iter)
-            for start in range(0, len(group), self.max_batch_size):
-                batch = group[start : start + self.max_batch_size]
-                try:
-                    self._prime(batch)
-                except Exception as exc:
-                    log.exception("prime failed", extra={"model": self.name, "batch": len(batch)})
-                    for job in batch:
-                        self._fail(job, "engine_error", f"the model failed to read the prompt: {exc}")
-                    continue
+        for _, group in groupby(ready, key=lambda j: len(j.prime)):
+            self._in_batches(list(group), self._prime, self._activate, "read the prompt")
+
+    def _in_batches(
+        self, jobs: list[Job], work: Callable[[list[Job]], None], then: Callable[[Job], None], what: str
+    ) -> None:
+        """`work` on batches of at most max_batch_size; a failure fails only its own batch's jobs."""
+        for start in range(0, len(jobs), self.max_batch_size):
+            batch = [j for j in jobs[start : start + self.max_batch_size] if not j.completed]
+            if not batch:
+                continue
+            try:
+                work(batch)
+            except Exception as exc:
+                log.exception("engine call failed", extra={"model": self.name, "batch": len(batch), "what": what})
                 for job in batch:
-                    self._activate(job)
+                    self._fail(job, "engine_error", f"the model failed to {what}: {exc}")
+                continue
+            for job in batch:
+                then(job)
 
     def _activate(self, job: Job) -> None:
         if job.cancelled:
@@ -275,20 +282,7 @@ class Scheduler:
                 self._drop_unsent(job)
             if job.done:
                 self._complete(job)
-        batch_all = list(self._active)
-        for start in range(0, len(batch_all), self.max_batch_size):
-            batch = [j for j in batch_all[start : start + self.max_batch_size] if not j.completed]
-            if not batch:
-                continue
-            try:
-                self._compute(batch)
-            except Exception as exc:
-                log.exception("step failed", extra={"model": self.name, "batch": len(batch)})
-                for job in batch:
-                    self._fail(job, "engine_error", f"the model step failed: {exc}")
-                continue
-            for job in batch:
-                self._dispatch(job)
+        self._in_batches(list(self._active), self._compute, self._dispatch, "run a step")
 
     def _prime(self, jobs: list[Job]) -> None:
         """Read each job's prompt (all of one length) in seq=T calls, before it takes a slot."""
