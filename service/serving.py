@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -153,18 +152,13 @@ class GenerationService:
             )
 
     def info(self, session: Session) -> SessionInfo:
-        expires_at = (
-            self.store.expires_at(session)
-            if isinstance(self.store, InMemorySessionStore)
-            else time.time() + self.settings.session_ttl_s
-        )
         return SessionInfo(
             id=session.id,
             model=session.model,
             seed=session.seed,
             history_chars=session.history_chars,
             created_at=session.created_at,
-            expires_at=expires_at,
+            expires_at=self.store.expires_at(session),
             state_bytes=session.state_bytes,
         )
 

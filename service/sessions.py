@@ -109,6 +109,10 @@ class SessionStore(abc.ABC):
         """Save the session and end the lease taken by `acquire`."""
 
     @abc.abstractmethod
+    def expires_at(self, session: Session) -> float:
+        """Wall-clock time (epoch seconds) at which the session expires if left idle."""
+
+    @abc.abstractmethod
     async def evict_expired(self) -> int:
         """Drop sessions idle for longer than the TTL; returns how many went."""
 
@@ -137,7 +141,6 @@ class InMemorySessionStore(SessionStore):
         return session.last_used + self.ttl_s - self._clock()
 
     def expires_at(self, session: Session) -> float:
-        """Wall-clock time (epoch seconds) at which the session expires if left idle."""
         return time.time() + max(0.0, self._expires_in(session))
 
     async def add(self, session: Session) -> None:
