@@ -18,7 +18,8 @@ from websockets.sync.client import connect
 from tests.container.engine import REPO, Engine, EngineUnavailable, base_image, build_wheelhouse, find_engine
 from tests.utils import free_port
 
-pytestmark = pytest.mark.container
+# A fresh machine installs Podman and makes a base image first: minutes, not seconds.
+pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 IMAGE = "localhost/charstream-smoke:test"
 
 
