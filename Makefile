@@ -35,7 +35,7 @@ lint: $(ALL_STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(ALL_STAMP)
-	$(VENV)/bin/mypy training service exports charstream_cli.py
+	$(VENV)/bin/mypy training service exports benchmarks charstream_cli.py
 
 unit: $(ALL_STAMP)
 	$(VENV)/bin/pytest

@@ -35,7 +35,8 @@ from websockets.asyncio.client import connect
 from benchmarks.common import RESULTS, table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = REPO / "exports"
+MODELS_DIR = REPO / "exports"
+MODEL = "shakespeare-lstm"
 
 
 # -- a real server ---------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         t = self.ps.cpu_times()
-        return t.user + t.system
+        return float(t.user + t.system)
 
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
@@ -153,7 +154,7 @@ def ceiling(batch: int, steps: int) -> float:
     from service.sampling import sample_rows
     from service.settings import load_settings
 
-    engine = Engine(MODEL_DIR / "shakespeare-lstm" / "model.onnx", load_settings().ort_threads)
+    engine = Engine(MODELS_DIR / MODEL / "model.onnx", load_settings().ort_threads)
     state = engine.zero_state(batch)
     tokens = np.zeros((batch, 1), np.int64)
     rngs = [np.random.default_rng(i) for i in range(batch)]
@@ -167,7 +168,7 @@ def ceiling(batch: int, steps: int) -> float:
 
 
 def torch_eager(steps: int) -> float | None:
-    ckpt = REPO / "runs" / "shakespeare-lstm" / "best.pt"
+    ckpt = REPO / "runs" / MODEL / "best.pt"
     if not ckpt.exists():
         return None
     import torch
@@ -234,11 +235,16 @@ def idle_memory(server: ServerProcess, sessions: int) -> dict[str, float]:
 
 
 def main() -> None:
+    global MODELS_DIR, MODEL
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chars", type=int, default=400, help="characters per stream")
     parser.add_argument("--streams", default="1,8,32,64,128,256")
     parser.add_argument("--quick", action="store_true", help="fewer points, for a smoke run")
+    parser.add_argument("--models-dir", default=str(MODELS_DIR), help="folder of exported models")
+    parser.add_argument("--model", default=MODEL, help="model folder name (its checkpoint: runs/NAME/best.pt)")
+    parser.add_argument("--name", default="serving", help="results file name")
     args = parser.parse_args()
+    MODELS_DIR, MODEL = Path(args.models_dir), args.model
     levels = [int(x) for x in args.streams.split(",")]
     if args.quick:
         levels = [1, 8, 64]
@@ -280,7 +286,7 @@ def main() -> None:
                 r["server_rss_mb"],
             ]
         )
-    print("WebSocket streams, bundled model (batching on; 'off' = CHARSTREAM_BATCHING=false)")
+    print(f"WebSocket streams, model {MODEL} (batching on; 'off' = CHARSTREAM_BATCHING=false)")
     print(
         table(["streams", "chars/s", "chars/s off", "ttfc p50 ms", "gap p50 ms", "gap p99 ms", "cpu %", "rss MB"], rows)
     )
@@ -317,8 +323,9 @@ def main() -> None:
     print(table(["ratio", "value"], [[k, v if v is not None else "n/a"] for k, v in ratios.items()]))
     print(table(["memory", "value"], [[k, v] for k, v in report["memory"].items()]))
     report["ratios"] = ratios
-    path = write_results("serving", report)
-    plot(report, RESULTS / "serving.png")
+    report["model"] = MODEL
+    path = write_results(args.name, report)
+    plot(report, RESULTS / f"{args.name}.png")
     print(f"results: {path}")
 
 

@@ -30,7 +30,7 @@ def chars_per_second(cell: str, layers: int, hidden: int, batch: int, seq: int, 
         state = tuple(s.detach() for s in state)
         loss = F.cross_entropy(logits.reshape(-1, 65), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
