@@ -42,15 +42,20 @@ def test_a_wrong_setting_names_the_variable(
         load_settings()
 
 
-def test_serve_with_a_wrong_setting_exits_with_one_line(tmp_path: Path) -> None:
-    result = subprocess.run(
+def serve_process(**env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m service` as the container runs it, with only the given CHARSTREAM_* settings."""
+    return subprocess.run(
         [sys.executable, "-m", "service"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "CHARSTREAM_MAX_NEW_CHARS": "lots"},
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **env},
     )
+
+
+def test_serve_with_a_wrong_setting_exits_with_one_line() -> None:
+    result = serve_process(CHARSTREAM_MAX_NEW_CHARS="lots")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "charstream serve: error: CHARSTREAM_MAX_NEW_CHARS: Input should be a valid integer, "
@@ -61,20 +66,7 @@ def test_serve_with_a_wrong_setting_exits_with_one_line(tmp_path: Path) -> None:
 def test_require_models_exits_non_zero_when_a_model_is_broken(tmp_path: Path) -> None:
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model.onnx").write_bytes(b"junk")
-    result = subprocess.run(
-        [sys.executable, "-m", "service"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "PYTHONPATH": str(REPO),
-            "CHARSTREAM_MODELS_DIR": str(tmp_path),
-            "CHARSTREAM_REQUIRE_MODELS": "1",
-            "CHARSTREAM_PORT": "0",
-        },
-    )
+    result = serve_process(CHARSTREAM_MODELS_DIR=str(tmp_path), CHARSTREAM_REQUIRE_MODELS="1", CHARSTREAM_PORT="0")
     assert result.returncode != 0
     # The structured log line of the failed load, then the one-line error.
     last = result.stderr.strip().splitlines()[-1]
