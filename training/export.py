@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from exports import contract
 from training.checkpoint import load_model
-from training.corpus import Vocabulary, read_corpus
+from training.corpus import Corpus, Vocabulary, read_corpus
 from training.errors import UserError
 from training.model import CharRNN
 
@@ -397,7 +397,7 @@ class ExportRequest:
     name: str
     variants: tuple[str, ...]
     ort: bool
-    eval_text: str | None
+    eval_corpus: Corpus | None  # variants are measured on its validation split
     tolerance: float = PARITY_TOLERANCE
 
 
@@ -474,8 +474,10 @@ def _build(
         convert_fp16(fp32, files["fp16"])
 
     eval_ids = None
-    if request.eval_text is not None:
-        eval_ids = np.asarray(vocab.encode(request.eval_text), dtype=np.int64)
+    if request.eval_corpus is not None:
+        # The same split the checkpoint was validated on.
+        _, held_out = request.eval_corpus.split(ckpt.get("corpus", {}).get("val_fraction") or 0.1)
+        eval_ids = np.asarray(vocab.encode(held_out), dtype=np.int64)
     reference_argmax: np.ndarray | None = None
     reference_loss: float | None = None
     variants: dict[str, Any] = {}
@@ -552,24 +554,16 @@ def export_many(
     chosen = parse_variants(variants)
     if names is not None and len(names) != len(checkpoints):
         raise ExportError(f"{len(names)} --name given for {len(checkpoints)} checkpoints")
-    eval_text: str | None = None
+    eval_corpus = read_corpus(data) if data else None
     requests = []
     for i, ckpt in enumerate(checkpoints):
         path = Path(ckpt)
         name = names[i] if names else default_name(path)
         if not name or "/" in name or name.startswith("."):
             raise ExportError(f"model name {name!r} must be a plain folder name")
-        requests.append(ExportRequest(path, name, chosen, ort, None, tolerance))
-    if data:
-        corpus = read_corpus(data)
-        eval_text = corpus.text
+        requests.append(ExportRequest(path, name, chosen, ort, eval_corpus, tolerance))
     written = []
     for request in requests:
-        if eval_text is not None:
-            from training.checkpoint import load_checkpoint
-
-            fraction = load_checkpoint(request.checkpoint).get("corpus", {}).get("val_fraction") or 0.1
-            request.eval_text = eval_text[len(eval_text) - int(len(eval_text) * fraction) :]
         folder = export_one(request, out_dir)
         manifest = json.loads((folder / contract.MANIFEST_NAME).read_text())
         sizes = ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in manifest["variants"].items())
