@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,8 +31,9 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
-from websockets.asyncio.client import connect
+import uvloop
 
+from benchmarks import ws_client
 from benchmarks.common import RESULTS, table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,20 +85,13 @@ class ServerProcess:
 # -- clients ---------------------------------------------------------------------------------------
 
 
-async def ws_stream(url: str, chars: int, seed: int, prompt: str = "ROMEO:") -> tuple[float, list[float]]:
+async def ws_stream(port: int, chars: int, seed: int, prompt: str = "ROMEO:") -> tuple[float, list[float]]:
     """Time to first char and the arrival time of every char, for one WebSocket generation."""
-    async with connect(url, max_queue=None) as ws:
-        t0 = time.perf_counter()
-        await ws.send(json.dumps({"type": "generate", "prompt": prompt, "max_new_chars": chars, "seed": seed}))
-        arrivals: list[float] = []
-        while True:
-            m = json.loads(await ws.recv())
-            if m["type"] == "text":
-                now = time.perf_counter()
-                arrivals.extend([now] * len(m["text"]))
-            elif m["type"] in ("done", "error"):
-                break
-        return t0, arrivals
+    request: dict[str, object] = {"type": "generate", "prompt": prompt, "max_new_chars": chars, "seed": seed}
+    result = await ws_client.generate("127.0.0.1", port, request)
+    if result.final is None or result.final.get("type") != "done":
+        raise RuntimeError(f"stream ended with {result.final}")
+    return result.t0, result.arrivals
 
 
 async def sse_stream(client: httpx.AsyncClient, chars: int, seed: int) -> tuple[float, list[float]]:
@@ -130,19 +125,25 @@ def run_load(server: ServerProcess, protocol: str, streams: int, chars: int) -> 
         async with httpx.AsyncClient(base_url=server.base, timeout=300, limits=limits) as client:
             t0 = time.perf_counter()
             if protocol == "ws":
-                url = f"ws://127.0.0.1:{server.port}/v1/stream"
-                tasks = [ws_stream(url, chars, i) for i in range(streams)]
+                tasks = [ws_stream(server.port, chars, i) for i in range(streams)]
             else:
                 tasks = [sse_stream(client, chars, i) for i in range(streams)]
             res = await asyncio.gather(*tasks)
             return list(res), time.perf_counter() - t0
 
-    cpu0 = server.cpu_seconds()
-    results, wall = asyncio.run(go())
+    cpu0, client0 = server.cpu_seconds(), _own_cpu_seconds()
+    # uvloop on the client side too: the client's cost per message is taken from the server's cores.
+    results, wall = uvloop.run(go())
     out = summarize(results, wall)
     out["server_cpu_pct"] = 100 * (server.cpu_seconds() - cpu0) / wall
+    out["client_cpu_pct"] = 100 * (_own_cpu_seconds() - client0) / wall
     out["server_rss_mb"] = server.rss() / 2**20
     return out
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- in-process references -------------------------------------------------------------------------
@@ -151,19 +152,22 @@ def run_load(server: ServerProcess, protocol: str, streams: int, chars: int) -> 
 def ceiling(batch: int, steps: int) -> float:
     """chars/s of batched onnxruntime steps + per-row sampling in one process, no server."""
     from service.engine import Engine
+    from service.registry import VARIANT_FILES
     from service.sampling import sample_rows
     from service.settings import load_settings
 
-    engine = Engine(MODELS_DIR / MODEL / "model.onnx", load_settings().ort_threads)
-    state = engine.zero_state(batch)
-    tokens = np.zeros((batch, 1), np.int64)
+    settings = load_settings()
+    engine = Engine(MODELS_DIR / MODEL / VARIANT_FILES[settings.variant], settings.ort_threads)
+    bound = engine.binding(batch)  # the server's step: pre-bound buffers, state copied in and out
     rngs = [np.random.default_rng(i) for i in range(batch)]
     ones, zeros = np.ones(batch), np.zeros(batch, np.int64)
     t0 = time.perf_counter()
     for _ in range(steps):
-        logits, state = engine.run(tokens, state)
-        ids = sample_rows(logits[:, -1], ones, zeros, ones, np.array([r.random() for r in rngs]))
-        tokens = ids.reshape(batch, 1).astype(np.int64)
+        bound.run()
+        ids = sample_rows(bound.logits[:, 0], ones, zeros, ones, np.array([r.random() for r in rngs]))
+        bound.tokens[:, 0] = ids
+        for state_in, state_out in zip(bound.state_in, bound.state_out, strict=True):
+            state_in[...] = state_out
     return batch * steps / (time.perf_counter() - t0)
 
 

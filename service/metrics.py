@@ -60,10 +60,9 @@ class Metrics:
         self.evicted = Counter("charstream_sessions_evicted", "Sessions dropped after their TTL", registry=r)
         self.errors = Counter("charstream_generation_errors", "Generations ended by an error", ["code"], registry=r)
 
-    def observe_step(self, model: str, seconds: float, batch: int, seq: int) -> None:
-        kind = "step" if seq == 1 else "prime"
-        self.step_latency.labels(model, kind).observe(seconds)
-        self.batch_size.labels(model, kind).observe(batch)
+    def calls(self, model: str, kind: str) -> CallMetrics:
+        """Latency and batch size of one model's onnxruntime calls of one kind ("step" or "prime")."""
+        return CallMetrics(self.step_latency.labels(model, kind), self.batch_size.labels(model, kind))
 
     def set_collect_hook(self, hook: Callable[[], None]) -> None:
         """Run `hook` right before each scrape so gauges are current (prometheus-client has no hook)."""
@@ -73,3 +72,14 @@ class Metrics:
         hook = getattr(self, "_hook", None)
         if hook is not None:
             hook()
+
+
+class CallMetrics:
+    """Histograms with their labels bound once: a label lookup per step costs more than the observation."""
+
+    def __init__(self, latency: Histogram, batch: Histogram) -> None:
+        self._latency, self._batch = latency, batch
+
+    def observe(self, seconds: float, batch: int) -> None:
+        self._latency.observe(seconds)
+        self._batch.observe(batch)

@@ -30,30 +30,49 @@ def sample_rows(
 ) -> np.ndarray:
     """Token ids (batch,) from logits (batch, vocab) with per-row temperature, top-k, top-p.
 
-    One uniform draw per row picks from the filtered distribution by inverse CDF over the
-    tokens sorted by probability, so filtering and drawing are vectorised across rows.
+    One uniform draw per row picks a token by inverse CDF over the vocabulary in its own order.
+    Only rows that ask for top-k or top-p are sorted, to find their cut-off, and a row's result
+    depends only on its own logits, parameters and draw, never on which rows share its batch.
     """
-    batch, vocab = logits.shape
+    vocab = logits.shape[1]
     greedy = temperature <= 0.0
-    z = logits.astype(np.float64) / np.where(greedy, 1.0, temperature)[:, None]
-    order = np.argsort(-z, axis=1, kind="stable")  # (batch, vocab) most likely first
-    zs = np.take_along_axis(z, order, axis=1)
-    p = np.exp(zs - zs[:, :1])
-    p /= p.sum(axis=1, keepdims=True)
-    ranks = np.arange(vocab)[None, :]
-    k = np.where(top_k > 0, top_k, vocab)[:, None]
-    # Nucleus: keep a token while the mass of the tokens before it is still under top_p,
-    # so the most likely token is always kept.
-    before = np.cumsum(p, axis=1) - p
-    keep = (ranks < k) & (before < top_p[:, None])
-    p = np.where(keep, p, 0.0)
+    best: np.ndarray = logits.argmax(axis=1)
+    if greedy.all():
+        return best
+    z = logits.astype(np.float64)
+    z /= np.where(greedy, 1.0, temperature)[:, None]
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z, out=z)  # unnormalised: the draw below scales by each row's total
+    filtered = (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)) & ~greedy
+    if filtered.any():
+        rows = np.flatnonzero(filtered)
+        p[rows] = _keep_top(p[rows], top_k[rows], top_p[rows])
     cdf = np.cumsum(p, axis=1)
-    picked = (cdf < (uniform * cdf[:, -1])[:, None]).sum(axis=1)
-    picked = np.minimum(picked, keep.sum(axis=1) - 1)
-    ids: np.ndarray = order[np.arange(batch), picked]
-    if greedy.any():
-        ids[greedy] = order[greedy, 0]
+    total = cdf[:, -1]
+    # Kept below the total even when uniform * total rounds up, so some token always passes.
+    target = np.minimum(uniform * total, np.nextafter(total, 0.0))
+    # The first token whose CDF passes the draw; a token with probability zero never passes.
+    drawn = (cdf <= target[:, None]).sum(axis=1)
+    ids: np.ndarray = np.where(greedy, best, drawn)
     return ids
+
+
+def _keep_top(p: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+    """Zero every probability below the row's cut-off: the k most likely tokens, then the nucleus.
+
+    The nucleus keeps a token while the mass of the tokens before it is still under top_p, so
+    the most likely token is always kept. Tokens tied with the last one kept are kept too, as
+    Hugging Face's top-k does.
+    """
+    rows, vocab = p.shape
+    ranked = -np.sort(-p, axis=1)  # each row's (unnormalised) probabilities, largest first
+    cum = np.cumsum(ranked, axis=1)
+    before = (cum - ranked) / cum[:, -1:]
+    k = np.where(top_k > 0, top_k, vocab)
+    kept = ((np.arange(vocab)[None, :] < k[:, None]) & (before < top_p[:, None])).sum(axis=1)
+    cutoff = ranked[np.arange(rows), kept - 1]
+    out: np.ndarray = np.where(p >= cutoff[:, None], p, 0.0)
+    return out
 
 
 def log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -39,25 +39,56 @@ log = logging.getLogger("charstream.scheduler")
 PRIME_CHUNK = 4096
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TextEvent:
     text: str
     logprobs: list[float] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DoneEvent:
     finish_reason: str  # length | stop | cancelled | fed
     generated_chars: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ErrorEvent:
     code: str
     message: str
 
 
 Event = TextEvent | DoneEvent | ErrorEvent
+
+
+class Mailbox:
+    """A job's events on their way to its stream, taken all at once on the event loop.
+
+    Lighter than an asyncio.Queue per character: a put is a list append plus, only when the
+    stream is waiting, one future to wake, and a stream that fell behind by several steps takes
+    all of them in one go (and sends them as one frame).
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Event] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, event: Event) -> None:
+        self._items.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self) -> list[Event]:
+        """Every event waiting, in order; waits for at least one."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, self._items = self._items, []
+        return items
 
 
 @dataclass(eq=False)
@@ -71,7 +102,7 @@ class Job:
     rng: np.random.Generator
     keep_state: bool = True  # False for stateless requests: skip reading the final character
     on_complete: Callable[[Job], None] | None = None
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    events: Mailbox = field(default_factory=Mailbox)
     generated: int = 0
     absorbed: int = 0  # characters the state has read during this job
     pending: int | None = None  # sampled and sent, not yet read by the model
@@ -130,6 +161,10 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: list[tuple[Job, Event | None]] = []  # step thread only; None = complete
+        self._emitted = 0  # characters handed out since the last flush (step thread only)
+        self._generated_chars = metrics.generated_chars.labels(name)
+        self._step_metrics = metrics.calls(name, "step")
+        self._prime_metrics = metrics.calls(name, "prime")
 
     # -- public API (event loop) -------------------------------------------------------------------
 
@@ -195,6 +230,9 @@ class Scheduler:
 
     def _flush(self) -> None:
         """Hand this step's events to the event loop in one call."""
+        if self._emitted:
+            self._generated_chars.inc(self._emitted)
+            self._emitted = 0
         if not self._outbox or self._loop is None:
             return
         batch, self._outbox = self._outbox, []
@@ -293,7 +331,7 @@ class Scheduler:
             tokens = np.ascontiguousarray(prompt[:, start : start + PRIME_CHUNK])
             t0 = time.perf_counter()
             logits, state = self.engine.run(tokens, state)
-            self.metrics.observe_step(self.name, time.perf_counter() - t0, len(jobs), tokens.shape[1])
+            self._prime_metrics.observe(time.perf_counter() - t0, len(jobs))
             last = logits[:, -1, :]
         assert last is not None
         for i, job in enumerate(jobs):
@@ -307,13 +345,16 @@ class Scheduler:
         reading = [j for j in jobs if j.pending is not None and (j.keep_state or j.wants_char)]
         if reading:
             idx = np.fromiter((j.slot for j in reading), np.intp, len(reading))
-            tokens = np.array([j.pending for j in reading], np.int64).reshape(-1, 1)
-            state = self._state[:, :, idx]  # (tensors, layers, batch, hidden), one gathering copy
+            bound = self.engine.binding(len(reading))
+            bound.tokens[:, 0] = np.fromiter((j.pending or 0 for j in reading), np.int64, len(reading))
+            for k, buffer in enumerate(bound.state_in):  # gather the rows straight into the bound inputs
+                np.take(self._state[k], idx, axis=1, out=buffer, mode="clip")
             t0 = time.perf_counter()
-            logits, new_state = self.engine.run(tokens, list(state))
-            self.metrics.observe_step(self.name, time.perf_counter() - t0, len(reading), 1)
-            self._state[:, :, idx] = np.stack(new_state)
-            self._logits[idx] = logits[:, -1, :]
+            bound.run()
+            self._step_metrics.observe(time.perf_counter() - t0, len(reading))
+            for k, buffer in enumerate(bound.state_out):
+                self._state[k][:, idx] = buffer
+            self._logits[idx] = bound.logits[:, 0]
             for job in reading:
                 job.pending = None
                 job.absorbed += 1
@@ -359,7 +400,7 @@ class Scheduler:
         elif job.generated >= job.params.max_new_chars:
             text += job.stop.flush()
             job.finish_reason = "length"
-        self.metrics.generated_chars.labels(self.name).inc()
+        self._emitted += 1
         if text:
             logprobs = None
             if job.params.logprobs:
@@ -389,6 +430,6 @@ def _deliver(batch: list[tuple[Job, Event | None]]) -> None:
     """On the event loop: queue each event for its stream; a final event also completes the job."""
     for job, event in batch:
         if event is not None:
-            job.events.put_nowait(event)
+            job.events.put(event)
         if isinstance(event, (DoneEvent, ErrorEvent)) and job.on_complete is not None:
             job.on_complete(job)

@@ -51,21 +51,20 @@ class Generation:
         """Text events, merged when several are waiting, then one DoneEvent or ErrorEvent."""
         try:
             while True:
-                event = await self.job.events.get()
-                if isinstance(event, TextEvent):
-                    texts, logprobs = [event.text], event.logprobs
-                    while not self.job.events.empty():
-                        more = self.job.events.get_nowait()
-                        if not isinstance(more, TextEvent):
-                            yield TextEvent("".join(texts), logprobs)
-                            yield more
-                            return
-                        texts.append(more.text)
-                        if logprobs is not None and more.logprobs is not None:
-                            logprobs = logprobs + more.logprobs
-                    yield TextEvent("".join(texts), logprobs)
-                else:
-                    yield event
+                texts: list[str] = []
+                logprobs: list[float] | None = None
+                final: Event | None = None
+                for event in await self.job.events.take():
+                    if isinstance(event, TextEvent):
+                        texts.append(event.text)
+                        if event.logprobs is not None:
+                            logprobs = event.logprobs if logprobs is None else logprobs + event.logprobs
+                    else:
+                        final = event
+                if texts:
+                    yield TextEvent(texts[0] if len(texts) == 1 else "".join(texts), logprobs)
+                if final is not None:
+                    yield final
                     return
         finally:
             # A client gone (disconnect, cancelled task) stops the job at the next step.

@@ -28,6 +28,7 @@ from service.serving import Generation, GenerationService
 log = logging.getLogger("charstream.ws")
 router = APIRouter()
 
+TEXT_MESSAGE = '{"type": "text", "text": %s}'
 MESSAGE_TYPES: dict[str, type[BaseModel]] = {"generate": WsGenerate, "feed": WsFeed, "cancel": WsCancel}
 
 
@@ -46,8 +47,11 @@ class Connection:
         self.pump: asyncio.Task[None] | None = None
 
     async def send(self, message: dict[str, Any]) -> None:
+        await self.send_json_text(json.dumps(message, ensure_ascii=False))
+
+    async def send_json_text(self, text: str) -> None:
         if self.ws.application_state == WebSocketState.CONNECTED:
-            await self.ws.send_text(json.dumps(message, ensure_ascii=False))
+            await self.ws.send_text(text)
 
     async def error(self, code: str, message: str, field: str | None = None) -> None:
         body: dict[str, Any] = {"type": "error", "code": code, "message": message}
@@ -141,10 +145,11 @@ class Connection:
     async def forward(self, generation: Generation) -> None:
         async for event in generation.events():
             if isinstance(event, TextEvent):
-                out: dict[str, Any] = {"type": "text", "text": event.text}
-                if event.logprobs is not None:
-                    out["logprobs"] = event.logprobs
-                await self.send(out)
+                if event.logprobs is None:
+                    # The message sent most, once per character or few: built without a dict.
+                    await self.send_json_text(TEXT_MESSAGE % json.dumps(event.text, ensure_ascii=False))
+                else:
+                    await self.send({"type": "text", "text": event.text, "logprobs": event.logprobs})
             elif isinstance(event, DoneEvent):
                 await self.send(
                     {

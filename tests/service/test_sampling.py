@@ -34,11 +34,25 @@ def test_top_p_keeps_the_smallest_set_holding_the_mass() -> None:
 
 def test_draw_follows_the_distribution() -> None:
     logits = np.log(np.array([[0.2, 0.8]]))
-    # The inverse CDF runs over tokens sorted by probability: a small draw picks the likeliest.
-    assert _sample(logits, u=0.1) == [1] and _sample(logits, u=0.9) == [0]
+    # The inverse CDF runs over the vocabulary in order: token 0 holds the draws below 0.2.
+    assert _sample(logits, u=0.1) == [0] and _sample(logits, u=0.3) == [1] and _sample(logits, u=0.9) == [1]
     rng = np.random.default_rng(1)
     draws = [_sample(logits, u=rng.random())[0] for _ in range(4000)]
     assert abs(np.mean(draws) - 0.8) < 0.03
+
+
+def test_top_k_keeps_tokens_tied_with_the_last_one_kept() -> None:
+    logits = np.array([[2.0, 1.0, 1.0, 0.0]], np.float32)
+    picks = {_sample(logits, top_k=2, u=u)[0] for u in np.linspace(0, 0.999, 200)}
+    assert picks == {0, 1, 2}
+
+
+def test_a_draw_never_lands_on_a_filtered_or_underflowed_token() -> None:
+    # Token 0 is filtered by top-k and token 3 underflows to probability zero at this temperature.
+    logits = np.array([[0.0, 5.0, 4.0, -5000.0]], np.float32)
+    for u in (0.0, 1e-12, 0.5, 1 - 2**-53, 1.0):
+        assert _sample(logits, top_k=2, u=u)[0] in {1, 2}
+        assert _sample(logits, temperature=0.5, u=u)[0] in {0, 1, 2}
 
 
 def test_rows_are_independent_of_their_batch() -> None:

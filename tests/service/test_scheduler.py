@@ -1,16 +1,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.engine import Engine
+from service.engine import Engine, StepBinding
 from service.metrics import Metrics
 from service.sampling import SamplingParams
-from service.scheduler import DoneEvent, ErrorEvent, Job, Scheduler, TextEvent
+from service.scheduler import DoneEvent, ErrorEvent, Event, Job, Scheduler, TextEvent
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +42,11 @@ def make_job(engine: Engine, prompt: str, params: SamplingParams, seed: int, kee
 async def drain(job: Job) -> Outcome:
     texts = []
     while True:
-        event = await job.events.get()
-        if isinstance(event, TextEvent):
-            texts.append(event.text)
-        else:
-            return Outcome("".join(texts), event)
+        for event in await job.events.take():
+            if isinstance(event, TextEvent):
+                texts.append(event.text)
+            else:
+                return Outcome("".join(texts), event)
 
 
 SPECS = [
@@ -94,9 +95,12 @@ def test_batched_and_unbatched_give_the_same_text(engine: Engine) -> None:
         assert a.text == b.text, prompt
         assert len(a.text) == params.max_new_chars
     # The batch really was shared: most steps ran many sessions at once.
-    hist = metrics.batch_size.labels("m", "step")
-    samples = {s.name: s.value for s in metrics.registry.collect() for s in s.samples}
-    assert hist is not None
+    samples = {
+        s.name: s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.labels.get("kind") == "step"
+    }
     steps = samples["charstream_batch_size_count"]
     total_rows = samples["charstream_batch_size_sum"]
     assert total_rows / steps > 4
@@ -126,16 +130,13 @@ def test_cancel_stops_within_one_step_under_load(engine: Engine) -> None:
         other_tasks = [asyncio.create_task(drain(j)) for j in others]
         seen = 0
         while seen < 10:
-            event = await victim.events.get()
-            assert isinstance(event, TextEvent)
-            seen += len(event.text)
+            for event in await victim.events.take():
+                assert isinstance(event, TextEvent)
+                seen += len(event.text)
         scheduler.cancel(victim)
-        after = []
-        while True:
-            event = await victim.events.get()
-            after.append(event)
-            if not isinstance(event, TextEvent):
-                break
+        after: list[Event] = []
+        while not after or isinstance(after[-1], TextEvent):
+            after.extend(await victim.events.take())
         # Anything already queued before the cancel may arrive; nothing sampled after it does.
         assert isinstance(after[-1], DoneEvent) and after[-1].finish_reason == "cancelled"
         assert victim.generated <= seen + sum(len(e.text) for e in after if isinstance(e, TextEvent))
@@ -169,17 +170,34 @@ def test_a_real_onnxruntime_error_fails_only_its_own_jobs(engine: Engine) -> Non
 
 
 class FailingStep:
-    """The real engine, except that one chosen call raises as onnxruntime would."""
+    """The real engine, except that one chosen call (a prompt read or a step) raises as onnxruntime would."""
 
     def __init__(self, engine: Engine, fail_call: int) -> None:
         self.engine, self.fail_call, self.calls = engine, fail_call, 0
         self.info = engine.info
 
-    def run(self, tokens: np.ndarray, state: list[np.ndarray]):  # type: ignore[no-untyped-def]
+    def _count(self) -> None:
         self.calls += 1
         if self.calls == self.fail_call:
             raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : injected")
+
+    def run(self, tokens: np.ndarray, state: list[np.ndarray]):  # type: ignore[no-untyped-def]
+        self._count()
         return self.engine.run(tokens, state)
+
+    def binding(self, batch: int) -> FailingBinding:
+        return FailingBinding(self.engine.binding(batch), self._count)
+
+
+class FailingBinding:
+    def __init__(self, real: StepBinding, count: Callable[[], None]) -> None:
+        self.real, self.count = real, count
+        self.tokens, self.state_in = real.tokens, real.state_in
+        self.logits, self.state_out = real.logits, real.state_out
+
+    def run(self) -> None:
+        self.count()
+        self.real.run()
 
 
 def test_a_failed_step_errors_its_batch_and_the_scheduler_goes_on(engine: Engine) -> None:
