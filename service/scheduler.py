@@ -4,11 +4,12 @@ One scheduler per model owns a step thread. Each iteration of that thread:
 
   1. jobs that just arrived read their prompt (one seq=T call per group of equal length) and
      take a slot in the scheduler's state arrays;
-  2. one batched onnxruntime call reads every active job's last sampled character, then each
-     row samples its next character with its own parameters and RNG, and stop sequences and
+  2. one batched onnxruntime call reads every active job's last sampled character (the rows'
+     state is gathered into pre-bound IOBinding buffers and scattered back), then each row
+     samples its next character with its own parameters and RNG, and stop sequences and
      lengths are checked;
   3. the resulting text and completion events are handed to the event loop in one
-     `call_soon_threadsafe`, and the next step starts at once.
+     `call_soon_threadsafe`, which puts them in each job's mailbox, and the next step starts.
 
 Steps never wait for the event loop: while it sends step t's characters, the thread already
 runs step t+1 (onnxruntime releases the GIL). A stream whose client reads slowly gets several
