@@ -26,7 +26,6 @@ class StepBinding:
     """
 
     def __init__(self, session: ort.InferenceSession, info: contract.ModelInfo, batch: int) -> None:
-        self.batch = batch
         state_shape = (info.num_layers, batch, info.hidden_size)
         self.tokens = np.zeros((batch, 1), np.int64)
         self.state_in = [np.zeros(state_shape, np.float32) for _ in info.state_names]

@@ -62,7 +62,7 @@ class Generation:
                     else:
                         final = event
                 if texts:
-                    yield TextEvent(texts[0] if len(texts) == 1 else "".join(texts), logprobs)
+                    yield TextEvent("".join(texts), logprobs)
                 if final is not None:
                     yield final
                     return
