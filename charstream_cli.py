@@ -1,4 +1,4 @@
-"""The `charstream` command: train, sample, eval, export (torch side) and serve (onnxruntime side).
+"""The `charstream` command: train, sample, eval, export (torch side), cells and serve (onnxruntime side).
 
 Each subcommand imports its side lazily, so `charstream serve` runs where torch is absent.
 Bad input ends in one line on stderr and exit code 2, never a traceback.
@@ -97,6 +97,43 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cells(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from exports.cells import write_report
+
+    model = Path(args.model)
+    out = Path(args.out) if args.out else Path("runs") / "cells" / (model.stem if model.is_file() else model.name)
+    features = [f for f in args.features.split(",") if f] if args.features else None
+    try:
+        report = write_report(
+            model,
+            args.data,
+            out,
+            max_chars=args.max_chars,
+            offset=args.offset,
+            feature_names=features,
+            top=args.top,
+            images=not args.no_images,
+            copy_to_model=not args.no_model_copy,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"charstream cells: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    for f in report["features"]:
+        if "top" not in f:
+            print(f"{f['name']:<14} not scored: {f['skipped']}")
+            continue
+        best = f["top"][0]
+        score = f"AUC {best['score']:.3f}" if f["metric"] == "auc" else f"r {best['score']:+.3f}"
+        print(
+            f"{f['name']:<14} layer {best['layer']} {best['state']} unit {best['unit']:<5} "
+            f"{score:<9} (strength {best['strength']:.3f})"
+        )
+    print(f"report: {out / 'report.json'}, {out / 'index.html'}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from service.cli import serve
 
@@ -165,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--name", action="append", default=None, help="model folder name (one per checkpoint)")
     x.set_defaults(func=_export)
+
+    c = sub.add_parser("cells", help="rank a model's units by how well they track features of a text")
+    c.add_argument("model", help="an exported model folder or .onnx file")
+    c.add_argument("--data", nargs="+", required=True, help="file(s) or a folder of UTF-8 text to read")
+    c.add_argument("--out", default=None, help="report folder (default runs/cells/MODEL)")
+    c.add_argument("--max-chars", type=_int, default=50_000, help="characters to read (default: the last 50,000)")
+    c.add_argument("--offset", type=_int, default=None, help="start here rather than at the last --max-chars")
+    c.add_argument("--features", default=None, help="comma list (default: all)")
+    c.add_argument("--top", type=_int, default=5, help="units kept per feature")
+    c.add_argument("--no-images", action="store_true", help="skip the PNG images")
+    c.add_argument("--no-model-copy", action="store_true", help="do not write cells.json next to the model")
+    c.set_defaults(func=_cells)
 
     v = sub.add_parser("serve", help="serve exported models over HTTP, SSE and WebSocket")
     v.add_argument("--models", default=None, help="folder of exported models")
