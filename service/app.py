@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,10 +13,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, ServiceConfigError
+from service.deps import verify_api_key
+from service.errors import ApiError, InternalError, InvalidInput, InvalidJson, ServiceConfigError
+from service.gate import Gate
 from service.metrics import Metrics
+from service.openapi import with_model_limits
 from service.registry import ModelRegistry
-from service.routes import http, ops, ws
+from service.responses import error_response
+from service.routes import http, ops, playground, ws
 from service.serving import GenerationService
 from service.settings import Settings, load_settings
 
@@ -26,22 +29,9 @@ log = logging.getLogger("charstream.app")
 SWEEP_INTERVAL_S = 5.0
 
 
-def _error(
-    status: int,
-    code: str,
-    message: str,
-    field: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if field is not None:
-        body["field"] = field
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
-
-
 async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return _error(exc.status, exc.code, exc.message, exc.field, exc.headers)
+    return error_response(exc, request.url.path)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -51,22 +41,28 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
     field = ".".join(loc) or None
+    error: ApiError
     if first.get("type") == "json_invalid":
-        return _error(400, "invalid_json", f"request body is not valid JSON: {first.get('msg')}")
-    if first.get("type") == "missing" and not loc:
-        return _error(422, "invalid_input", "request body is required")
-    message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
-    return _error(422, "invalid_input", message, field)
+        error = InvalidJson(f"request body is not valid JSON: {first.get('msg')}")
+    elif first.get("type") == "missing" and not loc:
+        error = InvalidInput("request body is required")
+    else:
+        error = InvalidInput(f"{field}: {first.get('msg')}" if field else str(first.get("msg")), field=field)
+    return error_response(error, request.url.path)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return _error(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None))
+    error = ApiError(str(exc.detail), headers=getattr(exc, "headers", None))
+    error.status, error.code = exc.status_code, "http_error"
+    return error_response(error, request.url.path)
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, RecursionError):  # JSON nested deeper than the parser goes: the client's fault
+        return error_response(InvalidJson("request body is not usable JSON: nested too deeply"), request.url.path)
     log.exception("unhandled error", extra={"path": request.url.path})
-    return _error(500, "internal", "internal server error")
+    return error_response(InternalError("internal server error"), request.url.path)
 
 
 class RequestMetrics:
@@ -145,10 +141,19 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unhandled_error_handler)
+    # Added last, so it runs first: the key and the drain are checked before anything else.
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(
+        Gate,
+        check_key=lambda conn: verify_api_key(conn, settings.api_key),
+        draining=lambda: service is not None and service.draining,
+    )
     app.include_router(ops.router)
     app.include_router(http.router)
     app.include_router(ws.router)
+    app.include_router(playground.api)
+    app.include_router(playground.router)
+    with_model_limits(app, settings, lambda: service.registry if service is not None else registry)
     return app
 
 

@@ -12,6 +12,7 @@ def serve(models: str | None = None, host: str | None = None, port: int | None =
     import uvicorn
 
     from service.app import create_app, load_registry
+    from service.server import GracefulServer
 
     overrides: dict[str, object] = {}
     if models is not None:
@@ -23,19 +24,22 @@ def serve(models: str | None = None, host: str | None = None, port: int | None =
     settings = load_settings(**overrides)
     configure(settings.log_level, settings.log_json)
     registry = load_registry(settings)  # before uvicorn, so a start-up failure is one clear line
+    app = create_app(settings, registry)
     config = uvicorn.Config(
-        create_app(settings, registry),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=log_config(settings.log_level, settings.log_json),
-        timeout_graceful_shutdown=10,
+        # The drain (GracefulServer) has already ended every generation by then: this only bounds
+        # connections that are still closing.
+        timeout_graceful_shutdown=5,
         ws_ping_interval=20,
         # Frames here are a few characters each: compressing them costs CPU on both ends and a
         # deflate context per connection, and saves nothing.
         ws_per_message_deflate=False,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = GracefulServer(config, app, settings.shutdown_grace_s)
     server.run()
     # uvicorn returns quietly when it cannot start (e.g. the port is taken): say so in the exit code.
     return 0 if server.started else 3

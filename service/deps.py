@@ -6,6 +6,7 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
+from pydantic import SecretStr
 from starlette.requests import HTTPConnection
 
 from service.errors import Unauthorized
@@ -25,7 +26,11 @@ def get_settings(conn: HTTPConnection) -> Settings:
 
 def check_api_key(conn: HTTPConnection) -> None:
     """With CHARSTREAM_API_KEY set, /v1 needs `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
-    expected = get_settings(conn).api_key
+    verify_api_key(conn, get_settings(conn).api_key)
+
+
+def verify_api_key(conn: HTTPConnection, expected: SecretStr | None) -> None:
+    """Raise Unauthorized unless the connection carries `expected` (nothing is needed when it is None)."""
     if expected is None:
         return
     auth = conn.headers.get("authorization", "")

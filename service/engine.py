@@ -49,12 +49,6 @@ class StepBinding:
 
 class Engine:
     def __init__(self, path: Path, threads: int = 1) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Spinning workers would burn the core the event loop needs between steps.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The variant is known only after loading, so peek at the metadata with a cheap first load.
         meta = (
             ort.InferenceSession(str(path), providers=["CPUExecutionProvider"], sess_options=_metadata_only_options())
@@ -62,7 +56,7 @@ class Engine:
             .custom_metadata_map
         )
         self.info = contract.parse_metadata(meta)
-        options.graph_optimization_level = contract.optimization_level(self.info.variant, ort)
+        options = contract.session_options(ort, self.info.variant, threads)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.path = path
         self._input_names = [contract.INPUT_TOKENS, *self.info.state_names]

@@ -26,6 +26,29 @@ class ApiError(Exception):
         return body
 
 
+class InvalidJson(ApiError):
+    status = 400
+    code = "invalid_json"
+
+
+class InvalidMessage(ApiError):
+    """A WebSocket message that is JSON but not a message (no object, no type, an unknown type)."""
+
+    status = 422
+    code = "invalid_message"
+
+
+class UnknownMessageType(InvalidMessage):
+    code = "unknown_type"
+
+
+class ConnectionBusy(ApiError):
+    """A WebSocket `generate` or `feed` while the connection's generation runs."""
+
+    status = 409
+    code = "busy"
+
+
 class NotFound(ApiError):
     status = 404
     code = "not_found"
@@ -59,3 +82,38 @@ class Unauthorized(ApiError):
 class ModelUnavailable(ApiError):
     status = 503
     code = "model_unavailable"
+
+
+class EngineFailed(ApiError):
+    """onnxruntime raised while reading a prompt or stepping: the model, not the request, failed."""
+
+    status = 503
+    code = "engine_error"
+
+
+class InternalError(ApiError):
+    status = 500
+    code = "internal"
+
+
+class ShuttingDown(ApiError):
+    """The server is draining for a restart; another replica (or this one, later) can serve it."""
+
+    status = 503
+    code = "shutting_down"
+
+    def __init__(self, message: str = "the server is shutting down; retry", field: str | None = None) -> None:
+        super().__init__(message, field, headers={"Retry-After": "1", "Connection": "close"})
+
+
+# The scheduler names a failure by code; this is the error the client then sees.
+FAILURES: dict[str, type[ApiError]] = {
+    EngineFailed.code: EngineFailed,
+    InternalError.code: InternalError,
+    ShuttingDown.code: ShuttingDown,
+}
+
+
+def failure(code: str, message: str) -> ApiError:
+    """The ApiError for a scheduler failure code (an unknown code is an internal error)."""
+    return FAILURES.get(code, InternalError)(message)

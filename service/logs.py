@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import re
 from typing import Any
+
+# Query parameters whose values are secrets (browsers send the WebSocket API key in the URL).
+SECRET_PARAMS = re.compile(r"((?:api_key|apikey|key|token|access_token)=)[^&\s\"']*", re.IGNORECASE)
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",
@@ -30,6 +34,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def redact(text: str) -> str:
+    return SECRET_PARAMS.sub(r"\1[redacted]", text)
+
+
+class RedactSecrets(logging.Filter):
+    """Blanks secret query parameters in uvicorn's access and WebSocket lines before they are written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        return True
+
+
 def log_config(level: str = "info", json_lines: bool = True) -> dict[str, Any]:
     """A dictConfig for charstream and uvicorn alike (uvicorn.run takes it as log_config)."""
     formatter: dict[str, Any] = (
@@ -39,12 +58,14 @@ def log_config(level: str = "info", json_lines: bool = True) -> dict[str, Any]:
         "class": "logging.StreamHandler",
         "formatter": "default",
         "stream": "ext://sys.stderr",
+        "filters": ["redact"],
     }
     lvl = level.upper()
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
+        "filters": {"redact": {"()": RedactSecrets}},
         "handlers": {"default": handler},
         "loggers": {
             "charstream": {"handlers": ["default"], "level": lvl, "propagate": False},

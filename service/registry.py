@@ -14,7 +14,7 @@ from service.errors import InvalidInput, ModelUnavailable, NotFound
 
 log = logging.getLogger("charstream.registry")
 
-VARIANT_FILES = {"fp32": contract.MODEL_FILE, "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+VARIANT_FILES = contract.VARIANT_FILES  # one home: the export writes the same names
 
 
 @dataclass

@@ -12,6 +12,16 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class ActivationSpec:
+    """Which units' values to report per character: state tensor `tensor` (h = 0, c = 1) of `layer`."""
+
+    layer: int
+    tensor: int
+    units: tuple[int, ...]
+    prompt: bool = False  # the prompt's characters too, not only the generated ones
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -19,6 +29,18 @@ class SamplingParams:
     max_new_chars: int = 256
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    top_logprobs: int = 0  # the N most likely characters at each position, with their logprobs
+    activations: ActivationSpec | None = None
+    prompt_logprobs: bool = False  # the prompt's own logprobs (and top_logprobs), as OpenAI's echo gives
+
+    @property
+    def annotated(self) -> bool:
+        """Anything asked for beside the text: the slower, per-character path."""
+        return self.logprobs or self.top_logprobs > 0 or self.activations is not None or self.annotates_prompt
+
+    @property
+    def annotates_prompt(self) -> bool:
+        return self.prompt_logprobs or (self.activations is not None and self.activations.prompt)
 
 
 def sample_rows(
@@ -75,6 +97,14 @@ def _keep_top(p: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray
     return out
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """The model's own log-probabilities (no temperature or filtering), (batch, vocab) float64."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return z
+
+
 def log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The model's own log-probability (no temperature or filtering) of ids (batch,)."""
     z = logits.astype(np.float64)
@@ -82,6 +112,20 @@ def log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     logz = np.log(np.exp(z - m).sum(axis=1)) + m[:, 0]
     out: np.ndarray = z[np.arange(z.shape[0]), ids] - logz
     return out
+
+
+def top_alternatives(logprobs: np.ndarray, n: int, vocab: tuple[str, ...]) -> list[dict[str, float]]:
+    """The n most likely characters of each row of (batch, vocab) log-probabilities, most likely first."""
+    n = min(n, logprobs.shape[1])
+    best = np.argpartition(-logprobs, n - 1, axis=1)[:, :n]
+    rows = np.arange(logprobs.shape[0])[:, None]
+    order = np.argsort(-logprobs[rows, best], axis=1, kind="stable")
+    best = best[rows, order]
+    values = logprobs[rows, best]
+    return [
+        {vocab[int(i)]: float(v) for i, v in zip(ids, vals, strict=True)}
+        for ids, vals in zip(best, values, strict=True)
+    ]
 
 
 class StopMatcher:

@@ -6,22 +6,59 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.sampling import SamplingParams
+from service.sampling import ActivationSpec, SamplingParams
 
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="seeds the session's RNG")]
+# Bounds every number must meet before it reaches numpy (an int64 array, a uint64 seed). The
+# limits that depend on the model or the settings (vocabulary size, max_new_chars, prompt length)
+# are checked by the serving layer, and app.py writes them into the OpenAPI schema.
+MAX_INT = 2**31 - 1
+MAX_UNITS = 32
+MAX_TOP_LOGPROBS = 20
+
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1, description="seeds the session's RNG (any uint64)")]
+SessionId = Annotated[str, Field(min_length=1, max_length=64, description="a session id from POST /v1/sessions")]
+ModelId = Annotated[str, Field(min_length=1, max_length=128, description="model id; the server's default if unset")]
+
+
+class ActivationRequest(BaseModel):
+    """Which units' values to return per character (the state after the model read that character)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer: int = Field(ge=0, le=MAX_INT, description="layer, from 0")
+    state: Literal["h", "c"] = Field(default="h", description="h (hidden state) or c (LSTM cell state)")
+    units: list[Annotated[int, Field(ge=0, le=MAX_INT)]] = Field(
+        min_length=1, max_length=MAX_UNITS, description=f"unit indices, at most {MAX_UNITS}, no repeats"
+    )
+    prompt: bool = Field(default=False, description="also return them for each prompt character")
+
+    @field_validator("units")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("units must not repeat")
+        return value
+
+    def to_spec(self) -> ActivationSpec:
+        # The contract orders state tensors h, then c (LSTM only).
+        return ActivationSpec(self.layer, 0 if self.state == "h" else 1, tuple(self.units), self.prompt)
 
 
 class SamplingFields(BaseModel):
     """Sampling parameters; unset fields take the server's defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_new_chars: int = Field(default=256, ge=1, description="characters to generate at most")
+    max_new_chars: int = Field(default=256, ge=1, le=MAX_INT, description="characters to generate at most")
     temperature: float = Field(default=1.0, ge=0.0, le=10.0, description="0 = greedy")
-    top_k: int = Field(default=0, ge=0, description="keep the k most likely characters; 0 = off")
+    top_k: int = Field(default=0, ge=0, le=MAX_INT, description="keep the k most likely characters; 0 = off")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus mass to keep; 1 = off")
     stop: list[str] = Field(default_factory=list, max_length=8, description="stop sequences (not returned)")
     logprobs: bool = Field(default=False, description="return the model's log-probability of each character")
+    top_logprobs: int = Field(
+        default=0, ge=0, le=MAX_TOP_LOGPROBS, description="the N most likely characters at each position; 0 = off"
+    )
+    activations: ActivationRequest | None = Field(default=None, description="unit values to return per character")
 
     @field_validator("stop")
     @classmethod
@@ -40,15 +77,17 @@ class SamplingFields(BaseModel):
             max_new_chars=self.max_new_chars,
             stop=tuple(self.stop),
             logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
+            activations=None if self.activations is None else self.activations.to_spec(),
         )
 
 
 class GenerateRequest(SamplingFields):
-    model: str | None = Field(default=None, description="model id; the server's default if unset")
+    model: ModelId | None = None
     prompt: str = Field(default="", description="text the model reads before generating")
     seed: Seed | None = None
     stream: bool = Field(default=False, description="answer as Server-Sent Events")
-    session_id: str | None = Field(default=None, description="continue this session and keep its new state")
+    session_id: SessionId | None = Field(default=None, description="continue this session and keep its new state")
 
 
 class SessionGenerateRequest(SamplingFields):
@@ -68,12 +107,15 @@ class GenerateResponse(BaseModel):
     model: str
     session_id: str | None = None
     logprobs: list[float] | None = None
+    top_logprobs: list[dict[str, float]] | None = None
+    activations: list[list[float]] | None = None
+    prompt_activations: list[list[float]] | None = None
 
 
 class CreateSessionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
+    model: ModelId | None = None
     prompt: str = Field(default="", description="text the session reads at creation")
     seed: Seed | None = None
 
@@ -131,8 +173,8 @@ class ErrorResponse(BaseModel):
 # WebSocket messages from the client (the server's messages are documented in docs/api.md).
 class WsGenerate(SamplingFields):
     type: Literal["generate"]
-    session_id: str | None = None
-    model: str | None = None
+    session_id: SessionId | None = None
+    model: ModelId | None = None
     prompt: str = ""
     seed: Seed | None = None
 
@@ -142,8 +184,8 @@ class WsFeed(BaseModel):
 
     type: Literal["feed"]
     text: str = Field(min_length=1)
-    session_id: str | None = None
-    model: str | None = None
+    session_id: SessionId | None = None
+    model: ModelId | None = None
 
 
 class WsCancel(BaseModel):

@@ -1,24 +1,25 @@
 """The serving logic between the routes (HTTP only) and the schedulers (onnxruntime).
 
 Everything a request can get wrong is checked here, before a stream starts, so a bad request
-is an HTTP error and never a broken stream. Buildable in one line from a registry:
-`GenerationService.create(registry, settings)`.
+is an HTTP error and never a broken stream; a drain (graceful shutdown) ends work here too.
+Buildable in one line from a registry: `GenerationService.create(registry, settings)`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from service.errors import InvalidInput, ModelUnavailable, TooLarge
+from service.errors import InvalidInput, ShuttingDown, TooLarge
+from service.generation import Generation
+from service.jobs import Job, Phase
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 from service.sampling import SamplingParams
-from service.scheduler import DoneEvent, ErrorEvent, Event, Job, Scheduler, TextEvent
+from service.scheduler import Scheduler
 from service.schemas import SessionInfo
 from service.sessions import InMemorySessionStore, Session, SessionStore
 from service.settings import Settings
@@ -27,65 +28,11 @@ log = logging.getLogger("charstream.serving")
 
 # What a session with no history reads first when the request brings no prompt.
 DEFAULT_START = "\n"
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    finish_reason: str
-    generated_chars: int
-    logprobs: list[float] | None
-
-
-class Generation:
-    """A running generation: iterate its events; leaving the iteration early cancels it."""
-
-    def __init__(self, job: Job, scheduler: Scheduler, model: str, session_id: str | None, prompt_chars: int) -> None:
-        self.job = job
-        self.scheduler = scheduler
-        self.model = model
-        self.session_id = session_id
-        self.prompt_chars = prompt_chars
-
-    async def events(self) -> AsyncIterator[Event]:
-        """Text events, merged when several are waiting, then one DoneEvent or ErrorEvent."""
-        try:
-            while True:
-                texts: list[str] = []
-                logprobs: list[float] | None = None
-                final: Event | None = None
-                for event in await self.job.events.take():
-                    if isinstance(event, TextEvent):
-                        texts.append(event.text)
-                        if event.logprobs is not None:
-                            logprobs = event.logprobs if logprobs is None else logprobs + event.logprobs
-                    else:
-                        final = event
-                if texts:
-                    yield TextEvent("".join(texts), logprobs)
-                if final is not None:
-                    yield final
-                    return
-        finally:
-            # A client gone (disconnect, cancelled task) stops the job at the next step.
-            self.scheduler.cancel(self.job)
-
-    def cancel(self) -> None:
-        self.scheduler.cancel(self.job)
-
-    async def collect(self) -> GenerationResult | ErrorEvent:
-        texts: list[str] = []
-        logprobs: list[float] | None = [] if self.job.params.logprobs else None
-        async for event in self.events():
-            if isinstance(event, TextEvent):
-                texts.append(event.text)
-                if logprobs is not None and event.logprobs:
-                    logprobs.extend(event.logprobs)
-            elif isinstance(event, DoneEvent):
-                return GenerationResult("".join(texts), event.finish_reason, event.generated_chars, logprobs)
-            else:
-                return event
-        raise RuntimeError("generation ended without a final event")
+# Per-character annotations of a prompt are read one character per step and sent as one event:
+# bounded so that the answer stays a reasonable size (32 units x 10,000 characters ~ 3 MB of JSON).
+MAX_ANNOTATED_PROMPT = 10_000
+# How long a drain waits, after ending what was left, for streams to send their final frames.
+FINAL_FRAMES_WAIT_S = 3.0
 
 
 class GenerationService:
@@ -102,7 +49,11 @@ class GenerationService:
         self.schedulers = schedulers
         self.settings = settings
         self.metrics = metrics
+        self.draining = False
         self._background: set[asyncio.Task[None]] = set()
+        self._streams: set[Generation] = set()  # streams being sent right now
+        # Called at the end of a drain: the open WebSocket connections close themselves (1001).
+        self.connection_closers: set[Callable[[], Awaitable[None]]] = set()
 
     @classmethod
     def create(cls, registry: ModelRegistry, settings: Settings, metrics: Metrics | None = None) -> GenerationService:
@@ -115,6 +66,7 @@ class GenerationService:
                 max_batch_size=settings.max_batch_size,
                 max_wait_us=settings.max_wait_us,
                 batching=settings.batching,
+                prefill_chunk=settings.prefill_chunk,
             )
             for name, model in registry.models.items()
         }
@@ -131,6 +83,40 @@ class GenerationService:
         for task in list(self._background):
             await task
 
+    @property
+    def running(self) -> int:
+        """Generations and feeds not yet finished, over every model."""
+        return sum(s.active for s in self.schedulers.values())
+
+    async def drain(self, grace_s: float) -> None:
+        """Graceful shutdown: refuse new work, let running generations finish for up to `grace_s`,
+        end the rest with a `shutting_down` error, and give streams time to send their last frame."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.running and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.running:
+            log.warning("ending generations still running at shutdown", extra={"count": self.running})
+            for scheduler in self.schedulers.values():
+                scheduler.abort_all("shutting_down", "the server is shutting down; retry the request")
+        deadline = loop.time() + FINAL_FRAMES_WAIT_S
+        while (self.running or self._streams) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*(close() for close in list(self.connection_closers)), return_exceptions=True)
+        for task in list(self._background):
+            await task
+
+    def _track_stream(self, generation: Generation, open_: bool) -> None:
+        if open_:
+            self._streams.add(generation)
+        else:
+            self._streams.discard(generation)
+
+    def _refuse_when_draining(self) -> None:
+        if self.draining:
+            raise ShuttingDown()
+
     # -- validation --------------------------------------------------------------------------------
 
     def _prompt_ids(self, model: LoadedModel, text: str, field: str) -> list[int]:
@@ -143,11 +129,46 @@ class GenerationService:
         self.metrics.prompt_chars.labels(model.id).inc(len(ids))
         return ids
 
-    def _check_params(self, params: SamplingParams) -> None:
+    def _check_params(self, model: LoadedModel, params: SamplingParams, prompt_chars: int) -> None:
+        """What only the model and the settings can bound: 422 naming the field."""
+        info = model.engine.info
         if params.max_new_chars > self.settings.max_new_chars:
             raise InvalidInput(
                 f"max_new_chars is {params.max_new_chars}; the limit is {self.settings.max_new_chars}",
                 field="max_new_chars",
+            )
+        if params.top_k > info.vocab_size:
+            raise InvalidInput(
+                f"top_k is {params.top_k}; model {model.id!r} has {info.vocab_size} characters",
+                field="top_k",
+            )
+        if params.top_logprobs > info.vocab_size:
+            raise InvalidInput(
+                f"top_logprobs is {params.top_logprobs}; model {model.id!r} has {info.vocab_size} characters",
+                field="top_logprobs",
+            )
+        spec = params.activations
+        if spec is not None:
+            if spec.layer >= info.num_layers:
+                raise InvalidInput(
+                    f"activations.layer is {spec.layer}; model {model.id!r} has layers 0..{info.num_layers - 1}",
+                    field="activations.layer",
+                )
+            if spec.tensor >= len(info.state_names):
+                raise InvalidInput(
+                    f"activations.state 'c' exists only for LSTM models; {model.id!r} is a {info.cell}: use 'h'",
+                    field="activations.state",
+                )
+            if max(spec.units) >= info.hidden_size:
+                raise InvalidInput(
+                    f"activations.units has {max(spec.units)}; model {model.id!r} has units 0..{info.hidden_size - 1}",
+                    field="activations.units",
+                )
+        if params.annotates_prompt and prompt_chars > MAX_ANNOTATED_PROMPT:
+            raise TooLarge(
+                f"prompt has {prompt_chars} characters; per-character annotations of a prompt are limited to "
+                f"{MAX_ANNOTATED_PROMPT}",
+                field="prompt",
             )
 
     def info(self, session: Session) -> SessionInfo:
@@ -168,6 +189,7 @@ class GenerationService:
         return Session.fresh(model.id, info.state_shape_per_row, len(info.state_names), seed)
 
     async def create_session(self, model_id: str | None, prompt: str, seed: int | None) -> SessionInfo:
+        self._refuse_when_draining()
         model = self.registry.get(model_id)
         ids = self._prompt_ids(model, prompt, "prompt")
         session = self._new_session(model, seed)
@@ -193,6 +215,7 @@ class GenerationService:
         return self.info(session)
 
     async def fork_session(self, session_id: str, seed: int | None) -> SessionInfo:
+        self._refuse_when_draining()
         session = await self.store.acquire(session_id)
         try:
             child = session.fork(seed)
@@ -202,6 +225,7 @@ class GenerationService:
         return self.info(child)
 
     async def feed(self, session_id: str, text: str) -> tuple[SessionInfo, int]:
+        self._refuse_when_draining()
         session = await self.store.acquire(session_id)
         try:
             model = self.registry.get(session.model)
@@ -213,12 +237,9 @@ class GenerationService:
         return self.info(session), len(ids)
 
     async def _run_feed(self, session: Session, model: LoadedModel, ids: list[int]) -> None:
-        """Read `ids` into a session already acquired; releases it."""
+        """Read `ids` into a session already acquired; releases it. Raises the error a failure ended with."""
         job = self._job(session, model, ids, SamplingParams(max_new_chars=0), stored=True)
-        generation = Generation(job, self.schedulers[model.id], model.id, session.id, len(ids))
-        result = await generation.collect()
-        if isinstance(result, ErrorEvent):
-            raise ModelUnavailable(f"the model could not read the text: {result.message}")
+        await Generation(job, self.schedulers[model.id], model.id, session.id, len(ids)).result()
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -231,7 +252,7 @@ class GenerationService:
         session_id: str | None = None,
     ) -> Generation:
         """Validate, take the session (or make a throwaway one), and start the job."""
-        self._check_params(params)
+        self._refuse_when_draining()
         if session_id is not None:
             session = await self.store.acquire(session_id)
             try:
@@ -241,6 +262,7 @@ class GenerationService:
                         field="model",
                     )
                 model = self.registry.get(session.model)
+                self._check_params(model, params, len(prompt))
                 ids = self._start_ids(model, session, prompt)
                 if seed is not None:
                     session.seed = seed
@@ -251,11 +273,19 @@ class GenerationService:
             stored = True
         else:
             model = self.registry.get(model_id)
+            self._check_params(model, params, len(prompt))
             session = self._new_session(model, seed)
             ids = self._start_ids(model, session, prompt)
             stored = False
         job = self._job(session, model, ids, params, stored)
-        return Generation(job, self.schedulers[model.id], model.id, session.id if stored else None, len(prompt))
+        return Generation(
+            job,
+            self.schedulers[model.id],
+            model.id,
+            session.id if stored else None,
+            len(prompt),
+            on_stream=self._track_stream,
+        )
 
     def _start_ids(self, model: LoadedModel, session: Session, prompt: str) -> list[int]:
         ids = self._prompt_ids(model, prompt, "prompt")
@@ -278,24 +308,27 @@ class GenerationService:
         stored: bool,
     ) -> Job:
         def on_complete(job: Job) -> None:
-            if not job.failed:
-                session.state = job.state
-                session.logits = job.logits
-                session.history_chars += job.absorbed
-            else:
-                self.metrics.errors.labels("engine_error").inc()
-            if stored:
-                task = asyncio.get_running_loop().create_task(self.store.release(session))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+            # Runs on the event loop with the job's final event. The lease is released whatever happens.
+            try:
+                if job.phase is Phase.FAILED:
+                    self.metrics.errors.labels("engine_error").inc()
+                else:
+                    session.state = job.state
+                    session.logits = job.logits
+                    session.history_chars += job.absorbed
+            finally:
+                if stored:
+                    task = asyncio.get_running_loop().create_task(self.store.release(session))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
 
         job = Job(
-            prime=ids,
+            prompt=ids,
             state=list(session.state),
             logits=session.logits,
             params=params,
             rng=session.rng,
-            keep_state=stored,
+            wants_state=stored,
             on_complete=on_complete,
         )
         self.schedulers[model.id].submit(job)

@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.errors import ServiceConfigError
+from service.scheduler import PREFILL_CHUNK
 
 
 def bundled_models_dir() -> Path:
@@ -40,10 +41,24 @@ class Settings(BaseSettings):
     batching: bool = Field(default=True, description="share one onnxruntime step across sessions")
     max_batch_size: int = Field(default=256, ge=1)
     max_wait_us: int = Field(default=500, ge=0, description="an idle scheduler waits this long for company")
-    api_key: SecretStr | None = None
+    prefill_chunk: int = Field(
+        default=PREFILL_CHUNK, ge=1, le=65_536, description="prompt positions read between two decode steps"
+    )
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0, le=3600, description="on SIGTERM, running generations get this long to finish"
+    )
+    api_key: SecretStr | None = Field(default=None, description="when set, /v1 needs this key")
     require_models: bool = Field(default=False, description="exit at start-up unless every model loads")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = Field(default=True, description="one JSON object per log line")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty key would make an empty header a valid credential: refuse to start instead.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty; unset it to serve without a key")
+        return value
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -53,4 +68,5 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
-        raise ServiceConfigError(f"CHARSTREAM_{field.upper()}: {err['msg']} (got {err.get('input')!r})") from None
+        given = "" if field == "api_key" else f" (got {err.get('input')!r})"  # never echo a secret
+        raise ServiceConfigError(f"CHARSTREAM_{field.upper()}: {err['msg']}{given}") from None

@@ -15,10 +15,11 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
+CELLS = ("lstm", "gru", "rnn")  # every cell the project trains, exports and serves
 
 
 def tiny_train_config(data: Path, out: Path, cell: str = "lstm", **overrides: object):
-    from training.train import TrainConfig
+    from training.config import TrainConfig
 
     values: dict[str, object] = dict(
         data=[str(data)],
@@ -63,6 +64,7 @@ def run_server(**settings: object) -> Iterator[Server]:
     import uvicorn
 
     from service.app import create_app
+    from service.server import GracefulServer
     from service.settings import load_settings
 
     port = free_port()
@@ -71,7 +73,7 @@ def run_server(**settings: object) -> Iterator[Server]:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="websockets-sansio"
     )
-    server = uvicorn.Server(config)
+    server = GracefulServer(config, app, cfg.shutdown_grace_s)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Response, status
 from fastapi.responses import StreamingResponse
 
 from service.deps import ServiceDep, require_api_key
-from service.errors import ModelUnavailable
-from service.scheduler import DoneEvent, ErrorEvent, TextEvent
+from service.errors import InternalError
+from service.events import Failed, TextEvent
+from service.generation import Generation
 from service.schemas import (
     CreateSessionRequest,
     ErrorResponse,
@@ -25,59 +27,52 @@ from service.schemas import (
     SessionInfo,
     Usage,
 )
-from service.serving import Generation
 
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 500, 503)
 }
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
 
+log = logging.getLogger("charstream.http")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_DONE = b"data: [DONE]\n\n"
 
 
-def _frame(payload: object) -> bytes:
+def sse_frame(payload: object) -> bytes:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
-async def _sse(generation: Generation) -> AsyncIterator[bytes]:
-    """One `data:` frame per chunk of text, a final frame with finish_reason and usage, then [DONE]."""
-    async for event in generation.events():
-        if isinstance(event, TextEvent):
-            chunk: dict[str, object] = {"text": event.text}
-            if event.logprobs is not None:
-                chunk["logprobs"] = event.logprobs
-            yield _frame(chunk)
-        elif isinstance(event, DoneEvent):
-            yield _frame(
-                {
-                    "finish_reason": event.finish_reason,
-                    "usage": {
-                        "prompt_chars": generation.prompt_chars,
-                        "generated_chars": event.generated_chars,
-                    },
-                    "model": generation.model,
-                    "session_id": generation.session_id,
-                }
-            )
-        elif isinstance(event, ErrorEvent):
-            yield _frame({"error": {"code": event.code, "message": event.message}})
-    yield b"data: [DONE]\n\n"
+async def sse_frames(generation: Generation) -> AsyncIterator[bytes]:
+    """One `data:` frame per event (text, prompt, the final one or an error), then `[DONE]`."""
+    try:
+        async for event in generation.stream():
+            if isinstance(event, TextEvent) and event.plain:
+                # The frame sent most, once per character or few: built without a dict.
+                yield f'data: {{"text": {json.dumps(event.text, ensure_ascii=False)}}}\n\n'.encode()
+            else:
+                yield sse_frame(event.payload())
+    except Exception:  # a bug, not a client: the stream still ends with an error and [DONE]
+        log.exception("stream failed")
+        yield sse_frame(Failed(InternalError("the stream failed on the server")).payload())
+    yield SSE_DONE
 
 
 async def _respond(generation: Generation, stream: bool) -> GenerateResponse | StreamingResponse:
     if stream:
-        return StreamingResponse(_sse(generation), media_type="text/event-stream", headers=SSE_HEADERS)
-    result = await generation.collect()
-    if isinstance(result, ErrorEvent):
-        raise ModelUnavailable(result.message)
+        return StreamingResponse(sse_frames(generation), media_type="text/event-stream", headers=SSE_HEADERS)
+    result = await generation.result()
+    done = result.completed
     return GenerateResponse(
         text=result.text,
-        finish_reason=result.finish_reason,  # type: ignore[arg-type]
-        usage=Usage(prompt_chars=generation.prompt_chars, generated_chars=result.generated_chars),
-        model=generation.model,
-        session_id=generation.session_id,
+        finish_reason=done.finish_reason,  # type: ignore[arg-type]
+        usage=Usage(prompt_chars=done.prompt_chars, generated_chars=done.generated_chars),
+        model=done.model,
+        session_id=done.session_id,
         logprobs=result.logprobs,
+        top_logprobs=result.top_logprobs,
+        activations=result.activations,
+        prompt_activations=None if result.prompt is None else result.prompt.activations,
     )
 
 

@@ -19,15 +19,16 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(service: ServiceDep) -> JSONResponse:
-    """Ready when at least one model is loaded; lists models that failed and why."""
+    """Ready when at least one model is loaded and the server is not draining; lists failed models and why."""
     registry = service.registry
+    ready = registry.ready and not service.draining
     body = {
-        "status": "ready" if registry.ready else "not_ready",
+        "status": "draining" if service.draining else "ready" if registry.ready else "not_ready",
         "models": sorted(registry.models),
         "default_model": registry.default,
         "failed": registry.failures,
     }
-    return JSONResponse(body, status_code=200 if registry.ready else 503)
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics")

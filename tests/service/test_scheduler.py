@@ -11,7 +11,9 @@ import pytest
 from service.engine import Engine, StepBinding
 from service.metrics import Metrics
 from service.sampling import SamplingParams
-from service.scheduler import DoneEvent, ErrorEvent, Event, Job, Scheduler, TextEvent
+from service.events import DoneEvent, ErrorEvent, Event, TextEvent
+from service.jobs import Job
+from service.scheduler import Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +27,17 @@ class Outcome:
     final: DoneEvent | ErrorEvent
 
 
-def make_job(engine: Engine, prompt: str, params: SamplingParams, seed: int, keep_state: bool = True) -> Job:
+def make_job(engine: Engine, prompt: str, params: SamplingParams, seed: int, wants_state: bool = True) -> Job:
     index = engine.info.vocab_index
     return Job(
-        prime=[index[c] for c in prompt],
+        prompt=[index[c] for c in prompt],
         state=[
             np.zeros((engine.info.num_layers, engine.info.hidden_size), np.float32) for _ in engine.info.state_names
         ],
         logits=None,
         params=params,
         rng=np.random.default_rng(seed),
-        keep_state=keep_state,
+        wants_state=wants_state,
     )
 
 
@@ -154,7 +156,7 @@ def test_a_real_onnxruntime_error_fails_only_its_own_jobs(engine: Engine) -> Non
         scheduler.start()
         good = [make_job(engine, "ROMEO:", SamplingParams(max_new_chars=30), s) for s in range(4)]
         bad = make_job(engine, "ab", SamplingParams(max_new_chars=30), 5)
-        bad.prime = [engine.info.vocab_size + 1000]  # out of the embedding's range: Gather fails
+        bad.prompt = [engine.info.vocab_size + 1000]  # out of the embedding's range: Gather fails
         for job in [*good, bad]:
             scheduler.submit(job)
         outcomes = await asyncio.gather(*(drain(j) for j in [*good, bad]))

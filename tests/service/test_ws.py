@@ -37,6 +37,7 @@ def test_generate_many_times_on_one_session(server: Server) -> None:
             "type": "done",
             "finish_reason": "length",
             "usage": {"prompt_chars": 6, "generated_chars": 30},
+            "model": "tiny-lstm",
             "session_id": session["id"],
         }
         ws.send(json.dumps({"type": "generate", "max_new_chars": 30}))
