@@ -20,7 +20,8 @@ def _int(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.train import TrainConfig, train
+    from training.config import TrainConfig
+    from training.train import train
 
     cfg = TrainConfig(
         data=args.data,
@@ -30,6 +31,8 @@ def _train(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         embedding=args.embedding,
         dropout=args.dropout,
+        embedding_dropout=args.embedding_dropout,
+        forget_bias=args.forget_bias,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -50,11 +53,34 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = train(cfg)
-    print(
-        f"trained {result.step} steps in {result.seconds:.0f}s ({result.chars_per_s:,.0f} chars/s); "
-        f"best val loss {result.best_val_loss:.4f} nats/char -> {result.out / 'best.pt'}"
-    )
+    if _is_main_process():
+        print(
+            f"trained {result.step} steps in {result.seconds:.0f}s ({result.chars_per_s:,.0f} chars/s); "
+            f"best val loss {result.best_val_loss:.4f} nats/char -> {result.out / 'best.pt'}"
+        )
     return 0
+
+
+def _is_main_process() -> bool:
+    """False in the other processes of a torchrun launch, which train but do not report."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+# The library names its settings as its dataclasses do; the command line has its own flags.
+FLAGS = {"num_layers": "--layers", "hidden_size": "--hidden", "embedding_size": "--embedding"}
+
+
+def _in_flags(exc: BaseException) -> str:
+    """An error message with the library's setting names replaced by this command's flags."""
+    import re
+
+    message = str(exc)
+    for name in getattr(exc, "settings", ()):
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", flag, message)
+    return message
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -144,31 +170,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="charstream", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a char model on UTF-8 text")
+    from training.config import default as d
+
+    t = sub.add_parser("train", help="train a char model on UTF-8 text (under torchrun: on several processes)")
     t.add_argument("--data", nargs="+", required=True, help="file(s) or a folder of UTF-8 text")
-    t.add_argument("--out", default="runs/default", help="folder for best.pt, last.pt, metrics")
-    t.add_argument("--cell", default="lstm", help="lstm or gru")
-    t.add_argument("--layers", type=_int, default=2)
-    t.add_argument("--hidden", type=_int, default=256)
-    t.add_argument("--embedding", type=_int, default=64)
-    t.add_argument("--dropout", type=float, default=0.0)
-    t.add_argument("--seq-len", type=_int, default=128)
-    t.add_argument("--batch-size", type=_int, default=64)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--warmup-steps", type=_int, default=100)
-    t.add_argument("--schedule", default="cosine", help="cosine, step or constant")
-    t.add_argument("--min-lr-ratio", type=float, default=0.1)
-    t.add_argument("--lr-decay-steps", type=_int, default=None)
+    t.add_argument("--out", default=d("out"), help="folder for best.pt, last.pt, metrics")
+    t.add_argument("--cell", default=d("cell"), help="lstm, gru or rnn (vanilla tanh RNN)")
+    t.add_argument("--layers", type=_int, default=d("layers"))
+    t.add_argument("--hidden", type=_int, default=d("hidden"))
+    t.add_argument("--embedding", type=_int, default=d("embedding"))
+    t.add_argument("--dropout", type=float, default=d("dropout"), help="between layers and before the head")
+    t.add_argument("--embedding-dropout", type=float, default=d("embedding_dropout"), help="on the embedded chars")
+    t.add_argument(
+        "--forget-bias",
+        type=float,
+        default=d("forget_bias"),
+        help="initial bias of the LSTM forget gate (GRU update gate), e.g. 1",
+    )
+    t.add_argument("--seq-len", type=_int, default=d("seq_len"))
+    t.add_argument(
+        "--batch-size", type=_int, default=d("batch_size"), help="whole batch, split over torchrun processes"
+    )
+    t.add_argument("--lr", type=float, default=d("lr"))
+    t.add_argument("--weight-decay", type=float, default=d("weight_decay"))
+    t.add_argument("--warmup-steps", type=_int, default=d("warmup_steps"))
+    t.add_argument("--schedule", default=d("schedule"), help="cosine, step or constant")
+    t.add_argument("--min-lr-ratio", type=float, default=d("min_lr_ratio"))
+    t.add_argument("--lr-decay-steps", type=_int, default=d("lr_decay_steps"))
     stop = t.add_mutually_exclusive_group()
-    stop.add_argument("--max-steps", type=_int, default=None)
-    stop.add_argument("--epochs", type=float, default=None)
-    t.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time")
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--val-fraction", type=float, default=0.1)
-    t.add_argument("--eval-interval", type=_int, default=250)
-    t.add_argument("--seed", type=_int, default=1337)
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    stop.add_argument("--max-steps", type=_int, default=d("max_steps"))
+    stop.add_argument("--epochs", type=float, default=d("epochs"))
+    t.add_argument(
+        "--max-minutes",
+        type=float,
+        default=d("max_minutes"),
+        help="wall-time budget; given alone, the run lasts exactly this long",
+    )
+    t.add_argument("--grad-clip", type=float, default=d("grad_clip"))
+    t.add_argument("--val-fraction", type=float, default=d("val_fraction"))
+    t.add_argument("--eval-interval", type=_int, default=d("eval_interval"))
+    t.add_argument("--seed", type=_int, default=d("seed"))
+    t.add_argument("--device", default=d("device"), help="auto, cpu or cuda")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
@@ -243,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except user_errors as exc:
-        print(f"charstream {args.command}: error: {exc}", file=sys.stderr)
+        print(f"charstream {args.command}: error: {_in_flags(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"charstream {args.command}: interrupted", file=sys.stderr)

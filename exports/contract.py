@@ -1,6 +1,7 @@
 """Names, shapes and metadata keys of a charstream ONNX graph: the contract between export and serving.
 
 Graph inputs:  tokens int64 [batch, seq]; h float32 [layers, batch, hidden]; c (LSTM only) same as h.
+               A GRU and a vanilla RNN carry h only.
 Graph outputs: logits float32 [batch, seq, vocab]; h_out, c_out (LSTM only) same shapes as h, c.
 `batch` and `seq` are dynamic, so one graph serves a step of many sessions (seq = 1) and
 priming a whole prompt (seq = T).
@@ -38,7 +39,36 @@ META_CORPUS = "corpus"
 META_VAL_LOSS = "val_loss"
 META_VARIANT = "variant"
 
-CELLS = ("lstm", "gru")
+CELLS = ("lstm", "gru", "rnn")
+
+# The files of one model folder, one per variant: export writes them, the service picks one.
+VARIANT_FILES = {"fp32": MODEL_FILE, "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+VARIANTS = tuple(VARIANT_FILES)
+
+
+def state_names(cell: str) -> tuple[str, ...]:
+    """The state inputs of a cell's graph, in order: an LSTM carries (h, c), a GRU or RNN only h."""
+    return (INPUT_H, INPUT_C) if cell == "lstm" else (INPUT_H,)
+
+
+def state_out_names(cell: str) -> tuple[str, ...]:
+    return (OUTPUT_H, OUTPUT_C) if cell == "lstm" else (OUTPUT_H,)
+
+
+def session_options(ort: Any, variant: str, threads: int = 1) -> Any:
+    """The onnxruntime session options every charstream graph is run with, serving and measuring alike.
+
+    One thread per session by default (the service steps many sessions in one batched call rather
+    than splitting one call across cores), no spinning workers (they would burn the core the
+    event loop needs between steps), and the variant's optimization level.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = optimization_level(variant, ort)
+    return options
 
 
 def optimization_level(variant: str, ort: Any) -> Any:
@@ -78,11 +108,11 @@ class ModelInfo:
 
     @property
     def state_names(self) -> tuple[str, ...]:
-        return (INPUT_H, INPUT_C) if self.cell == "lstm" else (INPUT_H,)
+        return state_names(self.cell)
 
     @property
     def state_out_names(self) -> tuple[str, ...]:
-        return (OUTPUT_H, OUTPUT_C) if self.cell == "lstm" else (OUTPUT_H,)
+        return state_out_names(self.cell)
 
     @property
     def state_shape_per_row(self) -> tuple[int, int]:

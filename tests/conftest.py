@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils import SHAKESPEARE, tiny_train_config
+from tests.utils import CELLS, SHAKESPEARE, tiny_train_config
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,11 +25,11 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> dict[str, Path]:
-    """A real tiny LSTM and GRU, trained by the project's own loop."""
+    """A real tiny LSTM, GRU and vanilla RNN, trained by the project's own loop."""
     from training.train import train
 
     out = {}
-    for cell in ("lstm", "gru"):
+    for cell in CELLS:
         folder = tmp_path_factory.mktemp(f"run-{cell}")
         train(tiny_train_config(corpus_file, folder, cell=cell))
         out[cell] = folder / "best.pt"
@@ -38,15 +38,15 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> 
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path], corpus_file: Path) -> Path:
-    """Both tiny models exported (fp32 + int8) as the service reads them."""
+    """The tiny models exported (fp32 + int8) as the service reads them: tiny-lstm, tiny-gru, tiny-rnn."""
     from training.export import export_many
 
     out = tmp_path_factory.mktemp("models")
     export_many(
-        [str(checkpoints["lstm"]), str(checkpoints["gru"])],
+        [str(checkpoints[cell]) for cell in CELLS],
         str(out),
         "fp32,int8",
-        names=["tiny-lstm", "tiny-gru"],
+        names=[f"tiny-{cell}" for cell in CELLS],
         data=[str(corpus_file)],
     )
     return out

@@ -79,8 +79,13 @@ def test_train_bad_corpus(tmp_path: Path, content: bytes, fragment: str) -> None
     [
         (["--layers", "0"], "--layers must be at least 1"),
         (["--lr", "-0.001"], "--lr must be positive"),
-        (["--cell", "rnn"], "--cell must be one of lstm, gru"),
+        (["--cell", "tanh"], "--cell must be one of lstm, gru, rnn"),
         (["--dropout", "2"], "--dropout must be in"),
+        (["--embedding-dropout", "1"], "--embedding-dropout must be in"),
+        (["--hidden", "0"], "--hidden must be at least 1"),
+        (["--cell", "rnn", "--forget-bias", "1"], "--forget-bias needs a gated cell"),
+        (["--batch-size", "5000"], "too short for --batch-size 5000 x --seq-len 128"),
+        (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
     ],
 )
 def test_train_nonsense_hyper_parameters(tmp_path: Path, corpus_file: Path, args: list[str], fragment: str) -> None:

@@ -12,25 +12,25 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from training.errors import UserError
+from training.errors import InvalidSetting, check
 
 
 class LaneBatcher:
     def __init__(self, ids: Tensor, batch_size: int, seq_len: int, what: str = "training") -> None:
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-        if seq_len < 1:
-            raise UserError(f"--seq-len must be at least 1, got {seq_len}")
+        check(batch_size >= 1, "batch_size", f"must be at least 1, got {batch_size}")
+        check(seq_len >= 1, "seq_len", f"must be at least 1, got {seq_len}")
         if ids.numel() < seq_len + 1:
-            raise UserError(
-                f"{what} text has {ids.numel()} characters, shorter than one training window (--seq-len {seq_len} + 1)"
+            raise InvalidSetting(
+                f"{what} text has {ids.numel()} characters, shorter than one training window (seq_len {seq_len} + 1)",
+                ("seq_len",),
             )
         # Each lane needs inputs and targets shifted by one, hence the -1.
         lane_len = (ids.numel() - 1) // batch_size
         if lane_len < seq_len:
-            raise UserError(
-                f"{what} text of {ids.numel()} characters is too short for --batch-size "
-                f"{batch_size} x --seq-len {seq_len}; lower one of them"
+            raise InvalidSetting(
+                f"{what} text of {ids.numel()} characters is too short for batch_size "
+                f"{batch_size} x seq_len {seq_len}; lower one of them",
+                ("batch_size", "seq_len"),
             )
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -48,13 +48,15 @@ class LaneBatcher:
         y = self.ids[1 : self.batch_size * n + 1].view(self.batch_size, n)
         return x[:, offset:], y[:, offset:]
 
-    def epoch(self, offset: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, offset: int = 0, start: int = 0, rows: slice = slice(None)) -> Iterator[tuple[Tensor, Tensor]]:
         """The windows of one epoch, from window `start` on; `offset` shifts where windows begin.
 
         Shifting the windows by a different offset each epoch lets the model see every
-        character at every position of a window, not always the same cut.
+        character at every position of a window, not always the same cut. `rows` picks a
+        share of the lanes (one process's share under torchrun).
         """
         x, y = self.lanes(offset)
+        x, y = x[rows], y[rows]
         for i in range(start, x.shape[1] // self.seq_len):
             sl = slice(i * self.seq_len, (i + 1) * self.seq_len)
             yield x[:, sl], y[:, sl]

@@ -23,9 +23,13 @@ CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "model_config", "model_state", "vocab")
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -41,6 +45,16 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_stray_temp_files(*paths: Path) -> list[Path]:
+    """Delete the temp files a kill in the middle of `save_atomic` left beside these checkpoints."""
+    removed = []
+    for path in paths:
+        for stray in path.parent.glob(f"{_temp_prefix(path)}*.tmp"):
+            stray.unlink(missing_ok=True)
+            removed.append(stray)
+    return removed
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -66,7 +80,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[CharRNN, Vocabulary]:
-    config = ModelConfig(**ckpt["model_config"])
+    config = ModelConfig.from_dict(ckpt["model_config"])
     model = CharRNN(config)
     try:
         model.load_state_dict(ckpt["model_state"])

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.errors import UserError
+from training.errors import InvalidSetting, UserError
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,14 @@ class Corpus:
     def split(self, val_fraction: float) -> tuple[str, str]:
         """Train and validation text: the last `val_fraction` of the characters is validation."""
         if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+            raise InvalidSetting(
+                f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}", ("val_fraction",)
+            )
         n_val = int(len(self.text) * val_fraction)
         if n_val < 2:
-            raise UserError(
-                f"corpus of {len(self.text)} characters leaves no validation text at --val-fraction {val_fraction}"
+            raise InvalidSetting(
+                f"corpus of {len(self.text)} characters leaves no validation text at val_fraction {val_fraction}",
+                ("val_fraction",),
             )
         cut = len(self.text) - n_val
         return self.text[:cut], self.text[cut:]

@@ -1,4 +1,4 @@
-"""The character model: embedding -> stacked LSTM or GRU -> linear head, state in and out.
+"""The character model: embedding -> stacked LSTM, GRU or vanilla RNN -> linear head, state in and out.
 
 Training, sampling, evaluation and ONNX export all build the network from this file;
 nothing else defines the architecture.
@@ -6,18 +6,21 @@ nothing else defines the architecture.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from training.errors import UserError
+from training.errors import InvalidSetting, check
 
-CELLS = ("lstm", "gru")
+CELLS = ("lstm", "gru", "rnn")
 
-# The recurrent state: (h, c) for an LSTM, (h,) for a GRU; each (layers, batch, hidden).
+# The recurrent state: (h, c) for an LSTM, (h,) for a GRU or a vanilla RNN; each (layers, batch, hidden).
 State = tuple[Tensor, ...]
+
+_RNN_CLASSES: dict[str, Callable[..., nn.Module]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}  # rnn: tanh
 
 
 @dataclass(frozen=True)
@@ -27,21 +30,22 @@ class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 256
     embedding_size: int = 64
-    dropout: float = 0.0
+    dropout: float = 0.0  # between recurrent layers and before the head
+    embedding_dropout: float = 0.0  # on the embedded characters; training only, the graph is unchanged
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
-            raise UserError(f"--cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
-        for field, value in (
-            ("--layers", self.num_layers),
-            ("--hidden", self.hidden_size),
-            ("--embedding", self.embedding_size),
-            ("vocab_size", self.vocab_size),
-        ):
-            if value < 1:
-                raise UserError(f"{field} must be at least 1, got {value}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise InvalidSetting(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}", ("cell",))
+        for name in ("num_layers", "hidden_size", "embedding_size", "vocab_size"):
+            value = getattr(self, name)
+            check(value >= 1, name, f"must be at least 1, got {value}")
+        for name in ("dropout", "embedding_dropout"):
+            value = getattr(self, name)
+            check(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,8 +60,8 @@ class CharRNN(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_size)
-        rnn_cls = nn.LSTM if config.cell == "lstm" else nn.GRU
-        self.rnn = rnn_cls(
+        self.embedding_drop = nn.Dropout(config.embedding_dropout)
+        self.rnn = _RNN_CLASSES[config.cell](
             input_size=config.embedding_size,
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,
@@ -73,11 +77,29 @@ class CharRNN(nn.Module):
         device = device if device is not None else self.head.weight.device
         return tuple(torch.zeros(shape, device=device) for _ in range(self.config.state_tensors))
 
+    @torch.no_grad()
+    def set_forget_bias(self, value: float) -> None:
+        """Start the gates that keep the state (LSTM forget gate, GRU update gate) at bias `value`.
+
+        With a bias of 1 the forget gate starts near sigmoid(1) = 0.73 instead of 0.5, so the cell
+        remembers, and gradients flow back, over more steps from the first update on (Jozefowicz
+        et al. 2015). PyTorch adds two biases (input and hidden); the input one carries the value.
+        """
+        cell, hidden = self.config.cell, self.config.hidden_size
+        if cell == "rnn":
+            raise InvalidSetting("forget_bias needs a gated cell (lstm or gru); rnn has no gates", ("forget_bias",))
+        # Gate order: LSTM (input, forget, cell, output); GRU (reset, update, new). For a GRU the
+        # update gate z keeps the old state: h' = (1 - z) * n + z * h.
+        gate = slice(hidden, 2 * hidden)
+        for layer in range(self.config.num_layers):
+            getattr(self.rnn, f"bias_ih_l{layer}")[gate] = value
+            getattr(self.rnn, f"bias_hh_l{layer}")[gate] = 0.0
+
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab) and the new state."""
         if state is None:
             state = self.init_state(tokens.shape[0], tokens.device)
-        x = self.embedding(tokens)  # (batch, seq, embedding)
+        x = self.embedding_drop(self.embedding(tokens))  # (batch, seq, embedding)
         if self.config.cell == "lstm":
             out, (h, c) = self.rnn(x, (state[0], state[1]))
             new_state: State = (h, c)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from training.corpus import Vocabulary
-from training.errors import UserError
+from training.errors import check
 from training.model import CharRNN
 
 
@@ -32,14 +32,10 @@ def generate(
     top_k: int | None = None,
     seed: int | None = None,
 ) -> str:
-    if length < 0:
-        raise UserError(f"--length must be at least 0, got {length}")
-    if temperature < 0:
-        raise UserError(f"--temperature must be at least 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {top_k}")
-    if not prime:
-        raise UserError("--prime must hold at least one character")
+    check(length >= 0, "length", f"must be at least 0, got {length}")
+    check(temperature >= 0, "temperature", f"must be at least 0, got {temperature}")
+    check(top_k is None or top_k >= 1, "top_k", f"must be at least 1, got {top_k}")
+    check(bool(prime), "prime", "must hold at least one character")
     ids = vocab.encode(prime)
     generator = torch.Generator()
     generator.manual_seed(seed if seed is not None else torch.seed())

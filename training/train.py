@@ -1,108 +1,41 @@
 """The training loop: truncated BPTT with carried state, AdamW, clipping, validation, checkpoints.
 
-Reads top to bottom: config, data, model, optimizer, resume, loop, checkpoint.
+Reads top to bottom: config, data, model, optimizer, resume, loop, checkpoint. Under torchrun
+the same loop runs in every process with DistributedDataParallel (training/distributed.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from training import distributed
 from training.batching import LaneBatcher, epoch_offset
 from training.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     load_checkpoint,
+    remove_stray_temp_files,
     save_atomic,
 )
+from training.config import TrainConfig
 from training.corpus import Vocabulary, read_corpus
-from training.errors import UserError
+from training.errors import InvalidSetting, UserError
 from training.evaluate import evaluate_loss
 from training.model import CharRNN, ModelConfig
-from training.schedule import SCHEDULES, learning_rate
+from training.plot import plot_losses
+from training.schedule import learning_rate
 
-
-@dataclass
-class TrainConfig:
-    data: list[str]
-    out: str = "runs/default"
-    cell: str = "lstm"
-    layers: int = 2
-    hidden: int = 256
-    embedding: int = 64
-    dropout: float = 0.0
-    seq_len: int = 128
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    lr_decay_steps: int | None = None  # defaults to max_steps, as nanoGPT's lr_decay_iters
-    max_steps: int | None = None
-    epochs: float | None = None
-    max_minutes: float | None = None  # wall-clock budget: stop, validate and checkpoint when spent
-    grad_clip: float = 1.0
-    val_fraction: float = 0.1
-    eval_interval: int = 250
-    seed: int = 1337
-    device: str = "auto"
-    resume: bool = False
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        checks: list[tuple[bool, str]] = [
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.weight_decay >= 0, f"--weight-decay must be at least 0, got {self.weight_decay}"),
-            (self.warmup_steps >= 0, f"--warmup-steps must be at least 0, got {self.warmup_steps}"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.grad_clip > 0, f"--grad-clip must be positive, got {self.grad_clip}"),
-            (
-                self.eval_interval >= 1,
-                f"--eval-interval must be at least 1, got {self.eval_interval}",
-            ),
-            (
-                self.max_steps is None or self.max_steps >= 1,
-                f"--max-steps must be at least 1, got {self.max_steps}",
-            ),
-            (
-                self.epochs is None or self.epochs > 0,
-                f"--epochs must be positive, got {self.epochs}",
-            ),
-            (
-                self.max_minutes is None or self.max_minutes > 0,
-                f"--max-minutes must be positive, got {self.max_minutes}",
-            ),
-            (
-                not (self.max_steps is not None and self.epochs is not None),
-                "give --max-steps or --epochs, not both",
-            ),
-            (
-                self.device in ("auto", "cpu", "cuda"),
-                f"--device must be auto, cpu or cuda, got {self.device!r}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(
-            vocab_size=vocab_size,
-            cell=self.cell,
-            num_layers=self.layers,
-            hidden_size=self.hidden,
-            embedding_size=self.embedding,
-            dropout=self.dropout,
-        )
+__all__ = ["TrainConfig", "TrainResult", "train"]
 
 
 @dataclass
@@ -113,14 +46,6 @@ class TrainResult:
     out: Path
     chars_per_s: float
     seconds: float
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -144,36 +69,45 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict[str, Any]]:
     return [r for r in rows if r["step"] <= upto_step]
 
 
-def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train", alpha=0.6)
-    if val:
-        ax.plot(*zip(*val, strict=True), label="validation", marker="o")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/char)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+def _plan(
+    cfg: TrainConfig, model: CharRNN, corpus_name: str, train_chars: int, batcher: LaneBatcher, max_steps: int | None
+) -> str:
+    """How long and how far the run will go, said before the first step."""
+    mc = model.config
+    per_epoch = batcher.batches_per_epoch
+    head = (
+        f"training {mc.cell} {mc.num_layers}x{mc.hidden_size} ({model.num_parameters() / 1e6:.2f}M parameters) "
+        f"on {corpus_name}: {train_chars:,} training chars, {per_epoch:,} steps of "
+        f"{cfg.batch_size} x {cfg.seq_len} chars per epoch"
+    )
+    budget = f"{cfg.max_minutes:g} min" if cfg.max_minutes is not None else None
+    if max_steps is None:
+        until = f"for {budget} (the learning rate decays over the time; steps as fast as this machine goes)"
+    else:
+        until = f"to step {max_steps:,} ({max_steps / per_epoch:.1f} epochs)"
+        if budget:
+            until += f" or for {budget}, whichever comes first"
+    return f"{head}\n  runs {until}; validates every {cfg.eval_interval} steps and at the end"
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
+    ranks = distributed.setup(cfg.device, cfg.batch_size)
+    try:
+        return _train(cfg, ranks)
+    finally:
+        distributed.teardown(ranks)
+
+
+def _train(cfg: TrainConfig, ranks: distributed.Ranks) -> TrainResult:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    device = pick_device(cfg.device)
+        raise InvalidSetting(f"out {out} exists and is not a folder", ("out",))
+    device = ranks.device(cfg.device)
+
+    def say(text: str) -> None:
+        if ranks.is_main:
+            print(text, flush=True)
 
     # Data: the vocabulary covers train and validation text, so validation has no unknowns.
     corpus = read_corpus(cfg.data)
@@ -182,14 +116,27 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_ids = torch.tensor(vocab.encode(train_text), dtype=torch.long)
     val_ids = torch.tensor(vocab.encode(val_text), dtype=torch.long)
     batcher = LaneBatcher(train_ids, cfg.batch_size, cfg.seq_len)
-    max_steps = cfg.max_steps or max(1, round((cfg.epochs or 1.0) * batcher.batches_per_epoch))
-    decay_steps = cfg.lr_decay_steps or max_steps
+    my_lanes = ranks.lanes(cfg.batch_size)
+    lanes_here = my_lanes.stop - my_lanes.start
+    max_steps: int | None
+    if cfg.time_only:
+        max_steps = None  # the clock ends the run
+    else:
+        max_steps = cfg.max_steps or max(1, round((cfg.epochs or 1.0) * batcher.batches_per_epoch))
+    decay_steps = cfg.lr_decay_steps or max_steps or 1
 
-    # Model and optimizer: decay matrices only, not biases (nanoGPT's grouping).
+    # Model and optimizer: decay matrices only, not biases (nanoGPT's grouping). Every process
+    # builds the same initial weights from the same seed; DDP checks and broadcasts them anyway.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model_config = cfg.model_config(len(vocab))
     model = CharRNN(model_config).to(device)
+    if cfg.forget_bias is not None:
+        model.set_forget_bias(cfg.forget_bias)
+    if ranks.distributed:
+        # Each process draws its own dropout masks, as it reads its own lanes.
+        torch.manual_seed(cfg.seed + ranks.rank)
+        random.seed(cfg.seed + ranks.rank)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [
@@ -203,35 +150,60 @@ def train(cfg: TrainConfig) -> TrainResult:
     step, epoch, window = 0, 0, 0
     best_val = float("inf")
     last_val = float("nan")
-    state = model.init_state(cfg.batch_size, device)
+    seconds_before = 0.0  # training time of earlier runs of the same training (resumes)
+    state = model.init_state(lanes_here, device)
     last_path, best_path = out / "last.pt", out / "best.pt"
     metrics_path = out / "metrics.jsonl"
     if cfg.resume:
         if not last_path.exists():
-            raise UserError(f"--resume given, but {last_path} does not exist")
+            raise UserError(f"resume asked for, but {last_path} does not exist")
         ckpt = load_checkpoint(last_path, map_location=device)
         if ckpt["vocab"] != vocab.to_json():
             raise UserError(f"cannot resume: {last_path} was trained on a different vocabulary")
-        if ckpt["model_config"] != model_config.to_dict():
+        if ModelConfig.from_dict(ckpt["model_config"]) != model_config:
             raise UserError(
                 f"cannot resume: {last_path} has model {ckpt['model_config']}, "
-                f"the command line asks for {model_config.to_dict()}"
+                f"the settings ask for {model_config.to_dict()}"
+            )
+        carried = ckpt["carried_state"]
+        if carried and carried[0].shape[1] != cfg.batch_size:
+            raise InvalidSetting(
+                f"cannot resume: {last_path} was trained with batch_size {carried[0].shape[1]}, not {cfg.batch_size}",
+                ("batch_size",),
             )
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         step, epoch, window = ckpt["step"], ckpt["epoch"], ckpt["window"]
         best_val, last_val = ckpt["best_val_loss"], ckpt["val_loss"]
-        state = tuple(s.to(device) for s in ckpt["carried_state"])
-        _set_rng_state(ckpt["rng"])
-        metrics = _read_metrics(metrics_path, step)
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in metrics))
-    else:
+        seconds_before = float(ckpt.get("train_seconds", 0.0))
+        state = tuple(s[:, my_lanes].to(device) for s in carried)
+        rng_ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        if len(rng_ranks) == ranks.world_size:
+            _set_rng_state(rng_ranks[ranks.rank])
+        if ranks.is_main:
+            for stray in remove_stray_temp_files(last_path, best_path):
+                say(f"removed {stray.name}, left by a run stopped while it wrote a checkpoint")
+            metrics = _read_metrics(metrics_path, step)
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    elif ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
-    if step >= max_steps:
-        raise UserError(f"checkpoint is already at step {step}; raise --max-steps to train further")
+    if max_steps is not None and step >= max_steps:
+        raise InvalidSetting(f"checkpoint is already at step {step}; raise max_steps to train further", ("max_steps",))
+    budget_s = None if cfg.max_minutes is None else cfg.max_minutes * 60
+    if budget_s is not None and seconds_before >= budget_s:
+        raise InvalidSetting(
+            f"checkpoint has already trained {seconds_before / 60:.1f} min; raise max_minutes to train further",
+            ("max_minutes",),
+        )
 
-    def checkpoint(val_loss: float) -> dict[str, Any]:
+    net: torch.nn.Module = model
+    if ranks.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint(
+        val_loss: float, carried: tuple[torch.Tensor, ...], rngs: list[Any], seconds: float
+    ) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_VERSION,
@@ -244,8 +216,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             "window": window,
             "val_loss": val_loss,
             "best_val_loss": best_val,
-            "carried_state": [s.detach().cpu() for s in state],
-            "rng": _rng_state(),
+            "carried_state": [s.detach().cpu() for s in carried],  # every lane, in lane order
+            "rng": rngs[0],
+            "rng_ranks": rngs,
+            "train_seconds": seconds,
+            "world_size": ranks.world_size,
             "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress")},
             "corpus": {
                 "name": corpus.name,
@@ -257,59 +232,91 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     from tqdm import tqdm
 
-    bar = tqdm(total=max_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    say(_plan(cfg, model, corpus.name, train_ids.numel(), batcher, max_steps))
+    bar = tqdm(
+        total=max_steps,
+        initial=step,
+        disable=not (cfg.progress and ranks.is_main),
+        unit="step",
+        dynamic_ncols=True,
+    )
     chars_per_step = cfg.batch_size * cfg.seq_len
     t_start = time.perf_counter()
     steps_this_run = 0
+    estimated = False
     t_log, steps_since_log, loss_since_log = time.perf_counter(), 0, 0.0
-    model.train()
-    with metrics_path.open("a") as metrics_file:
-        while step < max_steps:
-            offset = epoch_offset(cfg.seed, epoch, cfg.seq_len)
-            if window == 0:
-                state = model.init_state(cfg.batch_size, device)
-            for x, y in batcher.epoch(offset, start=window):
-                lr = learning_rate(step, cfg.lr, cfg.warmup_steps, decay_steps, cfg.schedule, cfg.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                logits, state = model(x, state)
-                # Truncated BPTT: keep the values, cut the graph at the window boundary.
-                state = tuple(s.detach() for s in state)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                step += 1
-                window += 1
-                steps_this_run += 1
-                steps_since_log += 1
-                loss_since_log += loss.item()
-                out_of_time = cfg.max_minutes is not None and time.perf_counter() - t_start >= cfg.max_minutes * 60
-                if out_of_time:
-                    max_steps = step  # validate, checkpoint and stop below, as at a planned end
+    net.train()
+    finished = False
 
-                if step % 10 == 0 or step == max_steps or step % cfg.eval_interval == 0:
-                    now = time.perf_counter()
-                    cps = steps_since_log * chars_per_step / max(now - t_log, 1e-9)
-                    row: dict[str, Any] = {
-                        "step": step,
-                        "epoch": epoch,
-                        "train_loss": round(loss_since_log / steps_since_log, 5),
-                        "lr": lr,
-                        "chars_per_s": round(cps, 1),
-                        "elapsed_s": round(now - t_start, 2),
-                    }
-                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", chars_s=f"{cps:,.0f}")
-                    bar.update(steps_since_log)
-                    t_log, steps_since_log, loss_since_log = now, 0, 0.0
-                    if step % cfg.eval_interval == 0 or step == max_steps:
+    def log_row(row: dict[str, Any]) -> None:
+        if ranks.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if "val_loss" in row:
+                plot_losses(_read_metrics(metrics_path, step), out / "loss.png")
+
+    while not finished:
+        offset = epoch_offset(cfg.seed, epoch, cfg.seq_len)
+        if window == 0:
+            state = model.init_state(lanes_here, device)
+        for x, y in batcher.epoch(offset, start=window, rows=my_lanes):
+            spent = seconds_before + time.perf_counter() - t_start
+            progress = spent / budget_s if cfg.time_only and budget_s else None
+            lr = learning_rate(
+                step, cfg.lr, cfg.warmup_steps, decay_steps, cfg.schedule, cfg.min_lr_ratio, progress=progress
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits, state = net(x, state)
+            # Truncated BPTT: keep the values, cut the graph at the window boundary.
+            state = tuple(s.detach() for s in state)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            window += 1
+            steps_this_run += 1
+            steps_since_log += 1
+            loss_since_log += loss.item()
+            spent = seconds_before + time.perf_counter() - t_start
+            # Every process stops at the same step: the first to run out of time decides.
+            out_of_time = ranks.any(budget_s is not None and spent >= budget_s, device)
+            finished = out_of_time or (max_steps is not None and step >= max_steps)
+
+            if step % 10 == 0 or finished or step % cfg.eval_interval == 0:
+                now = time.perf_counter()
+                cps = steps_since_log * chars_per_step / max(now - t_log, 1e-9)
+                row: dict[str, Any] = {
+                    "step": step,
+                    "epoch": epoch,
+                    "train_loss": round(ranks.mean(loss_since_log / steps_since_log, device), 5),
+                    "lr": lr,
+                    "chars_per_s": round(cps, 1),
+                    "elapsed_s": round(spent, 2),
+                }
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", chars_s=f"{cps:,.0f}")
+                bar.update(steps_since_log)
+                t_log, steps_since_log, loss_since_log = now, 0, 0.0
+                if not estimated and budget_s is not None and steps_this_run >= 20:
+                    estimated = True
+                    left = max(0.0, budget_s - spent)
+                    steps_left = int(left * steps_this_run / max(now - t_start, 1e-9))
+                    say(
+                        f"  at {cps:,.0f} chars/s the time budget allows about {steps_left:,} more steps "
+                        f"(~{(step + steps_left) / batcher.batches_per_epoch:.1f} epochs in all)"
+                    )
+                if step % cfg.eval_interval == 0 or finished:
+                    carried = ranks.gather_lanes(state)
+                    rngs = ranks.gather_objects(_rng_state())
+                    if ranks.is_main:
                         last_val = evaluate_loss(model, val_ids)
                         row["val_loss"] = round(last_val, 5)
                         improved = last_val < best_val
                         best_val = min(best_val, last_val)
-                        ckpt = checkpoint(last_val)
+                        ckpt = checkpoint(last_val, carried, rngs, spent)
                         save_atomic(ckpt, last_path)
                         if improved:
                             save_atomic(ckpt, best_path)
@@ -317,20 +324,19 @@ def train(cfg: TrainConfig) -> TrainResult:
                             f"step {step}: train {row['train_loss']:.4f}  val {last_val:.4f}"
                             f"  best {best_val:.4f}  {cps:,.0f} chars/s"
                         )
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                    if "val_loss" in row:
-                        plot_losses(_read_metrics(metrics_path, step), out / "loss.png")
-                if step >= max_steps:
-                    break
-            else:
-                epoch += 1
-                window = 0
+                    last_val = ranks.from_main(last_val, device)
+                    best_val = ranks.from_main(best_val, device)
+                log_row(row)
+            if finished:
+                break
+        else:
+            epoch += 1
+            window = 0
     bar.close()
     seconds = time.perf_counter() - t_start
     return TrainResult(
         step=step,
-        best_val_loss=best_val,
+        best_val_loss=best_val if math.isfinite(best_val) else float("nan"),
         last_val_loss=last_val,
         out=out,
         chars_per_s=steps_this_run * chars_per_step / max(seconds, 1e-9),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from exports import run
-from tests.utils import REPO
+from tests.utils import CELLS, REPO
 from training.checkpoint import load_model
 
 
@@ -34,10 +34,11 @@ def test_runner_prints_prime_and_continuation(models_dir: Path, file: str) -> No
     assert again.stdout == result.stdout
 
 
-def test_greedy_runner_matches_torch_greedy(models_dir: Path, checkpoints: dict[str, Path]) -> None:
+@pytest.mark.parametrize("cell", CELLS)
+def test_greedy_runner_matches_torch_greedy(models_dir: Path, checkpoints: dict[str, Path], cell: str) -> None:
     """The runner's stepping with caller-owned state produces exactly torch's greedy text."""
-    text = run.generate(str(models_dir / "tiny-gru" / "model.onnx"), "KING:", 60, 0.0, None)
-    model, vocab, _ = load_model(checkpoints["gru"])
+    text = run.generate(str(models_dir / f"tiny-{cell}" / "model.onnx"), "KING:", 60, 0.0, None)
+    model, vocab, _ = load_model(checkpoints[cell])
     ids = vocab.encode("KING:")
     out = []
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 from service.engine import BINDINGS_KEPT, Engine
 
 
-@pytest.fixture(scope="module", params=["tiny-lstm", "tiny-gru"])
+@pytest.fixture(scope="module", params=["tiny-lstm", "tiny-gru", "tiny-rnn"])
 def engine(request: pytest.FixtureRequest, models_dir: Path) -> Engine:
     return Engine(models_dir / request.param / "model.onnx")
 

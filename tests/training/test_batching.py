@@ -50,9 +50,9 @@ def test_resume_mid_epoch_starts_at_the_right_window() -> None:
     ("n", "batch", "seq", "message"),
     [
         (5, 1, 10, "shorter than one training window"),
-        (100, 20, 10, "too short for --batch-size 20"),
-        (100, 0, 10, "--batch-size must be at least 1"),
-        (100, 2, 0, "--seq-len must be at least 1"),
+        (100, 20, 10, "too short for batch_size 20"),
+        (100, 0, 10, "batch_size must be at least 1"),
+        (100, 2, 0, "seq_len must be at least 1"),
     ],
 )
 def test_too_short_or_nonsense(n: int, batch: int, seq: int, message: str) -> None:

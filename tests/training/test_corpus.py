@@ -73,5 +73,5 @@ def test_missing_path_and_empty_folder(tmp_path: Path) -> None:
 def test_bad_validation_fraction(fraction: float) -> None:
     from training.corpus import Corpus
 
-    with pytest.raises(UserError, match="--val-fraction"):
+    with pytest.raises(UserError, match="val_fraction must be between 0 and 1"):
         Corpus(text="abcdefgh" * 10, name="x", sha256="").split(fraction)

@@ -10,9 +10,14 @@ import pytest
 import torch
 
 from exports import contract
+from tests.utils import CELLS
 from training.checkpoint import load_model
 from training.errors import UserError
 from training.export import ExportError, export_many, verify_parity
+
+MODELS = [f"tiny-{cell}" for cell in CELLS]
+# The ONNX operator each cell is exported as: onnxruntime's own kernels, nothing hand-made.
+OPERATORS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +25,7 @@ def vocab_size(corpus_file: Path) -> int:
     return len(set(corpus_file.read_text(encoding="utf-8")))
 
 
-@pytest.mark.parametrize("name", ["tiny-lstm", "tiny-gru"])
+@pytest.mark.parametrize("name", MODELS)
 def test_graph_contract(models_dir: Path, name: str, vocab_size: int) -> None:
     proto = onnx.load(str(models_dir / name / contract.MODEL_FILE))
     onnx.checker.check_model(proto, full_check=True)
@@ -37,7 +42,7 @@ def test_graph_contract(models_dir: Path, name: str, vocab_size: int) -> None:
     }
     if name == "tiny-lstm":
         want |= {"c": state, "c_out": state}
-    assert dims == want  # a GRU graph has no c / c_out
+    assert dims == want  # a GRU or RNN graph has no c / c_out
     meta = {p.key: p.value for p in proto.metadata_props}
     info = contract.parse_metadata(meta)
     assert info.cell == name.split("-")[1] and info.num_layers == 2 and info.hidden_size == 48
@@ -45,7 +50,7 @@ def test_graph_contract(models_dir: Path, name: str, vocab_size: int) -> None:
     assert info.val_loss is not None and info.format_version == contract.FORMAT_VERSION
 
 
-@pytest.mark.parametrize("name", ["tiny-lstm", "tiny-gru"])
+@pytest.mark.parametrize("name", MODELS)
 def test_manifest(models_dir: Path, name: str) -> None:
     manifest = json.loads((models_dir / name / contract.MANIFEST_NAME).read_text())
     assert manifest["format_version"] == contract.FORMAT_VERSION and manifest["opset"] == 17
@@ -68,23 +73,43 @@ def test_manifest(models_dir: Path, name: str) -> None:
     assert fp32["top1_agreement"] == 1.0 and fp32["val_loss_change"] == 0.0
     assert 0.9 < int8["top1_agreement"] <= 1.0
     assert abs(int8["val_loss_change"]) < 0.05
-    assert int8["bytes"] * 2.5 < fp32["bytes"]  # int8 storage is real for LSTM and GRU alike
+    assert int8["bytes"] * 2.5 < fp32["bytes"]  # int8 storage is real for every cell
     assert manifest["training"]["val_loss"] == pytest.approx(fp32["val_loss"], abs=1e-3)
 
 
-def test_int8_lstm_uses_the_quantized_kernel_and_gru_int8_weights(models_dir: Path) -> None:
+@pytest.mark.parametrize("cell", CELLS)
+def test_each_cell_is_onnx_s_own_operator(models_dir: Path, cell: str) -> None:
+    proto = onnx.load(str(models_dir / f"tiny-{cell}" / contract.MODEL_FILE))
+    ops = [n.op_type for n in proto.graph.node if n.op_type in OPERATORS.values()]
+    assert ops == [OPERATORS[cell]] * 2  # one per layer
+    if cell == "rnn":
+        node = next(n for n in proto.graph.node if n.op_type == "RNN")
+        activations = next(a for a in node.attribute if a.name == "activations")
+        assert [s.decode() for s in activations.strings] == ["Tanh"]
+
+
+def test_int8_lstm_uses_the_quantized_kernel(models_dir: Path) -> None:
     lstm = onnx.load(str(models_dir / "tiny-lstm" / "model.int8.onnx"))
     assert "DynamicQuantizeLSTM" in {n.op_type for n in lstm.graph.node}
-    gru = onnx.load(str(models_dir / "tiny-gru" / "model.int8.onnx"))
-    inits = {t.name: t for t in gru.graph.initializer}
-    gru_node = next(n for n in gru.graph.node if n.op_type == "GRU")
-    producers = {o: n for n in gru.graph.node for o in n.output}
-    for weight in gru_node.input[1:3]:
-        assert weight not in inits and producers[weight].op_type == "DequantizeLinear"
-        assert inits[producers[weight].input[0]].data_type == onnx.TensorProto.INT8
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_int8_gru_and_rnn_store_int8_recurrent_weights(models_dir: Path, cell: str) -> None:
+    """onnxruntime has no quantized GRU or RNN kernel: their W and R are stored int8 behind DequantizeLinear."""
+    proto = onnx.load(str(models_dir / f"tiny-{cell}" / "model.int8.onnx"))
+    inits = {t.name: t for t in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    nodes = [n for n in proto.graph.node if n.op_type == OPERATORS[cell]]
+    assert len(nodes) == 2
+    for node in nodes:
+        for weight in node.input[1:3]:
+            assert weight not in inits and producers[weight].op_type == "DequantizeLinear"
+            assert inits[producers[weight].input[0]].data_type == onnx.TensorProto.INT8
+    # The head is a quantized MatMul for every cell.
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in proto.graph.node)
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_parity_holds_over_a_long_rollout(checkpoints: dict[str, Path], models_dir: Path, cell: str) -> None:
     model, _, _ = load_model(checkpoints[cell])
     errors = verify_parity(model, models_dir / f"tiny-{cell}" / contract.MODEL_FILE)

@@ -3,11 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.errors import UserError
+from tests.utils import CELLS
+from training.errors import InvalidSetting, UserError
 from training.model import CharRNN, ModelConfig
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", CELLS)
 def test_shapes_and_explicit_state(cell: str) -> None:
     cfg = ModelConfig(vocab_size=11, cell=cell, num_layers=3, hidden_size=16, embedding_size=8, dropout=0.1)
     model = CharRNN(cfg).eval()
@@ -18,7 +19,7 @@ def test_shapes_and_explicit_state(cell: str) -> None:
     assert all(s.shape == (3, 4, 16) for s in state)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", CELLS)
 def test_carrying_state_equals_one_long_call(cell: str) -> None:
     model = CharRNN(ModelConfig(vocab_size=7, cell=cell, hidden_size=12, embedding_size=4)).eval()
     tokens = torch.randint(0, 7, (2, 20))
@@ -32,12 +33,38 @@ def test_carrying_state_equals_one_long_call(cell: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_layers": 0}, "--layers must be at least 1"),
-        ({"hidden_size": -3}, "--hidden must be at least 1"),
-        ({"cell": "rnn"}, "--cell must be one of lstm, gru"),
-        ({"dropout": 1.5}, "--dropout must be in"),
+        ({"num_layers": 0}, "num_layers must be at least 1"),
+        ({"hidden_size": -3}, "hidden_size must be at least 1"),
+        ({"cell": "tanh"}, "cell must be one of lstm, gru, rnn"),
+        ({"dropout": 1.5}, "dropout must be in"),
+        ({"embedding_dropout": -0.1}, "embedding_dropout must be in"),
     ],
 )
 def test_nonsense_hyper_parameters(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(UserError, match=message):
         ModelConfig(vocab_size=10, **kwargs)  # type: ignore[arg-type]
+
+
+def test_errors_speak_the_library_s_names() -> None:
+    """The library names its own settings; only the CLI speaks of flags."""
+    with pytest.raises(InvalidSetting) as caught:
+        ModelConfig(vocab_size=10, num_layers=0)
+    assert caught.value.settings == ("num_layers",) and "--" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("cell", "gate"), [("lstm", 1), ("gru", 1)])
+def test_forget_bias_sets_the_keeping_gate_only(cell: str, gate: int) -> None:
+    model = CharRNN(ModelConfig(vocab_size=7, cell=cell, num_layers=2, hidden_size=6, embedding_size=4))
+    model.set_forget_bias(1.0)
+    for layer in range(2):
+        total = getattr(model.rnn, f"bias_ih_l{layer}") + getattr(model.rnn, f"bias_hh_l{layer}")
+        gates = total.detach().view(-1, 6)  # (gates, hidden), PyTorch's gate order
+        assert torch.equal(gates[gate], torch.ones(6))
+        others = torch.cat([gates[:gate], gates[gate + 1 :]])
+        assert others.abs().max() < 1.0  # PyTorch's uniform init, untouched
+
+
+def test_forget_bias_needs_a_gated_cell() -> None:
+    model = CharRNN(ModelConfig(vocab_size=7, cell="rnn", hidden_size=6, embedding_size=4))
+    with pytest.raises(InvalidSetting, match="forget_bias needs a gated cell"):
+        model.set_forget_bias(1.0)

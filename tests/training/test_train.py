@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.utils import REPO, tiny_train_config
+from tests.utils import CELLS, REPO, tiny_train_config
 from training.checkpoint import load_checkpoint, load_model, save_atomic
 from training.errors import UserError
 from training.evaluate import evaluate_loss, unigram_entropy
@@ -41,7 +41,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model_state"]  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", CELLS)
 def test_resume_is_exact(tmp_path: Path, corpus_file: Path, cell: str) -> None:
     """N steps straight == N/2 steps, then --resume to N (model, optimizer, schedule, RNG, carried state)."""
     common = dict(cell=cell, max_steps=40, lr_decay_steps=40, eval_interval=20, dropout=0.2, warmup_steps=5)
@@ -74,7 +74,7 @@ def test_resume_rejects_a_different_model(tmp_path: Path, corpus_file: Path) -> 
 
 
 def test_resume_without_checkpoint(tmp_path: Path, corpus_file: Path) -> None:
-    with pytest.raises(UserError, match=r"--resume given, but .* does not exist"):
+    with pytest.raises(UserError, match=r"resume asked for, but .* does not exist"):
         train(tiny_train_config(corpus_file, tmp_path, resume=True))
 
 
@@ -141,13 +141,14 @@ def test_foreign_checkpoint(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"lr": -0.1}, "--lr must be positive"),
-        ({"layers": 0}, "--layers must be at least 1"),
-        ({"max_steps": 0}, "--max-steps must be at least 1"),
-        ({"schedule": "linear"}, "--schedule must be one of"),
-        ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
+        ({"lr": -0.1}, "lr must be positive"),
+        ({"layers": 0}, "num_layers must be at least 1"),
+        ({"max_steps": 0}, "max_steps must be at least 1"),
+        ({"schedule": "linear"}, "schedule must be one of"),
+        ({"device": "tpu"}, "device must be one of auto, cpu, cuda"),
         ({"seq_len": 200_000}, "shorter than one training window"),
-        ({"batch_size": 10_000}, "too short for --batch-size 10000"),
+        ({"batch_size": 10_000}, "too short for batch_size 10000"),
+        ({"cell": "rnn", "forget_bias": 1.0}, "forget_bias needs a gated cell"),
     ],
 )
 def test_nonsense_training_settings(
@@ -155,3 +156,44 @@ def test_nonsense_training_settings(
 ) -> None:
     with pytest.raises(UserError, match=message):
         train(tiny_train_config(corpus_file, tmp_path, **overrides))
+
+
+def test_resume_removes_stray_checkpoint_temp_files(tmp_path: Path, corpus_file: Path) -> None:
+    """A kill while a checkpoint is written leaves save_atomic's temp file; --resume clears it and goes on."""
+    train(tiny_train_config(corpus_file, tmp_path, max_steps=10, eval_interval=10))
+    last = tmp_path / "last.pt"
+    # What a SIGKILL in the middle of save_atomic leaves: half a checkpoint under the temp name.
+    stray = [tmp_path / ".last.pt.k1ll3d.tmp", tmp_path / ".best.pt.x7q2ab.tmp"]
+    for path in stray:
+        path.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    train(tiny_train_config(corpus_file, tmp_path, max_steps=20, eval_interval=10, resume=True))
+    assert not any(p.exists() for p in stray)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert load_checkpoint(last)["step"] == 20
+
+
+def test_max_minutes_alone_trains_for_the_whole_budget(
+    tmp_path: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-minutes alone is the run's length (not one epoch), and the learning rate decays over it."""
+    budget_min = 0.05
+    cfg = tiny_train_config(
+        corpus_file, tmp_path, max_steps=None, max_minutes=budget_min, eval_interval=1000, min_lr_ratio=0.1
+    )
+    result = train(cfg)
+    said = capsys.readouterr().out
+    assert "runs for 0.05 min" in said and "the learning rate decays over the time" in said
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["train_seconds"] >= budget_min * 60  # it stopped because the time was spent
+    assert ckpt["step"] == result.step
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["lr"] < 0.2 * cfg.lr  # the schedule reached (nearly) its floor at the end of the time
+
+
+def test_the_start_says_how_far_a_run_goes(
+    tmp_path: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train(tiny_train_config(corpus_file, tmp_path, max_steps=30, max_minutes=5, eval_interval=30))
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("training lstm 2x48 (") and "steps of 32 x 32 chars per epoch" in said[0]
+    assert said[1].strip().startswith("runs to step 30 (") and "or for 5 min, whichever comes first" in said[1]

@@ -1,0 +1,86 @@
+"""torchrun + DistributedDataParallel: 2 CPU processes (gloo) train as one process on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.utils import REPO, tiny_train_config
+from training.checkpoint import load_checkpoint
+from training.train import train
+
+# DDP averages the two halves' gradients where one process sums the whole batch at once: the
+# same numbers added in another order. After 20 AdamW steps the weights differ by float32
+# rounding only; measured max abs difference ~1e-6, so 1e-4 leaves room and still fails at once
+# if a process read the wrong lanes or gradients were not averaged (differences of ~1e-2).
+TOLERANCE = 1e-4
+SETTINGS = dict(
+    hidden=32,
+    embedding=16,
+    seq_len=16,
+    batch_size=8,
+    lr=1e-2,
+    warmup_steps=2,
+    lr_decay_steps=20,
+    eval_interval=10,
+    dropout=0.0,
+    seed=3,
+)
+
+
+def _torchrun(out: Path, corpus: Path, max_steps: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "charstream_cli",
+            "train",
+            "--data",
+            str(corpus),
+            "--out",
+            str(out),
+            f"--max-steps={max_steps}",
+            "--no-progress",
+            *flags,
+            *extra,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_two_processes_match_one_process_on_the_same_batch(tmp_path: Path, corpus_file: Path) -> None:
+    """20 steps on 2 processes (10 + --resume 10) == 20 steps on 1 process, within TOLERANCE."""
+    train(tiny_train_config(corpus_file, tmp_path / "one", max_steps=20, **SETTINGS))  # type: ignore[arg-type]
+
+    first = _torchrun(tmp_path / "two", corpus_file, 10)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _torchrun(tmp_path / "two", corpus_file, 20, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Process 0 alone reports: one plan, one summary.
+    assert resumed.stdout.count("trained 20 steps") == 1 and resumed.stdout.count("runs to step 20") == 1
+
+    one = load_checkpoint(tmp_path / "one" / "last.pt")
+    two = load_checkpoint(tmp_path / "two" / "last.pt")
+    assert one["step"] == two["step"] == 20 and two["world_size"] == 2
+    worst = max(float((one["model_state"][k] - two["model_state"][k]).abs().max()) for k in one["model_state"])
+    assert worst <= TOLERANCE, f"weights differ by {worst:.3g}"
+    # The carried state covers every lane of the whole batch, so a resume on any split can continue it.
+    for a, b in zip(one["carried_state"], two["carried_state"], strict=True):
+        assert a.shape == b.shape == (2, 8, 32)
+        assert torch.allclose(a, b, atol=TOLERANCE)
+    assert abs(one["val_loss"] - two["val_loss"]) < 1e-3
+    rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # steps 10 and 20, written once, by process 0
