@@ -9,8 +9,15 @@ PORT ?= 8000
 
 SERVE_STAMP := $(VENV)/.serve-installed
 ALL_STAMP := $(VENV)/.all-installed
+# onnxruntime-web's WebAssembly build, served by the app so the playground can run models in the
+# browser. npm is needed only here, at setup; the files land in a git-ignored folder of the service
+# package, which the Dockerfile copies with the rest of service/.
+ORT_WEB_VERSION ?= 1.30.0
+ORT_WEB := service/static/ort
+ORT_WEB_STAMP := $(ORT_WEB)/VERSION
+ORT_WEB_FILES := ort.wasm.min.mjs ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
 
-.PHONY: serve test lint typecheck unit bench container-test clean
+.PHONY: serve test lint typecheck unit bench container-test clean web
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +31,17 @@ $(ALL_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[train,serve,dev]'
 	touch $@ $(SERVE_STAMP)
 
+$(ORT_WEB_STAMP):
+	@command -v npm > /dev/null || { echo "make web: npm is needed to install onnxruntime-web (apt-get install -y npm)"; exit 1; }
+	mkdir -p build/ort-web $(ORT_WEB)
+	npm install --prefix build/ort-web --no-save --no-audit --no-fund --loglevel=error onnxruntime-web@$(ORT_WEB_VERSION)
+	cd build/ort-web/node_modules/onnxruntime-web && cp $(addprefix dist/,$(ORT_WEB_FILES)) README.md $(CURDIR)/$(ORT_WEB)/
+	echo $(ORT_WEB_VERSION) > $@
+
+web: $(ORT_WEB_STAMP)
+
 serve: $(SERVE_STAMP)
+	@$(MAKE) --no-print-directory web || echo "charstream: onnxruntime-web is not installed; the playground runs models on the server only"
 	@echo "charstream: serving exports/ on http://$(HOST):$(PORT)  (docs: http://$(HOST):$(PORT)/docs)"
 	@echo "try:  curl -s http://$(HOST):$(PORT)/v1/generate -H 'content-type: application/json' -d '{\"prompt\": \"ROMEO:\", \"max_new_chars\": 200, \"seed\": 1}'"
 	@echo "      curl -sN http://$(HOST):$(PORT)/v1/generate -H 'content-type: application/json' -d '{\"prompt\": \"ROMEO:\", \"max_new_chars\": 200, \"stream\": true}'"
@@ -37,7 +54,7 @@ lint: $(ALL_STAMP)
 typecheck: $(ALL_STAMP)
 	$(VENV)/bin/mypy training service exports benchmarks charstream_cli.py
 
-unit: $(ALL_STAMP)
+unit: $(ALL_STAMP) $(ORT_WEB_STAMP)
 	$(VENV)/bin/pytest
 
 test: lint typecheck unit
@@ -48,4 +65,4 @@ bench: $(ALL_STAMP)
 	$(PY) -m benchmarks.serving
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache $(ORT_WEB)
