@@ -453,7 +453,10 @@ class Scheduler:
                 self._deliver_one(job, event)
             except Exception:
                 log.exception("delivering an event failed", extra={"model": self.name})
-                if not isinstance(event, FINAL_EVENTS):
+                if isinstance(event, FINAL_EVENTS):
+                    self._complete(job)
+                    job.events.put(event)
+                else:
                     # The stream lost text: end it with an error now; the job's own final event,
                     # when it comes, still completes the job (and frees its session).
                     job.events.put(ErrorEvent("internal", "the server failed to deliver the text"))
@@ -461,10 +464,14 @@ class Scheduler:
 
     def _deliver_one(self, job: Job, event: Event) -> None:
         if isinstance(event, FINAL_EVENTS):
-            try:
-                if job.on_complete is not None:
-                    job.on_complete(job)
-            finally:
-                job.events.put(event)
-        else:
-            job.events.put(event)
+            self._complete(job)
+        job.events.put(event)
+
+    def _complete(self, job: Job) -> None:
+        """Run the job's completion hook (it saves the session and releases its lease)."""
+        if job.on_complete is None:
+            return
+        try:
+            job.on_complete(job)
+        except Exception:
+            log.exception("completing a job failed", extra={"model": self.name})

@@ -17,6 +17,7 @@ MAX_TOP_LOGPROBS = 20
 
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1, description="seeds the session's RNG (any uint64)")]
 SessionId = Annotated[str, Field(min_length=1, max_length=64, description="a session id from POST /v1/sessions")]
+StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
 ModelId = Annotated[str, Field(min_length=1, max_length=128, description="model id; the server's default if unset")]
 
 
@@ -28,7 +29,10 @@ class ActivationRequest(BaseModel):
     layer: int = Field(ge=0, le=MAX_INT, description="layer, from 0")
     state: Literal["h", "c"] = Field(default="h", description="h (hidden state) or c (LSTM cell state)")
     units: list[Annotated[int, Field(ge=0, le=MAX_INT)]] = Field(
-        min_length=1, max_length=MAX_UNITS, description=f"unit indices, at most {MAX_UNITS}, no repeats"
+        min_length=1,
+        max_length=MAX_UNITS,
+        description=f"unit indices, at most {MAX_UNITS}, no repeats",
+        json_schema_extra={"uniqueItems": True},
     )
     prompt: bool = Field(default=False, description="also return them for each prompt character")
 
@@ -53,21 +57,12 @@ class SamplingFields(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=10.0, description="0 = greedy")
     top_k: int = Field(default=0, ge=0, le=MAX_INT, description="keep the k most likely characters; 0 = off")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus mass to keep; 1 = off")
-    stop: list[str] = Field(default_factory=list, max_length=8, description="stop sequences (not returned)")
+    stop: list[StopSequence] = Field(default_factory=list, max_length=8, description="stop sequences (not returned)")
     logprobs: bool = Field(default=False, description="return the model's log-probability of each character")
     top_logprobs: int = Field(
         default=0, ge=0, le=MAX_TOP_LOGPROBS, description="the N most likely characters at each position; 0 = off"
     )
     activations: ActivationRequest | None = Field(default=None, description="unit values to return per character")
-
-    @field_validator("stop")
-    @classmethod
-    def _stops_not_empty(cls, value: list[str]) -> list[str]:
-        if any(not s for s in value):
-            raise ValueError("stop sequences must not be empty strings")
-        if any(len(s) > 64 for s in value):
-            raise ValueError("stop sequences must be at most 64 characters")
-        return value
 
     def to_sampling_params(self) -> SamplingParams:
         return SamplingParams(

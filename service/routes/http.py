@@ -35,6 +35,13 @@ ERRORS: dict[int | str, dict[str, object]] = {
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
 
 log = logging.getLogger("charstream.http")
+# The generate routes answer JSON, or Server-Sent Events with `stream: true`: both documented.
+STREAMING: dict[int | str, dict[str, object]] = {
+    200: {
+        "description": "the generation (JSON), or with `stream: true` its events (Server-Sent Events)",
+        "content": {"text/event-stream": {}},
+    }
+}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -82,7 +89,7 @@ async def list_models(service: ServiceDep) -> ModelList:
     return ModelList(data=[ModelCard(**m.describe()) for m in service.registry.models.values()])
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, responses=STREAMING)
 async def generate(request: GenerateRequest, service: ServiceDep) -> GenerateResponse | StreamingResponse:
     """Generate text from a prompt; `stream: true` answers as Server-Sent Events."""
     generation = await service.generate(
@@ -114,7 +121,7 @@ async def delete_session(session_id: str, service: ServiceDep) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/sessions/{session_id}/generate", response_model=GenerateResponse)
+@router.post("/sessions/{session_id}/generate", response_model=GenerateResponse, responses=STREAMING)
 async def session_generate(
     session_id: str, request: SessionGenerateRequest, service: ServiceDep
 ) -> GenerateResponse | StreamingResponse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -17,7 +19,15 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {"description": "no model is loaded, or the server is draining", "content": {"application/json": {}}}
+}
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus text exposition format", "content": {CONTENT_TYPE_LATEST: {}}}
+}
+
+
+@router.get("/readyz", responses=READY_RESPONSES)
 async def readyz(service: ServiceDep) -> JSONResponse:
     """Ready when at least one model is loaded and the server is not draining; lists failed models and why."""
     registry = service.registry
@@ -31,7 +41,7 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
 async def metrics(service: ServiceDep) -> Response:
     """Prometheus metrics: requests, sessions, generated characters, step latency, batch sizes."""
     service.refresh_metrics()

@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from service.deps import ServiceDep, SettingsDep, require_api_key
 from service.errors import NotFound
 from service.registry import VARIANT_FILES
+from service.routes.http import ERRORS
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 ORT_DIR = STATIC / "ort"
@@ -39,7 +40,7 @@ NO_CACHE = {"Cache-Control": "no-cache"}
 LONG_CACHE = {"Cache-Control": "public, max-age=86400"}
 
 router = APIRouter(include_in_schema=False)
-api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["playground"])
+api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["playground"], responses=ERRORS)
 
 
 def ort_web_version() -> str | None:
@@ -72,7 +73,11 @@ async def static_file(path: str) -> FileResponse:
     return FileResponse(file, media_type=MEDIA_TYPES[file.suffix], headers=headers)
 
 
-@api.get("/models/{model_id}/onnx")
+@api.get(
+    "/models/{model_id}/onnx",
+    response_class=FileResponse,
+    responses={200: {"description": "the .onnx file", "content": {"application/octet-stream": {}}}},
+)
 async def model_file(
     model_id: str, service: ServiceDep, variant: Literal["fp32", "int8", "fp16"] = Query("fp32")
 ) -> FileResponse:

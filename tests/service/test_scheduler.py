@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from service.engine import Engine, StepBinding
-from service.metrics import Metrics
-from service.sampling import SamplingParams
 from service.events import DoneEvent, ErrorEvent, Event, TextEvent
 from service.jobs import Job
+from service.metrics import Metrics
+from service.sampling import SamplingParams
 from service.scheduler import Scheduler
 
 

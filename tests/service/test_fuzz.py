@@ -1,0 +1,54 @@
+"""schemathesis against the app's own OpenAPI schema, on a real server: no 5xx, answers as the
+schema says, and afterwards no request left running and no session left leased."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from tests.utils import Server, run_server
+
+# Bounded so that `make test` stays quick; `benchmarks/fuzz.py` runs thousands.
+EXAMPLES_PER_OPERATION = 20
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(models_dir: Path) -> Iterator[Server]:
+    with run_server(models_dir=models_dir, default_model="tiny-lstm", max_new_chars=300, max_prompt_chars=2000) as s:
+        yield s
+
+
+def test_the_api_keeps_its_schema(fuzzed_server: Server) -> None:
+    """Every operation, fuzzed from the schema: no 5xx, and status, headers and body as documented."""
+    schema = schemathesis.openapi.from_url(f"{fuzzed_server.base_url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 9
+
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
+        def fuzz(case: schemathesis.Case) -> None:
+            case.call_and_validate(timeout=30)
+
+        fuzz()
+
+
+def test_nothing_left_running_or_leased_after_the_fuzzing(fuzzed_server: Server) -> None:
+    service = fuzzed_server.app.state.service  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while (service.running or service.store.stats().busy) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.running == 0
+    assert service.store.stats().busy == 0
