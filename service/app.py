@@ -17,16 +17,18 @@ from service.deps import verify_api_key
 from service.errors import ApiError, InternalError, InvalidInput, InvalidJson, ServiceConfigError
 from service.gate import Gate
 from service.metrics import Metrics
+from service.openai.errors import openai_error
 from service.openapi import with_model_limits
 from service.registry import ModelRegistry
-from service.responses import error_response
-from service.routes import http, ops, playground, ws
+from service.responses import error_response, register_error_style
+from service.routes import http, openai, ops, playground, ws
 from service.serving import GenerationService
 from service.settings import Settings, load_settings
 
 log = logging.getLogger("charstream.app")
 
 SWEEP_INTERVAL_S = 5.0
+BODY_PARSE_FAILED = "There was an error parsing the body"  # FastAPI's detail when reading the body raised
 
 
 async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -53,6 +55,8 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == BODY_PARSE_FAILED:  # e.g. JSON nested deeper than the parser goes
+        return error_response(InvalidJson("request body is not usable JSON (nested too deeply?)"), request.url.path)
     error = ApiError(str(exc.detail), headers=getattr(exc, "headers", None))
     error.status, error.code = exc.status_code, "http_error"
     return error_response(error, request.url.path)
@@ -150,6 +154,9 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     )
     app.include_router(ops.router)
     app.include_router(http.router)
+    app.include_router(openai.router)
+    for path in openai.OPENAI_PATHS:  # every error there in OpenAI's shape, 401 from the gate included
+        register_error_style(path, openai_error)
     app.include_router(ws.router)
     app.include_router(playground.api)
     app.include_router(playground.router)

@@ -30,6 +30,7 @@ class LoadedModel:
         return {
             "id": self.id,
             "object": "model",
+            "created": int(self.engine.path.stat().st_mtime),  # when the model file was written
             "owned_by": "charstream",
             "cell": info.cell,
             "num_layers": info.num_layers,

@@ -24,7 +24,9 @@ _styles: list[tuple[str, ErrorBuilder]] = []
 
 
 def register_error_style(path_prefix: str, builder: ErrorBuilder) -> None:
-    """Errors on paths under `path_prefix` use `builder` (the longest matching prefix wins)."""
+    """Errors on paths under `path_prefix` use `builder` (the longest matching prefix wins; registering
+    a prefix again replaces its builder)."""
+    _styles[:] = [style for style in _styles if style[0] != path_prefix]
     _styles.append((path_prefix, builder))
     _styles.sort(key=lambda item: len(item[0]), reverse=True)
 

@@ -144,10 +144,14 @@ class FeedResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object; charstream's facts (cell, num_layers, hidden_size, vocab_size, val_loss...) as extras."""
+
     model_config = ConfigDict(extra="allow")
 
     id: str
     object: Literal["model"] = "model"
+    created: int = Field(description="when the model file was written (Unix seconds)")
+    owned_by: str
 
 
 class ModelList(BaseModel):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -87,3 +90,37 @@ def run_server(**settings: object) -> Iterator[Server]:
         server.should_exit = True
         thread.join(timeout=20)
         assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    ws_url: str
+    log: Path
+
+
+@contextlib.contextmanager
+def serve_process(log: Path, **env: str) -> Iterator[ServeProcess]:
+    """`python -m service` (as the container runs it) on a free loopback port, logging to `log`;
+    killed when the block ends if it is still running."""
+    port = free_port()
+    full_env = os.environ | {"CHARSTREAM_HOST": "127.0.0.1", "CHARSTREAM_PORT": str(port)} | env
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service"], env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"charstream did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield ServeProcess(proc, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)

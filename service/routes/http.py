@@ -13,6 +13,7 @@ from service.deps import ServiceDep, require_api_key
 from service.errors import InternalError
 from service.events import Failed, TextEvent
 from service.generation import Generation
+from service.openai.errors import OPENAI_ERRORS
 from service.schemas import (
     CreateSessionRequest,
     ErrorResponse,
@@ -83,7 +84,7 @@ async def _respond(generation: Generation, stream: bool) -> GenerateResponse | S
     )
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, responses=OPENAI_ERRORS)  # errors in OpenAI's shape there
 async def list_models(service: ServiceDep) -> ModelList:
     """The loaded models, in the OpenAI list shape, with their cell, sizes and training facts."""
     return ModelList(data=[ModelCard(**m.describe()) for m in service.registry.models.values()])

@@ -185,7 +185,7 @@ def test_busy_session_answers_409(server: Server) -> None:
         ("/v1/generate", {"max_new_chars": 0}, 422, "max_new_chars", "greater than or equal to 1"),
         ("/v1/generate", {"max_new_chars": 100_001}, 422, "max_new_chars", "the limit is 100000"),
         ("/v1/generate", {"prompt": "a" * 20_001}, 413, "prompt", "the limit is 20000"),
-        ("/v1/generate", {"stop": [""]}, 422, "stop", "must not be empty"),
+        ("/v1/generate", {"stop": [""]}, 422, "stop.0", "at least 1 character"),
         ("/v1/generate", {"seed": -1}, 422, "seed", "greater than or equal to 0"),
         ("/v1/generate", {"temprature": 1}, 422, "temprature", "Extra inputs are not permitted"),
         ("/v1/generate", {"max_new_chars": "many"}, 422, "max_new_chars", "valid integer"),
@@ -258,6 +258,12 @@ def test_api_key(models_dir: Path) -> None:
             == 200
         )
         assert c.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+        # The key is checked before the body is read: a bad or huge body without the key is a 401.
+        for body in (b"{not json", b"[" * 100_000, b"x" * 5_000_000):
+            r = c.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert c.post("/v1/generate", json={}, headers={"X-API-Key": ""}).status_code == 401
+        assert c.post("/v1/sessions/x/feed", json={}, headers={"Authorization": "Bearer"}).status_code == 401
 
 
 def test_session_cap_gives_429_with_retry_after(models_dir: Path) -> None:

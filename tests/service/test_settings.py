@@ -72,3 +72,13 @@ def test_require_models_exits_non_zero_when_a_model_is_broken(tmp_path: Path) ->
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("charstream serve: error: CHARSTREAM_REQUIRE_MODELS is set and models failed: broken")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_api_key_stops_the_start(value: str) -> None:
+    """An empty key would make an empty header a valid credential."""
+    result = serve_process(CHARSTREAM_API_KEY=value)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "charstream serve: error: CHARSTREAM_API_KEY: Value error, must not be empty; unset it to serve without a key"
+    ]

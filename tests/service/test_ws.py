@@ -151,3 +151,30 @@ def test_websocket_api_key(models_dir) -> None:  # type: ignore[no-untyped-def]
         with connect(f"{s.ws_url}/v1/stream", additional_headers={"Authorization": "Bearer k"}) as ws:
             ws.send(json.dumps({"type": "generate", "max_new_chars": 3}))
             assert recv(ws)["type"] == "session"
+
+
+def test_an_open_connection_keeps_its_session_alive(models_dir) -> None:  # type: ignore[no-untyped-def]
+    from tests.utils import run_server
+
+    with run_server(models_dir=models_dir, session_ttl_s=0.6) as s, connect(f"{s.ws_url}/v1/stream") as ws:
+        ws.send(json.dumps({"type": "generate", "max_new_chars": 3}))
+        session = recv(ws)
+        until_final(ws)
+        time.sleep(1.5)  # well past the TTL, with nothing sent
+        ws.send(json.dumps({"type": "generate", "max_new_chars": 3}))
+        text, done = until_final(ws)
+        assert done["type"] == "done" and done["session_id"] == session["id"] and len(text) == 3
+
+
+def test_a_session_deleted_elsewhere_is_replaced_and_announced(server: Server) -> None:
+    with connect(f"{server.ws_url}/v1/stream") as ws:
+        ws.send(json.dumps({"type": "generate", "max_new_chars": 3}))
+        first = recv(ws)
+        until_final(ws)
+        with httpx.Client(base_url=server.base_url) as c:
+            assert c.delete(f"/v1/sessions/{first['id']}").status_code == 204
+        ws.send(json.dumps({"type": "generate", "max_new_chars": 3}))
+        announced = recv(ws)
+        assert announced["type"] == "session" and announced["replaces"] == first["id"]
+        text, done = until_final(ws)
+        assert done["session_id"] == announced["id"] != first["id"] and len(text) == 3

@@ -1,0 +1,141 @@
+"""Every bad input gets a clear 4xx naming the field (HTTP) or an error message on a connection
+that stays usable (WebSocket): a table over both, against a real server, then a check that
+nothing was left running or leased."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+from websockets.sync.client import connect
+
+from tests.utils import Server
+
+ANNOTATE = {"layer": 0, "units": [0]}
+
+# (body, status, code, field). The server's limits (tests/service/conftest.py): 20,000-character
+# prompts, 100,000 new characters; the default model is tiny-lstm (2 x 48, 65 characters).
+GENERATE_CASES: list[tuple[Any, int, str, str | None]] = [
+    ("not json", 400, "invalid_json", None),
+    ("[" * 100_000, 400, "invalid_json", None),
+    ('{"prompt": "A", "temperature": NaN}', 422, "invalid_input", "temperature"),
+    ('{"prompt": "A", "temperature": 1e999}', 422, "invalid_input", "temperature"),
+    ({"top_k": 87120311507293626485964800}, 422, "invalid_input", "top_k"),
+    ({"top_k": 66}, 422, "invalid_input", "top_k"),
+    ({"top_k": -1}, 422, "invalid_input", "top_k"),
+    ({"top_k": 1.5}, 422, "invalid_input", "top_k"),
+    ({"seed": 2**64}, 422, "invalid_input", "seed"),
+    ({"seed": -1}, 422, "invalid_input", "seed"),
+    ({"max_new_chars": 10**30}, 422, "invalid_input", "max_new_chars"),
+    ({"max_new_chars": 100_001}, 422, "invalid_input", "max_new_chars"),
+    ({"max_new_chars": 0}, 422, "invalid_input", "max_new_chars"),
+    ({"top_p": 0}, 422, "invalid_input", "top_p"),
+    ({"temperature": 11}, 422, "invalid_input", "temperature"),
+    ({"stop": [""]}, 422, "invalid_input", "stop.0"),
+    ({"stop": ["x" * 65]}, 422, "invalid_input", "stop.0"),
+    ({"stop": ["a"] * 9}, 422, "invalid_input", "stop"),
+    ({"stop": "a"}, 422, "invalid_input", "stop"),
+    ({"prompt": "x" * 20_001}, 413, "too_large", "prompt"),
+    ({"prompt": "€uro"}, 422, "invalid_input", "prompt"),
+    ({"prompt": 5}, 422, "invalid_input", "prompt"),
+    ({"prompt": ["a"]}, 422, "invalid_input", "prompt"),
+    ({"model": "nope"}, 404, "not_found", "model"),
+    ({"model": "x" * 1000}, 422, "invalid_input", "model"),
+    ({"session_id": "nope"}, 404, "not_found", "session_id"),
+    ({"session_id": "x" * 65}, 422, "invalid_input", "session_id"),
+    ({"unknown": 1}, 422, "invalid_input", "unknown"),
+    ({"top_logprobs": 21}, 422, "invalid_input", "top_logprobs"),
+    ({"activations": {"layer": 2, "units": [0]}}, 422, "invalid_input", "activations.layer"),
+    ({"activations": {"layer": 0, "units": [48]}}, 422, "invalid_input", "activations.units"),
+    ({"activations": {"layer": 0, "units": list(range(33))}}, 422, "invalid_input", "activations.units"),
+    ({"activations": {"layer": 0, "units": [1, 1]}}, 422, "invalid_input", "activations.units"),
+    ({"activations": {"layer": 0, "units": [1], "state": "x"}}, 422, "invalid_input", "activations.state"),
+    ({"activations": {"layer": -1, "units": [1]}}, 422, "invalid_input", "activations.layer"),
+    (
+        {"model": "tiny-gru", "activations": {"layer": 0, "units": [1], "state": "c"}},
+        422,
+        "invalid_input",
+        "activations.state",
+    ),
+    ({"prompt": "a" * 10_001, "activations": ANNOTATE | {"prompt": True}}, 413, "too_large", "prompt"),
+]
+
+
+def post(c: httpx.Client, path: str, body: Any) -> httpx.Response:
+    if isinstance(body, str):
+        return c.post(path, content=body, headers={"content-type": "application/json"})
+    return c.post(path, json=body)
+
+
+@pytest.mark.parametrize(("body", "status", "code", "field"), GENERATE_CASES)
+def test_generate_rejects(server: Server, body: Any, status: int, code: str, field: str | None) -> None:
+    with server.client() as c:
+        for path in ("/v1/generate", "/v1/generate?stream=ignored"):
+            r = post(c, path, body)
+            assert r.status_code == status, (body, r.text)
+            error = r.json()["error"]
+            assert error["code"] == code and error.get("field") == field, error
+            assert "Traceback" not in r.text and error["message"]
+
+
+def test_session_routes_reject(server: Server) -> None:
+    with server.client() as c:
+        sid = c.post("/v1/sessions", json={"seed": 1}).json()["id"]
+        cases: list[tuple[str, str, Any, int, str]] = [
+            ("POST", f"/v1/sessions/{sid}/feed", {"text": ""}, 422, "invalid_input"),
+            ("POST", f"/v1/sessions/{sid}/feed", {"text": "€"}, 422, "invalid_input"),
+            ("POST", f"/v1/sessions/{sid}/feed", "[" * 50_000, 400, "invalid_json"),
+            ("POST", "/v1/sessions/nope/feed", {"text": "a"}, 404, "not_found"),
+            ("POST", f"/v1/sessions/{sid}/fork", {"seed": -5}, 422, "invalid_input"),
+            ("POST", f"/v1/sessions/{sid}/generate", {"top_k": 10**40}, 422, "invalid_input"),
+            ("POST", f"/v1/sessions/{sid}/generate", {"model": "tiny-lstm"}, 422, "invalid_input"),
+            ("POST", "/v1/sessions", {"seed": 2**70}, 422, "invalid_input"),
+            ("POST", "/v1/sessions", {"model": "nope"}, 404, "not_found"),
+            ("GET", "/v1/sessions/" + "x" * 300, None, 404, "not_found"),
+            ("DELETE", "/v1/sessions/nope", None, 404, "not_found"),
+        ]
+        for method, path, body, status, code in cases:
+            r = post(c, path, body) if method == "POST" else c.request(method, path)
+            assert r.status_code == status and r.json()["error"]["code"] == code, (method, path, r.text)
+        # The session took none of it and is free.
+        assert c.get(f"/v1/sessions/{sid}").json()["history_chars"] == 0
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+WS_CASES: list[tuple[str, str, str]] = [
+    ("[" * 100_000, "invalid_json", "nested too deeply"),
+    ("x" * 200_000, "too_large", "limit"),
+    (json.dumps({"type": "generate", "top_k": 87120311507293626485964800}), "invalid_input", "top_k"),
+    (json.dumps({"type": "generate", "seed": 2**64}), "invalid_input", "seed"),
+    (json.dumps({"type": "generate", "activations": {"layer": 9, "units": [0]}}), "invalid_input", "activations"),
+    (json.dumps({"type": "generate", "prompt": "a" * 20_001}), "too_large", "prompt"),
+    (json.dumps({"type": "generate", "type2": 1}), "invalid_input", "type2"),
+    (json.dumps({"type": ["generate"]}), "unknown_type", "unknown message type"),
+    (json.dumps({"type": "x" * 10_000}), "unknown_type", "unknown message type"),
+]
+
+
+@pytest.mark.parametrize(("message", "code", "fragment"), WS_CASES)
+def test_websocket_rejects_and_stays_usable(server: Server, message: str, code: str, fragment: str) -> None:
+    with connect(f"{server.ws_url}/v1/stream", max_size=None) as ws:
+        ws.send(message)
+        reply = json.loads(ws.recv(timeout=30))
+        while reply["type"] == "session":
+            reply = json.loads(ws.recv(timeout=30))
+        assert reply["type"] == "error" and reply["code"] == code and fragment in reply["message"], reply
+        assert len(reply["message"]) < 300  # the message names the problem without echoing the input
+        ws.send(json.dumps({"type": "generate", "max_new_chars": 3}))
+        while (m := json.loads(ws.recv(timeout=30)))["type"] not in ("done", "error"):
+            pass
+        assert m["type"] == "done", m
+
+
+def test_nothing_is_left_running_or_leased(server: Server) -> None:
+    service = server.app.state.service  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while (service.running or service.store.stats().busy) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.running == 0 and service.store.stats().busy == 0

@@ -1,0 +1,108 @@
+"""SIGTERM under load, on a real `charstream serve` process: every stream ends with a final event
+(done if it finished within the grace period, else a `shutting_down` error), SSE ends with
+[DONE], WebSockets close with 1001, a plain request gets a 503 body, and the log has no traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from tests.utils import ServeProcess, serve_process
+
+STREAMS = 100
+GRACE_S = 2.0
+
+
+@pytest.fixture
+def serve(models_dir: Path, tmp_path: Path) -> Iterator[ServeProcess]:
+    with serve_process(
+        tmp_path / "server.log",
+        CHARSTREAM_MODELS_DIR=str(models_dir),
+        CHARSTREAM_DEFAULT_MODEL="tiny-lstm",
+        CHARSTREAM_MAX_NEW_CHARS="1000000",
+        CHARSTREAM_SHUTDOWN_GRACE_S=str(GRACE_S),
+        CHARSTREAM_LOG_JSON="false",
+    ) as s:
+        yield s
+
+
+async def sse_stream(client: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event) -> list[Any]:
+    events: list[Any] = []
+    async with client.stream("POST", "/v1/generate", json=body | {"stream": True}) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                data = line[6:]
+                events.append(data if data == "[DONE]" else json.loads(data))
+                started.set()
+    return events
+
+
+async def ws_stream(url: str, body: dict[str, Any], started: asyncio.Event) -> tuple[list[dict[str, Any]], int | None]:
+    messages: list[dict[str, Any]] = []
+    async with websockets.connect(f"{url}/v1/stream") as ws:
+        await ws.send(json.dumps({"type": "generate", **body}))
+        try:
+            async for raw in ws:
+                messages.append(json.loads(raw))
+                if messages[-1]["type"] == "text":
+                    started.set()
+        except websockets.ConnectionClosed:
+            pass
+        return messages, ws.close_code
+
+
+async def plain_request(client: httpx.AsyncClient) -> httpx.Response:
+    return await client.post("/v1/generate", json={"prompt": "A", "max_new_chars": 1_000_000})
+
+
+def test_sigterm_with_100_streams_running(serve: ServeProcess) -> None:
+    long = {"prompt": "ROMEO:", "max_new_chars": 1_000_000}
+    short = {"prompt": "KING:", "max_new_chars": 300}
+
+    async def scenario() -> None:
+        limits = httpx.Limits(max_connections=STREAMS + 10)
+        async with httpx.AsyncClient(base_url=serve.base_url, timeout=60, limits=limits) as client:
+            started = [asyncio.Event() for _ in range(STREAMS)]
+            sse = [asyncio.create_task(sse_stream(client, long, started[i])) for i in range(STREAMS // 2)]
+            ws = [
+                asyncio.create_task(ws_stream(serve.ws_url, long, started[STREAMS // 2 + i]))
+                for i in range(STREAMS // 2)
+            ]
+            plain = asyncio.create_task(plain_request(client))
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=60)
+            quick_started = asyncio.Event()
+            quick = asyncio.create_task(sse_stream(client, short, quick_started))
+            await asyncio.wait_for(quick_started.wait(), timeout=60)
+            serve.proc.send_signal(signal.SIGTERM)
+            sse_results = await asyncio.wait_for(asyncio.gather(*sse), timeout=GRACE_S + 30)
+            ws_results = await asyncio.wait_for(asyncio.gather(*ws), timeout=GRACE_S + 30)
+            quick_events = await quick
+            answer = await plain
+
+        for events in sse_results:
+            assert events[-1] == "[DONE]", events[-3:]
+            final = events[-2]
+            assert final["error"]["code"] == "shutting_down", final
+        for messages, code in ws_results:
+            assert messages[-1]["type"] == "error" and messages[-1]["code"] == "shutting_down", messages[-2:]
+            assert code == 1001
+        # A stream short enough to finish within the grace period finishes normally.
+        assert quick_events[-1] == "[DONE]" and quick_events[-2]["finish_reason"] == "length"
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
+        assert answer.headers["retry-after"] == "1"
+
+    asyncio.run(scenario())
+    # uvicorn re-raises the signal once it has shut down, so a supervisor sees a SIGTERM exit.
+    assert serve.proc.wait(timeout=GRACE_S + 30) in (0, -signal.SIGTERM)
+    log = serve.log.read_text()
+    assert "Traceback" not in log and "Cancel" not in log, log[-3000:]
+    assert "ending generations still running at shutdown" in log
