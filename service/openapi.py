@@ -75,3 +75,13 @@ def apply_limits(schema: dict[str, Any], settings: Settings, registry: ModelRegi
         activation["units"]["items"]["maximum"] = min(i.hidden_size for i in infos) - 1
         if any(len(i.state_names) < 2 for i in infos):
             activation["state"] = {"const": "h", "default": "h", "type": "string", "title": "State"}
+    completion = components.get("CompletionRequest", {}).get("properties", {})
+    if completion:  # OpenAI's completions: the same limits under OpenAI's names
+        text = {"maxLength": settings.max_prompt_chars, "pattern": char_class(default.vocab)}
+        completion["prompt"]["anyOf"][0].update(text)
+        completion["prompt"]["anyOf"][1]["items"].update(text)
+        completion["model"] = {"enum": sorted(registry.models), "title": "Model", "type": "string"}
+        vocab = min(i.vocab_size for i in infos)
+        for name, maximum in (("max_tokens", settings.max_new_chars), ("top_k", vocab), ("logprobs", vocab)):
+            number = completion[name]["anyOf"][0]
+            number["maximum"] = min(number["maximum"], maximum)

@@ -77,7 +77,7 @@ class CompletionRequest(BaseModel):
     n: int | None = Field(default=None, ge=1, le=MAX_N, description="choices per prompt, each with its own state")
     stream: bool | None = Field(default=False, description="answer as Server-Sent Events, ending in `data: [DONE]`")
     stream_options: StreamOptions | None = None
-    stop: StopString | list[StopString] | None = Field(
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = Field(
         default=None, description=f"up to {MAX_STOP} stop sequences (not returned)"
     )
     seed: int | None = Field(
@@ -145,8 +145,6 @@ class CompletionRequest(BaseModel):
                 )
             if len(prompt) > MAX_PROMPTS:
                 raise InvalidInput(f"prompt has {len(prompt)} entries; at most {MAX_PROMPTS}", field="prompt")
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
-            raise InvalidInput(f"stop has {len(self.stop)} sequences; at most {MAX_STOP}", field="stop")
         if self.suffix:
             raise InvalidInput(
                 "suffix is not supported: a character model continues text left to right and cannot fill in "
