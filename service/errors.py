@@ -69,6 +69,13 @@ class SessionBusy(ApiError):
     code = "session_busy"
 
 
+class LeaseLost(ApiError):
+    """A request outlived its lease on a session and another request took it: its state was not saved."""
+
+    status = 409
+    code = "lease_lost"
+
+
 class TooManySessions(ApiError):
     status = 429
     code = "too_many_sessions"
@@ -104,6 +111,16 @@ class ShuttingDown(ApiError):
 
     def __init__(self, message: str = "the server is shutting down; retry", field: str | None = None) -> None:
         super().__init__(message, field, headers={"Retry-After": "1", "Connection": "close"})
+
+
+class StoreUnavailable(ApiError):
+    """The session store (Redis) cannot be reached or refused the command: retry shortly."""
+
+    status = 503
+    code = "store_unavailable"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message, field, headers={"Retry-After": "1"})
 
 
 # The scheduler names a failure by code; this is the error the client then sees.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -47,8 +48,13 @@ class Generation:
         session_id: str | None,
         prompt_chars: int,
         on_stream: Callable[[Generation, bool], None] | None = None,
+        saved: asyncio.Future[ApiError | None] | None = None,
     ) -> None:
         self.job = job
+        # For a session: resolves once its new state is written back and its lease ended (None),
+        # or with the error that prevented it. The final event waits for it, so a client that has
+        # seen `done` can continue the session anywhere at once.
+        self.saved = saved
         self.scheduler = scheduler
         self.model = model
         self.session_id = session_id
@@ -78,6 +84,10 @@ class Generation:
                 if texts:
                     yield merge_text(texts)
                 if final is not None:
+                    if self.saved is not None:
+                        not_saved = await asyncio.shield(self.saved)
+                        if not_saved is not None and isinstance(final, Completed):
+                            final = Failed(not_saved)
                     yield final
                     return
         finally:

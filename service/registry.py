@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,15 @@ class LoadedModel:
     folder: Path
     engine: Engine
     manifest: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def sha256(self) -> str:
+        """The model file's sha256: a stored session belongs to exactly this file."""
+        digest = hashlib.sha256()
+        with self.engine.path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
 
     def describe(self) -> dict[str, Any]:
         """The OpenAI-style model object, with the facts a client needs to use it."""

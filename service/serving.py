@@ -8,12 +8,12 @@ Buildable in one line from a registry: `GenerationService.create(registry, setti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
-import numpy as np
-
-from service.errors import InvalidInput, ShuttingDown, TooLarge
+from service.errors import ApiError, InternalError, InvalidInput, LeaseLost, ShuttingDown, TooLarge
 from service.generation import Generation
 from service.jobs import Job, Phase
 from service.metrics import Metrics
@@ -21,7 +21,7 @@ from service.registry import LoadedModel, ModelRegistry
 from service.sampling import SamplingParams
 from service.scheduler import Scheduler
 from service.schemas import SessionInfo
-from service.sessions import InMemorySessionStore, Session, SessionStore
+from service.sessions import InMemorySessionStore, Lease, Session, SessionStore, rng_state_of
 from service.settings import Settings
 
 log = logging.getLogger("charstream.serving")
@@ -33,6 +33,21 @@ DEFAULT_START = "\n"
 MAX_ANNOTATED_PROMPT = 10_000
 # How long a drain waits, after ending what was left, for streams to send their final frames.
 FINAL_FRAMES_WAIT_S = 3.0
+
+
+def make_store(settings: Settings, registry: ModelRegistry) -> SessionStore:
+    """The session store CHARSTREAM_SESSION_STORE names."""
+    if settings.session_store == "memory":
+        return InMemorySessionStore(settings.session_ttl_s, settings.max_sessions)
+    from service.redis_store import RedisSessionStore  # only a Redis deployment needs redis-py
+
+    return RedisSessionStore(
+        settings.session_store,
+        ttl_s=settings.session_ttl_s,
+        max_sessions=settings.max_sessions,
+        lease_ttl_s=settings.lease_ttl_s,
+        models={m.id: m.sha256 for m in registry.models.values()},
+    )
 
 
 class GenerationService:
@@ -70,8 +85,7 @@ class GenerationService:
             )
             for name, model in registry.models.items()
         }
-        store = InMemorySessionStore(settings.session_ttl_s, settings.max_sessions)
-        return cls(registry, store, schedulers, settings, metrics)
+        return cls(registry, make_store(settings, registry), schedulers, settings, metrics)
 
     def start(self) -> None:
         for scheduler in self.schedulers.values():
@@ -82,6 +96,7 @@ class GenerationService:
             await scheduler.stop()
         for task in list(self._background):
             await task
+        await self.store.close()
 
     @property
     def running(self) -> int:
@@ -178,7 +193,7 @@ class GenerationService:
             seed=session.seed,
             history_chars=session.history_chars,
             created_at=session.created_at,
-            expires_at=self.store.expires_at(session),
+            expires_at=session.expires_at,
             state_bytes=session.state_bytes,
         )
 
@@ -188,58 +203,69 @@ class GenerationService:
         info = model.engine.info
         return Session.fresh(model.id, info.state_shape_per_row, len(info.state_names), seed)
 
+    @contextlib.asynccontextmanager
+    async def _leased(self, session_id: str) -> AsyncIterator[tuple[Session, Lease]]:
+        """The session under a lease that ends with the block; a block that raises saves nothing."""
+        session, lease = await self.store.lease(session_id)
+        try:
+            yield session, lease
+        except BaseException:
+            await self.store.release(lease)
+            raise
+
     async def create_session(self, model_id: str | None, prompt: str, seed: int | None) -> SessionInfo:
         self._refuse_when_draining()
         model = self.registry.get(model_id)
         ids = self._prompt_ids(model, prompt, "prompt")
         session = self._new_session(model, seed)
-        await self.store.add(session)
+        await self.store.create(session)
         if ids:
-            await self.store.acquire(session.id)
-            await self._run_feed(session, model, ids)
+            async with self._leased(session.id) as (leased, lease):
+                session = await self._run_feed(leased, lease, model, ids)
         return self.info(session)
 
     async def get_session(self, session_id: str) -> SessionInfo:
         return self.info(await self.store.get(session_id))
 
     async def delete_session(self, session_id: str) -> None:
-        await self.store.acquire(session_id)  # 409 while a request runs on it
-        await self.store.delete(session_id)
+        async with self._leased(session_id) as (_, lease):  # 409 while a request runs on it
+            await self.store.delete(lease)
 
     async def reset_session(self, session_id: str) -> SessionInfo:
-        session = await self.store.acquire(session_id)
-        try:
+        async with self._leased(session_id) as (session, lease):
             session.reset()
-        finally:
-            await self.store.release(session)
+            await self._save(session, lease)
         return self.info(session)
 
     async def fork_session(self, session_id: str, seed: int | None) -> SessionInfo:
         self._refuse_when_draining()
-        session = await self.store.acquire(session_id)
-        try:
+        async with self._leased(session_id) as (session, lease):
             child = session.fork(seed)
-        finally:
-            await self.store.release(session)
-        await self.store.add(child)
+            await self.store.create(child)
+            await self.store.release(lease)
         return self.info(child)
+
+    async def _save(self, session: Session, lease: Lease) -> None:
+        if not await self.store.save(session, lease):
+            raise LeaseLost(
+                f"session {session.id!r} was taken over by another request while this one ran; "
+                "its state is the newer request's",
+                field="session_id",
+            )
 
     async def feed(self, session_id: str, text: str) -> tuple[SessionInfo, int]:
         self._refuse_when_draining()
-        session = await self.store.acquire(session_id)
-        try:
+        async with self._leased(session_id) as (session, lease):
             model = self.registry.get(session.model)
             ids = self._prompt_ids(model, text, "text")
-        except BaseException:
-            await self.store.release(session)
-            raise
-        await self._run_feed(session, model, ids)
+        session = await self._run_feed(session, lease, model, ids)
         return self.info(session), len(ids)
 
-    async def _run_feed(self, session: Session, model: LoadedModel, ids: list[int]) -> None:
-        """Read `ids` into a session already acquired; releases it. Raises the error a failure ended with."""
-        job = self._job(session, model, ids, SamplingParams(max_new_chars=0), stored=True)
-        await Generation(job, self.schedulers[model.id], model.id, session.id, len(ids)).result()
+    async def _run_feed(self, session: Session, lease: Lease, model: LoadedModel, ids: list[int]) -> Session:
+        """Read `ids` into a leased session; saves it and ends the lease. Raises what a failure ended with."""
+        job, saved = self._job(session, lease, model, ids, SamplingParams(max_new_chars=0))
+        await Generation(job, self.schedulers[model.id], model.id, session.id, len(ids), saved=saved).result()
+        return session
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -253,9 +279,14 @@ class GenerationService:
     ) -> Generation:
         """Validate, take the session (or make a throwaway one), and start the job."""
         self._refuse_when_draining()
-        if session_id is not None:
-            session = await self.store.acquire(session_id)
-            try:
+        if session_id is None:
+            model = self.registry.get(model_id)
+            self._check_params(model, params, len(prompt))
+            session = self._new_session(model, seed)
+            ids = self._start_ids(model, session, prompt)
+            job, saved = self._job(session, None, model, ids, params)
+        else:
+            async with self._leased(session_id) as (session, lease):
                 if model_id is not None and model_id != session.model:
                     raise InvalidInput(
                         f"session {session_id!r} belongs to model {session.model!r}, not {model_id!r}",
@@ -265,26 +296,16 @@ class GenerationService:
                 self._check_params(model, params, len(prompt))
                 ids = self._start_ids(model, session, prompt)
                 if seed is not None:
-                    session.seed = seed
-                    session.rng = np.random.default_rng(seed)
-            except BaseException:
-                await self.store.release(session)
-                raise
-            stored = True
-        else:
-            model = self.registry.get(model_id)
-            self._check_params(model, params, len(prompt))
-            session = self._new_session(model, seed)
-            ids = self._start_ids(model, session, prompt)
-            stored = False
-        job = self._job(session, model, ids, params, stored)
+                    session.reseed(seed)
+            job, saved = self._job(session, lease, model, ids, params)
         return Generation(
             job,
             self.schedulers[model.id],
             model.id,
-            session.id if stored else None,
+            session_id,
             len(prompt),
             on_stream=self._track_stream,
+            saved=saved,
         )
 
     def _start_ids(self, model: LoadedModel, session: Session, prompt: str) -> list[int]:
@@ -300,39 +321,62 @@ class GenerationService:
         return ids
 
     def _job(
-        self,
-        session: Session,
-        model: LoadedModel,
-        ids: list[int],
-        params: SamplingParams,
-        stored: bool,
-    ) -> Job:
+        self, session: Session, lease: Lease | None, model: LoadedModel, ids: list[int], params: SamplingParams
+    ) -> tuple[Job, asyncio.Future[ApiError | None] | None]:
+        """Submit the job; with a lease, its end writes the session back (the future says how that went)."""
+        rng = session.rng()
+        saved: asyncio.Future[ApiError | None] | None = None
+        if lease is not None:
+            saved = asyncio.get_running_loop().create_future()
+
         def on_complete(job: Job) -> None:
-            # Runs on the event loop with the job's final event. The lease is released whatever happens.
-            try:
-                if job.phase is Phase.FAILED:
-                    self.metrics.errors.labels("engine_error").inc()
-                else:
-                    session.state = job.state
-                    session.logits = job.logits
-                    session.history_chars += job.absorbed
-            finally:
-                if stored:
-                    task = asyncio.get_running_loop().create_task(self.store.release(session))
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
+            # On the event loop, with the job's final event: write back, then end the lease.
+            if job.phase is Phase.FAILED:
+                self.metrics.errors.labels("engine_error").inc()
+            if lease is None or saved is None:
+                return
+            if job.phase is not Phase.FAILED:
+                session.state = job.state
+                session.logits = job.logits
+                session.history_chars += job.absorbed
+                session.rng_state = rng_state_of(rng.bit_generator)
+            self._in_background(self._write_back(session, lease, job.phase is not Phase.FAILED, saved))
 
         job = Job(
             prompt=ids,
             state=list(session.state),
             logits=session.logits,
             params=params,
-            rng=session.rng,
-            wants_state=stored,
+            rng=rng,
+            wants_state=lease is not None,
             on_complete=on_complete,
         )
         self.schedulers[model.id].submit(job)
-        return job
+        return job, saved
+
+    async def _write_back(
+        self, session: Session, lease: Lease, save: bool, saved: asyncio.Future[ApiError | None]
+    ) -> None:
+        """Save the session's new state and end its lease; never raises (the outcome goes to `saved`)."""
+        outcome: ApiError | None = None
+        try:
+            if save:
+                await self._save(session, lease)
+            else:
+                await self.store.release(lease)
+        except ApiError as exc:
+            outcome = exc
+            log.error("session not saved", extra={"session": session.id, "error": exc.message})
+        except Exception:
+            log.exception("session not saved", extra={"session": session.id})
+            outcome = InternalError("the session's new state could not be saved")
+        if not saved.done():
+            saved.set_result(outcome)
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- upkeep ------------------------------------------------------------------------------------
 
@@ -343,8 +387,8 @@ class GenerationService:
             log.info("sessions expired", extra={"count": n})
         return n
 
-    def refresh_metrics(self) -> None:
-        stats = self.store.stats()
+    async def refresh_metrics(self) -> None:
+        stats = await self.store.stats()
         self.metrics.active_sessions.set(stats.sessions)
         self.metrics.busy_sessions.set(stats.busy)
         self.metrics.session_state_bytes.set(stats.state_bytes)

@@ -1,9 +1,14 @@
-"""Server-side sessions: each keeps its model's recurrent state, next-char logits and its own RNG.
+"""Server-side sessions and where they live between requests.
 
-The store is an interface so that state can live elsewhere (a Redis store keeps the same
-methods); `InMemorySessionStore` is the embedded default. A session is leased to one request
-at a time: a second request on a busy session gets 409 at once rather than queueing
-silently behind a generation of unknown length.
+A `Session` is plain data: the model's recurrent state, the next-character logits, the RNG's
+full state, the seed and the history length. While a request runs, the session is *leased* to
+it (one request per session at a time, across every replica); the scheduler works on a copy
+in its slot arrays, and the request writes the new state back when it ends (write-back, not
+write-through). The store is an interface with two homes:
+
+- `InMemorySessionStore`: this process's memory, the embedded default. Sessions are lost when
+  the process stops and are not shared between workers.
+- `RedisSessionStore` (service/redis_store.py): a Redis server shared by every worker and replica.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -27,11 +33,11 @@ class Session:
     model: str
     seed: int
     state: list[np.ndarray]  # one (layers, hidden) float32 array per state tensor: h (and c)
-    rng: np.random.Generator
+    rng_state: dict[str, Any]  # numpy's PCG64 state: the RNG continues exactly where it stopped
     logits: np.ndarray | None = None  # (vocab,) next-char logits; None before any input
     history_chars: int = 0
     created_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.monotonic)
+    expires_at: float = 0.0  # wall-clock; set by the store
 
     @classmethod
     def fresh(cls, model: str, state_shape: tuple[int, int], tensors: int, seed: int | None) -> Session:
@@ -41,28 +47,37 @@ class Session:
             model=model,
             seed=seed,
             state=[np.zeros(state_shape, np.float32) for _ in range(tensors)],
-            rng=np.random.default_rng(seed),
+            rng_state=seeded_rng_state(seed),
         )
+
+    def rng(self) -> np.random.Generator:
+        """A generator positioned where this session's RNG stopped."""
+        generator = np.random.Generator(np.random.PCG64())
+        generator.bit_generator.state = self.rng_state
+        return generator
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        self.rng_state = seeded_rng_state(seed)
 
     def reset(self) -> None:
         for s in self.state:
             s.fill(0.0)
         self.logits = None
         self.history_chars = 0
-        self.rng = np.random.default_rng(self.seed)
+        self.rng_state = seeded_rng_state(self.seed)
 
     def fork(self, seed: int | None = None) -> Session:
         """A new session with a copy of the state; the same RNG stream unless a seed is given."""
-        child = Session(
+        return replace(
+            self,
             id=secrets.token_urlsafe(12),
-            model=self.model,
             seed=self.seed if seed is None else seed,
             state=[s.copy() for s in self.state],
-            rng=copy.deepcopy(self.rng) if seed is None else np.random.default_rng(seed),
+            rng_state=copy.deepcopy(self.rng_state) if seed is None else seeded_rng_state(seed),
             logits=None if self.logits is None else self.logits.copy(),
-            history_chars=self.history_chars,
+            created_at=time.time(),
         )
-        return child
 
     @property
     def state_bytes(self) -> int:
@@ -70,63 +85,88 @@ class Session:
         return sum(s.nbytes for s in self.state) + (0 if self.logits is None else self.logits.nbytes)
 
     def approx_bytes(self) -> int:
-        """State plus bookkeeping (object, arrays' headers, RNG), as /metrics and the budget count it."""
+        """State plus bookkeeping (object, arrays' headers, RNG state), as /metrics counts it."""
         arrays = [*self.state, *([] if self.logits is None else [self.logits])]
         return (
             sys.getsizeof(self)
             + sys.getsizeof(self.__dict__)
             + sum(sys.getsizeof(a) for a in arrays)
             + sys.getsizeof(self.id)
-            + 1100  # numpy Generator + PCG64 bit generator objects
+            + 400  # the RNG state dict
         )
 
 
-class SessionStore(abc.ABC):
-    """Where sessions live between requests."""
+def seeded_rng_state(seed: int) -> dict[str, Any]:
+    return rng_state_of(np.random.PCG64(seed))
 
-    @abc.abstractmethod
-    async def add(self, session: Session) -> None:
-        """Store a new session; raises TooManySessions past the cap."""
 
-    @abc.abstractmethod
-    async def get(self, session_id: str) -> Session:
-        """The session, or NotFound."""
+def rng_state_of(bit_generator: np.random.BitGenerator) -> dict[str, Any]:
+    """The bit generator's full state as plain data (what a session record stores)."""
+    return dict(bit_generator.state)
 
-    @abc.abstractmethod
-    async def put(self, session: Session) -> None:
-        """Save a session after a change (a no-op for memory; a write for a remote store)."""
 
-    @abc.abstractmethod
-    async def delete(self, session_id: str) -> None:
-        """Remove a session, or NotFound."""
+@dataclass(frozen=True)
+class Lease:
+    """The right to run one request on a session; `token` fences out a holder that lost it."""
 
-    @abc.abstractmethod
-    async def acquire(self, session_id: str) -> Session:
-        """The session, leased to the caller alone; SessionBusy if another request holds it."""
-
-    @abc.abstractmethod
-    async def release(self, session: Session) -> None:
-        """Save the session and end the lease taken by `acquire`."""
-
-    @abc.abstractmethod
-    def expires_at(self, session: Session) -> float:
-        """Wall-clock time (epoch seconds) at which the session expires if left idle."""
-
-    @abc.abstractmethod
-    async def evict_expired(self) -> int:
-        """Drop sessions idle for longer than the TTL; returns how many went."""
-
-    @abc.abstractmethod
-    def stats(self) -> StoreStats:
-        """Counts for /metrics."""
+    session_id: str
+    token: int
 
 
 @dataclass(frozen=True)
 class StoreStats:
-    sessions: int
-    busy: int
+    sessions: int  # held by the store (for a shared store: by every replica)
+    busy: int  # leased by this process
     state_bytes: int
     approx_bytes: int
+
+
+class SessionStore(abc.ABC):
+    """Where sessions live between requests. Every method may raise StoreUnavailable."""
+
+    ttl_s: float
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """What the store is, for logs and errors (no secrets)."""
+
+    @abc.abstractmethod
+    async def create(self, session: Session) -> None:
+        """Store a new session; TooManySessions past the cap."""
+
+    @abc.abstractmethod
+    async def get(self, session_id: str) -> Session:
+        """The session as last saved (a read counts as use), or NotFound."""
+
+    @abc.abstractmethod
+    async def lease(self, session_id: str) -> tuple[Session, Lease]:
+        """The session, leased to the caller alone; SessionBusy while another request holds it."""
+
+    @abc.abstractmethod
+    async def save(self, session: Session, lease: Lease, release: bool = True) -> bool:
+        """Write the session back (and end the lease); False if the lease was lost meanwhile."""
+
+    @abc.abstractmethod
+    async def release(self, lease: Lease) -> None:
+        """End a lease without saving: the session keeps its state from before the request."""
+
+    @abc.abstractmethod
+    async def delete(self, lease: Lease) -> None:
+        """Remove a leased session."""
+
+    @abc.abstractmethod
+    async def evict_expired(self) -> int:
+        """Drop sessions idle for longer than the TTL (a shared store may do this by itself)."""
+
+    @abc.abstractmethod
+    async def stats(self) -> StoreStats:
+        """Counts for /metrics."""
+
+    async def check(self) -> None:  # noqa: B027 (a store in this process always answers)
+        """Raise StoreUnavailable unless the store answers (for /readyz)."""
+
+    async def close(self) -> None:  # noqa: B027 (nothing to release by default)
+        """Release connections."""
 
 
 class InMemorySessionStore(SessionStore):
@@ -135,70 +175,96 @@ class InMemorySessionStore(SessionStore):
         self.max_sessions = max_sessions
         self._clock = clock
         self._sessions: dict[str, Session] = {}
-        self._busy: set[str] = set()
+        self._last_used: dict[str, float] = {}
+        self._leases: dict[str, int] = {}  # session id -> token of the request holding it
+        self._tokens = 0
 
-    def _expires_in(self, session: Session) -> float:
-        return session.last_used + self.ttl_s - self._clock()
+    def describe(self) -> str:
+        return "memory"
 
-    def expires_at(self, session: Session) -> float:
-        return time.time() + max(0.0, self._expires_in(session))
+    def _expires_in(self, session_id: str) -> float:
+        return self._last_used[session_id] + self.ttl_s - self._clock()
 
-    async def add(self, session: Session) -> None:
+    def _use(self, session: Session) -> None:
+        self._last_used[session.id] = self._clock()
+        session.expires_at = time.time() + self.ttl_s
+
+    def _found(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None or (self._expires_in(session_id) <= 0 and session_id not in self._leases):
+            raise NotFound(f"session {session_id!r} does not exist or has expired", field="session_id")
+        return session
+
+    async def create(self, session: Session) -> None:
         if len(self._sessions) >= self.max_sessions:
             await self.evict_expired()
         if len(self._sessions) >= self.max_sessions:
-            soonest = min((self._expires_in(s) for s in self._sessions.values()), default=self.ttl_s)
+            soonest = min((self._expires_in(sid) for sid in self._sessions), default=self.ttl_s)
             retry = max(1, int(soonest) + 1)
             raise TooManySessions(
                 f"the server holds its maximum of {self.max_sessions} sessions; delete one or retry in {retry}s",
                 headers={"Retry-After": str(retry)},
             )
-        session.last_used = self._clock()
         self._sessions[session.id] = session
+        self._use(session)
 
     async def get(self, session_id: str) -> Session:
-        session = self._sessions.get(session_id)
-        if session is None or (self._expires_in(session) <= 0 and session_id not in self._busy):
-            raise NotFound(f"session {session_id!r} does not exist or has expired", field="session_id")
-        session.last_used = self._clock()
+        session = self._found(session_id)
+        self._use(session)
         return session
 
-    async def put(self, session: Session) -> None:
-        session.last_used = self._clock()
-
-    async def delete(self, session_id: str) -> None:
-        if self._sessions.pop(session_id, None) is None:
-            raise NotFound(f"session {session_id!r} does not exist or has expired", field="session_id")
-        self._busy.discard(session_id)
-
-    async def acquire(self, session_id: str) -> Session:
-        session = await self.get(session_id)
-        if session_id in self._busy:
+    async def lease(self, session_id: str) -> tuple[Session, Lease]:
+        session = self._found(session_id)
+        if session_id in self._leases:
             raise SessionBusy(
                 f"session {session_id!r} is busy with another request; retry when it finishes",
                 field="session_id",
+                headers={"Retry-After": "1"},
             )
-        self._busy.add(session_id)
-        return session
+        self._tokens += 1
+        self._leases[session_id] = self._tokens
+        self._use(session)
+        return session, Lease(session_id, self._tokens)
 
-    async def release(self, session: Session) -> None:
-        self._busy.discard(session.id)
-        session.last_used = self._clock()
+    def _holds(self, lease: Lease) -> bool:
+        return self._leases.get(lease.session_id) == lease.token
+
+    async def save(self, session: Session, lease: Lease, release: bool = True) -> bool:
+        if not self._holds(lease) or lease.session_id not in self._sessions:
+            return False
+        self._sessions[lease.session_id] = session
+        self._use(session)
+        if release:
+            del self._leases[lease.session_id]
+        return True
+
+    async def release(self, lease: Lease) -> None:
+        if self._holds(lease):
+            del self._leases[lease.session_id]
+            if lease.session_id in self._sessions:
+                self._last_used[lease.session_id] = self._clock()
+
+    async def delete(self, lease: Lease) -> None:
+        if self._holds(lease):
+            del self._leases[lease.session_id]
+            self._sessions.pop(lease.session_id, None)
+            self._last_used.pop(lease.session_id, None)
 
     def is_busy(self, session_id: str) -> bool:
-        return session_id in self._busy
+        return session_id in self._leases
 
     async def evict_expired(self) -> int:
-        expired = [sid for sid, s in self._sessions.items() if sid not in self._busy and self._expires_in(s) <= 0]
+        expired = [sid for sid in self._sessions if sid not in self._leases and self._expires_in(sid) <= 0]
         for sid in expired:
             del self._sessions[sid]
+            del self._last_used[sid]
         return len(expired)
 
-    def stats(self) -> StoreStats:
+    async def stats(self) -> StoreStats:
         sessions = self._sessions.values()
         return StoreStats(
             sessions=len(self._sessions),
-            busy=len(self._busy),
+            busy=len(self._leases),
             state_bytes=sum(s.state_bytes for s in sessions),
             approx_bytes=sum(s.approx_bytes() for s in sessions),
         )

@@ -6,11 +6,14 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.errors import ServiceConfigError
 from service.scheduler import PREFILL_CHUNK
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+SECRET_SETTINGS = ("api_key", "session_store")  # never echoed: a key, a URL with a password
 
 
 def bundled_models_dir() -> Path:
@@ -34,7 +37,15 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535, description="0 picks a free port")
     session_ttl_s: float = Field(default=900.0, gt=0, description="idle sessions expire after this")
-    max_sessions: int = Field(default=10_000, ge=1)
+    max_sessions: int = Field(default=10_000, ge=1, description="sessions held at most (across replicas for Redis)")
+    session_store: str = Field(
+        default="memory",
+        description="where sessions live: memory (this process) or a redis://, rediss:// or unix:// URL",
+    )
+    lease_ttl_s: float = Field(
+        default=10.0, gt=0, le=3600, description="a session's lease outlives a crashed holder by at most this"
+    )
+    workers: int = Field(default=1, ge=1, le=256, description="server processes sharing the port")
     max_prompt_chars: int = Field(default=100_000, ge=1)
     max_new_chars: int = Field(default=4096, ge=1)
     ort_threads: int = Field(default_factory=_default_threads, ge=1, description="onnxruntime intra-op threads")
@@ -52,6 +63,23 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = Field(default=True, description="one JSON object per log line")
 
+    @field_validator("session_store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(REDIS_SCHEMES):
+            raise ValueError(f"use memory or a URL starting with {', '.join(REDIS_SCHEMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _workers_share_sessions(self) -> Settings:
+        # Each worker has its own memory: a session made through one would be unknown to the others.
+        if self.workers > 1 and self.session_store == "memory":
+            raise ValueError(
+                f"CHARSTREAM_WORKERS={self.workers} needs a shared session store: "
+                "set CHARSTREAM_SESSION_STORE=redis://... (each worker's memory is its own)"
+            )
+        return self
+
     @field_validator("api_key")
     @classmethod
     def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
@@ -67,6 +95,8 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "?"
-        given = "" if field == "api_key" else f" (got {err.get('input')!r})"  # never echo a secret
+        if not err["loc"]:  # a rule between settings: its message names them
+            raise ServiceConfigError(str(err["msg"]).removeprefix("Value error, ")) from None
+        field = str(err["loc"][0])
+        given = "" if field in SECRET_SETTINGS else f" (got {err.get('input')!r})"
         raise ServiceConfigError(f"CHARSTREAM_{field.upper()}: {err['msg']}{given}") from None

@@ -124,3 +124,9 @@ def serve_process(log: Path, **env: str) -> Iterator[ServeProcess]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
+
+
+def leased_sessions(server: Server) -> int:
+    """Sessions the server's (memory) store holds leased right now."""
+    service = server.app.state.service  # type: ignore[attr-defined]
+    return int(asyncio.run(service.store.stats()).busy)

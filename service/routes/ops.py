@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import ServiceDep
+from service.errors import ApiError
 
 router = APIRouter(tags=["operations"])
 
@@ -29,14 +30,21 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.get("/readyz", responses=READY_RESPONSES)
 async def readyz(service: ServiceDep) -> JSONResponse:
-    """Ready when at least one model is loaded and the server is not draining; lists failed models and why."""
+    """Ready when a model is loaded, the session store answers and the server is not draining; says why not."""
     registry = service.registry
-    ready = registry.ready and not service.draining
+    store_error = None
+    try:
+        await service.store.check()
+    except ApiError as exc:
+        store_error = exc.message
+    ready = registry.ready and not service.draining and store_error is None
+    status = "draining" if service.draining else "ready" if ready else "not_ready"
     body = {
-        "status": "draining" if service.draining else "ready" if registry.ready else "not_ready",
+        "status": status,
         "models": sorted(registry.models),
         "default_model": registry.default,
         "failed": registry.failures,
+        "session_store": {"store": service.store.describe(), "error": store_error},
     }
     return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -44,5 +52,5 @@ async def readyz(service: ServiceDep) -> JSONResponse:
 @router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
 async def metrics(service: ServiceDep) -> Response:
     """Prometheus metrics: requests, sessions, generated characters, step latency, batch sizes."""
-    service.refresh_metrics()
+    await service.refresh_metrics()
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

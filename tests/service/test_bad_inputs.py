@@ -12,7 +12,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from tests.utils import Server
+from tests.utils import Server, leased_sessions
 
 ANNOTATE = {"layer": 0, "units": [0]}
 
@@ -136,6 +136,6 @@ def test_websocket_rejects_and_stays_usable(server: Server, message: str, code: 
 def test_nothing_is_left_running_or_leased(server: Server) -> None:
     service = server.app.state.service  # type: ignore[attr-defined]
     deadline = time.monotonic() + 30
-    while (service.running or service.store.stats().busy) and time.monotonic() < deadline:
+    while (service.running or leased_sessions(server)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert service.running == 0 and service.store.stats().busy == 0
+    assert service.running == 0 and leased_sessions(server) == 0
