@@ -163,7 +163,7 @@ def _cells(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from service.cli import serve
 
-    return serve(models=args.models, host=args.host, port=args.port)
+    return serve(models=args.models, host=args.host, port=args.port, workers=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--models", default=None, help="folder of exported models")
     v.add_argument("--host", default=None)
     v.add_argument("--port", type=_int, default=None)
+    v.add_argument("--workers", type=_int, default=None, help="server processes on the port (needs a shared store)")
     v.set_defaults(func=_serve)
     return parser
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from service.logs import configure, log_config
 from service.settings import load_settings
 
 
-def serve(models: str | None = None, host: str | None = None, port: int | None = None) -> int:
+def serve(
+    models: str | None = None, host: str | None = None, port: int | None = None, workers: int | None = None
+) -> int:
     import uvicorn
 
     from service.app import create_app, load_registry
@@ -21,8 +24,14 @@ def serve(models: str | None = None, host: str | None = None, port: int | None =
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
+    if workers is not None:
+        overrides["workers"] = workers
     settings = load_settings(**overrides)
     configure(settings.log_level, settings.log_json)
+    if settings.workers > 1:
+        from service.workers import Supervisor, worker_command
+
+        return Supervisor(settings, worker_command()).run()
     registry = load_registry(settings)  # before uvicorn, so a start-up failure is one clear line
     app = create_app(settings, registry)
     config = uvicorn.Config(
@@ -40,6 +49,18 @@ def serve(models: str | None = None, host: str | None = None, port: int | None =
         lifespan="on",
     )
     server = GracefulServer(config, app, settings.shutdown_grace_s)
-    server.run()
+    # With several processes on one port (workers, or containers sharing a host's port) each binds
+    # it with SO_REUSEPORT and the kernel spreads the connections.
+    server.run(sockets=[reuse_port_socket(settings.host, settings.port)] if settings.reuse_port else None)
     # uvicorn returns quietly when it cannot start (e.g. the port is taken): say so in the exit code.
     return 0 if server.started else 3
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock

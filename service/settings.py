@@ -46,6 +46,7 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=3600, description="a session's lease outlives a crashed holder by at most this"
     )
     workers: int = Field(default=1, ge=1, le=256, description="server processes sharing the port")
+    reuse_port: bool = Field(default=False, description="bind with SO_REUSEPORT (set for each worker)")
     max_prompt_chars: int = Field(default=100_000, ge=1)
     max_new_chars: int = Field(default=4096, ge=1)
     ort_threads: int = Field(default_factory=_default_threads, ge=1, description="onnxruntime intra-op threads")
@@ -73,6 +74,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _workers_share_sessions(self) -> Settings:
         # Each worker has its own memory: a session made through one would be unknown to the others.
+        if self.workers > 1 and self.port == 0:
+            raise ValueError(f"CHARSTREAM_WORKERS={self.workers} needs a fixed CHARSTREAM_PORT, not 0")
         if self.workers > 1 and self.session_store == "memory":
             raise ValueError(
                 f"CHARSTREAM_WORKERS={self.workers} needs a shared session store: "

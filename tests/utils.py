@@ -101,10 +101,10 @@ class ServeProcess:
 
 
 @contextlib.contextmanager
-def serve_process(log: Path, **env: str) -> Iterator[ServeProcess]:
-    """`python -m service` (as the container runs it) on a free loopback port, logging to `log`;
-    killed when the block ends if it is still running."""
-    port = free_port()
+def serve_process(log: Path, port: int | None = None, **env: str) -> Iterator[ServeProcess]:
+    """`python -m service` (as the container runs it) on a loopback port (a free one unless given),
+    logging to `log`; killed when the block ends if it is still running."""
+    port = port or free_port()
     full_env = os.environ | {"CHARSTREAM_HOST": "127.0.0.1", "CHARSTREAM_PORT": str(port)} | env
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service"], env=full_env, stdout=out, stderr=subprocess.STDOUT)

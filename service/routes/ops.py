@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -16,8 +17,8 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
-    """The process is alive and its event loop answers."""
-    return {"status": "ok"}
+    """The process is alive and its event loop answers (and which worker process answered)."""
+    return {"status": "ok", "worker": str(os.getpid())}
 
 
 READY_RESPONSES: dict[int | str, dict[str, Any]] = {
