@@ -58,9 +58,14 @@ async def page() -> FileResponse:
 
 
 @router.get("/playground.json")
-async def playground_config(settings: SettingsDep) -> dict[str, Any]:
-    """What the page needs before it can ask for anything: is a key needed, can it run models itself."""
-    return {"api_key_required": settings.api_key is not None, "ort_web": ort_web_version()}
+async def playground_config(settings: SettingsDep, service: ServiceDep) -> dict[str, Any]:
+    """What the page needs before it can ask for anything: is a key needed, can it run models itself,
+    which model is the default (as public as /readyz)."""
+    return {
+        "api_key_required": settings.api_key is not None,
+        "ort_web": ort_web_version(),
+        "default_model": service.registry.default,
+    }
 
 
 @router.get("/static/{path:path}")

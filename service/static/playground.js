@@ -269,9 +269,22 @@ function renderOutput() {
   ui.output.dataset.chars = String(s.chars.length);
 }
 
-/** Add spans for characters [from, end) of the current session. */
-function appendOutput(s, from) {
-  if (s !== app.current) return;
+let paintQueued = false;
+
+/** Draw the current session's characters that are not on the page yet, at the next frame at most
+ * once: a fast stream arrives in many frames, and drawing each at once would keep the page busy. */
+function appendOutput(s) {
+  if (s !== app.current || paintQueued) return;
+  paintQueued = true;
+  requestAnimationFrame(flushOutput);
+}
+
+function flushOutput() {
+  paintQueued = false;
+  const s = app.current;
+  if (!s) return;
+  const from = ui.output.children.length;
+  if (from >= s.chars.length) return;
   const frag = document.createDocumentFragment();
   for (let i = from; i < s.chars.length; i++) frag.append(spanFor(s, i));
   ui.output.append(frag);
@@ -507,7 +520,7 @@ function serverStream(s, prompt, p) {
         if (promptAdded) return;
         promptAdded = true;
         for (const ch of prompt) s.push(ch, { typed: true });
-        appendOutput(s, start);
+        appendOutput(s);
       };
       const message = {
         type: "generate", session_id: s.id, prompt, max_new_chars: p.length, temperature: p.temperature,
@@ -545,7 +558,7 @@ function serverStream(s, prompt, p) {
             act: m.activations ? m.activations[k] : null,
           }));
           generated += chars.length;
-          appendOutput(s, from);
+          appendOutput(s);
         } else if (m.type === "done") {
           addPrompt();
           ws.onmessageHandler = null;
@@ -616,7 +629,7 @@ async function browserGenerate(s, prompt, p) {
         const prev = k === 0 ? before : m.row(out.logits, k - 1);
         s.push(ch, { typed: true, cand: prev ? topCandidates(prev, vocab, TOP_LOGPROBS) : null });
       });
-      appendOutput(s, s.chars.length - prompt.length);
+      appendOutput(s);
     } else {
       s.hidden += text;
     }
@@ -628,7 +641,6 @@ async function browserGenerate(s, prompt, p) {
   let cancelled = false;
   app.running.cancel = () => { cancelled = true; };
   let lastPaint = performance.now();
-  let painted = s.chars.length;
   while (generated < p.length) {
     if (cancelled) { finish = "cancelled"; break; }
     const cand = topCandidates(s.logits, vocab, TOP_LOGPROBS);
@@ -650,14 +662,13 @@ async function browserGenerate(s, prompt, p) {
       break;
     }
     if (performance.now() - lastPaint > 30) {
-      appendOutput(s, painted);
-      painted = s.chars.length;
+      appendOutput(s);
       await nextFrame();
       lastPaint = performance.now();
     }
   }
   if (finish === "stop") renderOutput();
-  else appendOutput(s, painted);
+  else appendOutput(s);
   return { generated, finish };
 }
 
@@ -685,9 +696,10 @@ async function run(s, prompt) {
   const p = params();
   app.running = { cancel() {} };
   updateButtons();
-  setStatus(s.mode === "server" ? "generating on the server…" : "generating in this browser…");
-  const t0 = performance.now();
   try {
+    if (s.mode === "browser") await modelFor(s); // loading the file is not part of the speed shown
+    setStatus(s.mode === "server" ? "generating on the server…" : "generating in this browser…");
+    const t0 = performance.now();
     const result = s.mode === "server" ? await serverGenerate(s, prompt, p) : await browserGenerate(s, prompt, p);
     const seconds = (performance.now() - t0) / 1000;
     const rate = result.generated / Math.max(seconds, 1e-6);
@@ -699,6 +711,7 @@ async function run(s, prompt) {
     showError(err);
   } finally {
     app.running = null;
+    flushOutput();
     ui.output.dataset.running = "false";
     renderSessions();
   }
@@ -836,6 +849,7 @@ async function start() {
   const models = await (await api("v1/models")).json();
   app.models = models.data;
   ui.model.replaceChildren(...app.models.map((m) => new Option(`${m.id} (${m.cell} ${m.num_layers}x${m.hidden_size})`, m.id)));
+  if (app.models.some((m) => m.id === app.config.default_model)) ui.model.value = app.config.default_model;
   if (!app.models.length) {
     setStatus("the server has no model loaded", true);
     return;

@@ -1,0 +1,57 @@
+"""The real parts the browser tests need, installed by the project's own setup when missing:
+Debian's chromium (driven by Playwright for Python, never a downloaded browser) and
+onnxruntime-web's files under service/static/ort/ (`make web`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.utils import REPO
+
+CHROMIUM = "/usr/bin/chromium"
+# Headless on a machine that cannot reach outside hosts: without the networking flags Chromium
+# keeps trying to, and waits on it.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ORT_WEB_STAMP = REPO / "service" / "static" / "ort" / "VERSION"
+
+
+class PartUnavailable(Exception):
+    pass
+
+
+def _apt_install(*packages: str) -> None:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise PartUnavailable(f"cannot install {' '.join(packages)}: not root or no apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, env=env, timeout=600)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", *packages], check=True, capture_output=True, env=env, timeout=900
+    )
+
+
+def ensure_chromium() -> str:
+    if not Path(CHROMIUM).exists():
+        _apt_install("chromium")
+    return CHROMIUM
+
+
+def ensure_ort_web() -> Path:
+    """onnxruntime-web's files, installed with `make web` (npm at setup time only)."""
+    if not ORT_WEB_STAMP.is_file():
+        if not shutil.which("npm"):
+            _apt_install("npm")
+        result = subprocess.run(["make", "web"], cwd=REPO, capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            raise PartUnavailable(f"make web failed: {(result.stdout + result.stderr)[-2000:]}")
+    return ORT_WEB_STAMP.parent
