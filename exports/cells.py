@@ -260,27 +260,43 @@ class Feature:
     kind: Kind
     description: str
     compute: Callable[[str], np.ndarray]
+    texts: frozenset[str] = frozenset(("prose", "code"))  # the kinds of text it means something for
 
     @property
     def metric(self) -> str:
         return "auc" if self.kind == "binary" else "correlation"
 
 
+PROSE = frozenset(("prose",))
+CODE = frozenset(("code",))
 FEATURES: dict[str, Feature] = {
     f.name: f
     for f in (
-        Feature("in_quotes", "binary", "inside a quotation (\"...\" or '...')", in_quotes),
-        Feature("in_string", "binary", "inside a Python string literal", in_string),
-        Feature("in_comment", "binary", "inside a Python # comment", in_comment),
+        Feature("in_quotes", "binary", "inside a quotation (\"...\" or '...')", in_quotes, PROSE),
+        Feature("in_string", "binary", "inside a Python string literal", in_string, CODE),
+        Feature("in_comment", "binary", "inside a Python # comment", in_comment, CODE),
         Feature("bracket_depth", "continuous", "(, [ and { nesting depth", bracket_depth),
         Feature("line_position", "continuous", "characters since the line began", line_position),
         Feature("in_word", "binary", "inside a word (letters, digits, _)", in_word),
         Feature("line_start", "binary", "a line break was just read", line_start),
         Feature("upper_run", "binary", "within a run of capitals (speaker names)", upper_run),
-        Feature("indent_depth", "continuous", "leading white space of the line", indent_depth),
-        Feature("in_if_block", "binary", "inside the body of an if/elif/else block", in_if_block),
+        Feature("indent_depth", "continuous", "leading white space of the line", indent_depth, CODE),
+        Feature("in_if_block", "binary", "inside the body of an if/elif/else block", in_if_block, CODE),
     )
 }
+
+
+def text_kind(text: str) -> str:
+    """ "code" when at least a fifth of the non-blank lines are indented (Python, C...), else "prose"."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    indented = sum(1 for line in lines if line[:1] in (" ", "\t"))
+    return "code" if lines and indented >= 0.2 * len(lines) else "prose"
+
+
+def features_for(text: str) -> list[Feature]:
+    """The features that mean something for this kind of text (quotations in prose, strings in code...)."""
+    kind = text_kind(text)
+    return [f for f in FEATURES.values() if kind in f.texts]
 
 
 # ---- scores --------------------------------------------------------------------------------
@@ -413,6 +429,7 @@ class UnitScore:
     unit: int
     score: float
     strength: float
+    center: float = 0.0  # where a c unit sits on this text (its median): colours show tanh(c - center)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -421,6 +438,7 @@ class UnitScore:
             "unit": self.unit,
             "score": round(self.score, 4),
             "strength": round(self.strength, 4),
+            "center": round(self.center, 4),
         }
 
 
@@ -455,7 +473,8 @@ def rank_units(acts: Activations, features: Sequence[tuple[Kind, np.ndarray]], t
         for (kind, _), scores, kept in zip(features, score_group(matrix, features), found, strict=True):
             strengths = strength(kind, scores)
             for u in np.argsort(-strengths, kind="stable")[:top]:
-                kept.append(UnitScore(group.layer, group.state, int(u), float(scores[u]), float(strengths[u])))
+                center = float(np.median(matrix[:, u])) if group.state == "c" else 0.0
+                kept.append(UnitScore(group.layer, group.state, int(u), float(scores[u]), float(strengths[u]), center))
     for kept in found:
         kept.sort(key=lambda s: (-s.strength, s.layer, s.state, s.unit))
         del kept[top:]
@@ -488,8 +507,9 @@ def find_cells(
     top: int = 5,
     excerpt_chars: int = 600,
 ) -> list[FeatureResult]:
-    """Score every unit against every feature; a feature constant on the text is skipped, with the reason."""
-    results = [FeatureResult(f, f.compute(text)) for f in (features if features is not None else FEATURES.values())]
+    """Score every unit against every feature (by default those for this kind of text); a feature
+    constant on the text is skipped, with the reason."""
+    results = [FeatureResult(f, f.compute(text)) for f in (features if features is not None else features_for(text))]
     scored = []
     for r in results:
         if r.values.size == 0 or np.all(r.values == r.values[0]):
@@ -548,7 +568,7 @@ def report_json(
             "states": list(info.state_names),
             "units": info.num_layers * info.hidden_size * len(info.state_names),
         },
-        "text": {"source": source, "offset": offset, "chars": len(text)},
+        "text": {"source": source, "offset": offset, "chars": len(text), "kind": text_kind(text)},
         "scores": {
             "binary": "ROC AUC (0.5 chance; 0 or 1 perfect)",
             "continuous": "Pearson correlation",
@@ -604,14 +624,14 @@ def write_report(
         raise ValueError("--max-chars must be at least 2")
     if top < 1:
         raise ValueError("--top must be at least 1")
-    names = list(feature_names) if feature_names else list(FEATURES)
-    unknown = [n for n in names if n not in FEATURES]
+    unknown = [n for n in feature_names or () if n not in FEATURES]
     if unknown:
         raise ValueError(f"unknown feature(s) {', '.join(unknown)}; choose from {', '.join(FEATURES)}")
     session, info, model_file = open_model(model)
     text, start, source = read_text(data, max_chars, offset)
     acts = run_states(session, info, text)
-    results = find_cells(acts, text, [FEATURES[n] for n in names], top=top)
+    features = [FEATURES[n] for n in feature_names] if feature_names else features_for(text)
+    results = find_cells(acts, text, features, top=top)
     report = report_json(results, info, model_file, source, start, text)
     out.mkdir(parents=True, exist_ok=True)
     payload = json.dumps(report, indent=1, ensure_ascii=False) + "\n"

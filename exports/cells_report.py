@@ -1,8 +1,9 @@
 """The cell finder's pictures: a self-contained HTML page and PNG images of text coloured by a unit.
 
 Each character's background is the unit's value after reading it, blue (-1) through white (0) to
-red (+1), as in Karpathy et al.'s figures. h is already in -1..1; an LSTM's c is not bounded, so
-it is shown as tanh(c), the squashing the cell itself applies before its output gate.
+red (+1), as in Karpathy et al.'s figures. h is already in -1..1; an LSTM's c is not bounded and
+often sits far from 0, so it is shown as tanh(c - center), the cell's own squashing applied to
+its departure from where it usually sits on the text (its median there, kept in the report).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ WRAP = 100  # columns per row in the images
 HTML_UNITS = 3  # units shown per feature on the page
 
 
-def display_values(values: np.ndarray, state: str) -> np.ndarray:
-    """A unit's values squashed into -1..1 for colouring: tanh for c, a clip for h."""
+def display_values(values: np.ndarray, state: str, center: float = 0.0) -> np.ndarray:
+    """A unit's values squashed into -1..1 for colouring: tanh(c - center) for c, a clip for h."""
     v = values.astype(np.float64)
-    return np.tanh(v) if state == "c" else np.clip(v, -1.0, 1.0)
+    return np.tanh(v - center) if state == "c" else np.clip(v, -1.0, 1.0)
 
 
 def colour(v: float) -> tuple[int, int, int]:
@@ -84,7 +85,7 @@ def html_page(report: dict[str, Any], results: Sequence[FeatureResult], acts: Ac
         f"<p>{model['cell'].upper()}, {model['num_layers']} layers x {model['hidden_size']} units, "
         f"{model['units']} units searched over {report['text']['chars']:,} characters of "
         f"{html.escape(report['text']['source'])}. Scores: AUC for yes/no features, Pearson r for the others. "
-        "Colour: the unit's value after reading each character (tanh for c): "
+        "Colour: the unit's value after reading each character (for c: tanh(c - its median on this text)): "
         "<span class='scale'></span> -1 .. +1.</p>",
     ]
     for r in results:
@@ -101,7 +102,7 @@ def html_page(report: dict[str, Any], results: Sequence[FeatureResult], acts: Ac
         out.append(f"<table><tr><th>#</th><th>unit</th><th>score</th><th>strength</th></tr>{rows}</table>")
         start, end = r.excerpt
         for s in r.top[:HTML_UNITS]:
-            values = display_values(acts.unit(s.layer, s.state, s.unit)[start:end], s.state)
+            values = display_values(acts.unit(s.layer, s.state, s.unit)[start:end], s.state, s.center)
             out.append(f"<h3>{unit_label(s)} ({score_label(f.metric, s.score)})</h3>")
             out.append(f"<pre>{_coloured_html(text[start:end], values)}</pre>")
     out.append("</body></html>")
@@ -164,7 +165,7 @@ def write_images(
             continue
         best = r.top[0]
         start, end = r.excerpt
-        values = display_values(acts.unit(best.layer, best.state, best.unit)[start:end], best.state)
+        values = display_values(acts.unit(best.layer, best.state, best.unit)[start:end], best.state, best.center)
         title = f"{name}: {r.feature.name} ({r.feature.description}) - {unit_label(best)}, " + score_label(
             r.feature.metric, best.score
         )

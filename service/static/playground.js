@@ -117,9 +117,10 @@ const isExtrasError = (err) => err && err.code === "invalid_input" && /^(activat
 const NEG = [33, 102, 172];
 const POS = [178, 24, 43];
 
-/** -1 blue, 0 white, +1 red; c states are shown as tanh(c), h as they are. */
-function colourOf(value, state) {
-  let v = state === "c" ? Math.tanh(value) : value;
+/** -1 blue, 0 white, +1 red; h as it is, c as tanh(c - center), center being where the unit
+ * usually sits (its median in the cell report; 0 for a unit picked by number). */
+function colourOf(value, unit) {
+  let v = unit.state === "c" ? Math.tanh(value - (unit.center || 0)) : value;
   v = Math.max(-1, Math.min(1, v));
   const end = v >= 0 ? POS : NEG;
   const a = Math.abs(v);
@@ -253,7 +254,7 @@ function spanFor(s, i) {
   if (s.prompt[i]) span.className = "prompt";
   const v = valueAt(s, i);
   if (v !== null && v !== undefined) {
-    span.style.backgroundColor = colourOf(v, app.unit.state);
+    span.style.backgroundColor = colourOf(v, app.unit);
     span.title = `${v.toFixed(3)}`;
   }
   return span;
@@ -352,7 +353,12 @@ function unitKey(u) { return `${u.layer}:${u.state}:${u.unit}`; }
 function parseUnit(value) {
   if (!value) return null;
   const [layer, state, unit] = value.split(":");
-  return { layer: Number(layer), state, unit: Number(unit) };
+  const u = { layer: Number(layer), state, unit: Number(unit), center: 0 };
+  for (const f of (app.cells && app.cells.features) || []) {
+    const t = (f.top || []).find((t) => unitKey(t) === value);
+    if (t && typeof t.center === "number") u.center = t.center;
+  }
+  return u;
 }
 
 function fillUnitPicker() {
@@ -801,7 +807,7 @@ function wire() {
   ui.model.addEventListener("change", act(loadModel));
   ui.unit.addEventListener("change", act(() => chooseUnit(parseUnit(ui.unit.value))));
   ui.unitApply.addEventListener("click", act(() => chooseUnit({
-    layer: Number(ui.unitLayer.value), state: ui.unitState.value, unit: Number(ui.unitIndex.value),
+    layer: Number(ui.unitLayer.value), state: ui.unitState.value, unit: Number(ui.unitIndex.value), center: 0,
   })));
   ui.prompt.addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
+from tests.browser.parts import ensure_ort_web
 from tests.container.engine import REPO, Engine, EngineUnavailable, base_image, build_wheelhouse, find_engine
 from tests.utils import free_port
 
@@ -35,6 +36,7 @@ def engine() -> Engine:
 def image(engine: Engine) -> Iterator[str]:
     base = base_image(engine)
     build_wheelhouse()
+    ensure_ort_web()  # the playground's onnxruntime-web files travel in the build context
     t0 = time.perf_counter()
     # Podman's default OCI format has no HEALTHCHECK; the docker format keeps it.
     fmt = ["--format", "docker"] if engine.command == "podman" else []
@@ -124,6 +126,13 @@ def test_image_serves_the_bundled_model(engine: Engine, image: str, containers: 
     assert no_gcc.stdout.strip() == ""
     health = engine.run("inspect", c.name, "--format", "{{json .Config.Healthcheck}}").stdout
     assert "healthz" in health
+    # The playground and the files it runs models with in a browser, from the image alone.
+    page = httpx.get(f"{c.base}/", timeout=10)
+    assert page.status_code == 200 and 'data-testid="generate"' in page.text
+    assert httpx.get(f"{c.base}/playground.json", timeout=10).json()["ort_web"]
+    wasm = httpx.get(f"{c.base}/static/ort/ort-wasm-simd-threaded.wasm", timeout=30)
+    assert wasm.status_code == 200 and wasm.headers["content-type"] == "application/wasm"
+    assert httpx.get(f"{c.base}/v1/models/shakespeare-lstm/cells", timeout=10).json()["features"]
 
 
 def test_broken_models_volume_starts_not_ready(

@@ -95,6 +95,17 @@ def test_in_if_block() -> None:
         start += len(line)
 
 
+def test_text_kind_picks_the_features() -> None:
+    code = "def f(x):\n    if x:\n        return 1\n    return 2\n"
+    prose = "ROMEO:\nI pray thee, stay.\n\nJULIET:\nNay.\n"
+    assert cells.text_kind(code) == "code" and cells.text_kind(prose) == "prose"
+    code_names = [f.name for f in cells.features_for(code)]
+    assert "in_if_block" in code_names and "in_string" in code_names and "in_quotes" not in code_names
+    prose_names = [f.name for f in cells.features_for(prose)]
+    assert "in_quotes" in prose_names and "indent_depth" not in prose_names
+    assert "line_position" in code_names and "line_position" in prose_names
+
+
 def test_every_feature_is_as_long_as_its_text() -> None:
     text = "def f(x):\n    if x:\n        return 'a(b'\n"
     for feature in cells.FEATURES.values():
@@ -141,6 +152,7 @@ def test_colour_scale() -> None:
     assert colour(7) == colour(1)
     assert list(display_values(np.array([-5.0, 0.5]), "h")) == [-1.0, 0.5]
     assert display_values(np.array([2.0]), "c")[0] == pytest.approx(np.tanh(2.0))
+    assert display_values(np.array([5.0]), "c", center=4.0)[0] == pytest.approx(np.tanh(1.0))
 
 
 def test_a_planted_unit_is_found() -> None:
@@ -154,10 +166,13 @@ def test_a_planted_unit_is_found() -> None:
     h[:, 1] = cells.line_position(text) / 10
     acts = cells.Activations(info, {cells.UnitGroup(0, "h"): h, cells.UnitGroup(0, "c"): c})
     found = {r.feature.name: r for r in cells.find_cells(acts, text, top=3)}
-    assert found["in_quotes"].top[0].to_json() == {"layer": 0, "state": "c", "unit": 2, "score": 1.0, "strength": 1.0}
+    # c sits at -1 outside the quotes, most of the text: that is its center for colouring.
+    expected = {"layer": 0, "state": "c", "unit": 2, "score": 1.0, "strength": 1.0, "center": -1.0}
+    assert found["in_quotes"].top[0].to_json() == expected
     best = found["line_position"].top[0]
     assert (best.state, best.unit, best.score) == ("h", 1, pytest.approx(1.0))
-    assert found["indent_depth"].skipped == "constant on this text"
+    assert found["bracket_depth"].skipped == "constant on this text"
+    assert "indent_depth" not in found  # prose: the code features are not asked
 
 
 # ---- real tiny models ------------------------------------------------------------------------------
@@ -175,10 +190,11 @@ def test_finder_on_a_tiny_model(models_dir: Path, corpus_file: Path, tmp_path: P
     states = ["h", "c"] if name == "tiny-lstm" else ["h"]
     assert report["model"]["states"] == states
     assert report["model"]["units"] == 2 * 48 * len(states)
-    assert report["text"]["chars"] == 3000
+    assert 2000 < report["text"]["chars"] <= 3000  # the last 3,000 characters, from a line start
     by_name = {f["name"]: f for f in report["features"]}
-    assert set(by_name) == set(cells.FEATURES)
-    assert by_name["indent_depth"]["skipped"] == "constant on this text"  # Shakespeare is not indented
+    assert report["text"]["kind"] == "prose"
+    assert set(by_name) == {f.name for f in cells.FEATURES.values() if "prose" in f.texts}
+    assert by_name["bracket_depth"]["skipped"] == "constant on this text"  # no brackets in Shakespeare
     for feature in ("line_position", "line_start", "in_word", "upper_run"):
         top = by_name[feature]["top"]
         assert len(top) == 4
