@@ -26,6 +26,7 @@ ERROR_TYPES = {
     404: "NotFoundError",
     405: "MethodNotAllowedError",
     409: "ConflictError",
+    410: "GoneError",
     429: "RateLimitError",
     503: "ServiceUnavailableError",
 }
