@@ -60,9 +60,11 @@ unit: $(ALL_STAMP) $(ORT_WEB_STAMP)
 test: lint typecheck unit
 
 bench: $(ALL_STAMP)
+	$(PY) -m pip install -q -e '.[peers]'
 	$(PY) -m benchmarks.train_speed
 	$(PY) -m benchmarks.export_speed
 	$(PY) -m benchmarks.serving
+	$(PY) -m benchmarks.peers_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache $(ORT_WEB)
