@@ -44,6 +44,8 @@ log = logging.getLogger("charstream.scheduler")
 # is read: 256 positions of the bundled 2x512 LSTM take ~25 ms on a 2-core CPU
 # (benchmarks/prefill_fairness.py measures the gap), against ~2.2x faster reading than stepping.
 PREFILL_CHUNK = 256
+# Characters a stream collects before it is woken to send a frame (vLLM's stream_interval).
+STREAM_INTERVAL = 1
 
 
 class EngineFailure(Exception):
@@ -349,10 +351,9 @@ class Scheduler:
         for k, buffer in enumerate(bound.state_out):
             slots.state[k][:, rows] = buffer
         slots.logits[rows] = bound.logits[:, 0]
-        for job in jobs:
+        for i, job in enumerate(jobs):
             job.next_input = None
             job.absorbed += 1
-        for i, job in enumerate(jobs):
             if job.notes is not None and job.params.activations is not None:
                 spec = job.params.activations
                 values = slots.state[spec.tensor, spec.layer, rows[i], list(spec.units)].tolist()
@@ -397,8 +398,11 @@ class Scheduler:
         job.generated += 1
         job.next_input = char  # the model reads it at the next step
         self._emitted += 1
-        text, stopped = job.stop.push(self.vocab[char])
         ending = None
+        if job.stop.stops:
+            text, stopped = job.stop.push(self.vocab[char])
+        else:  # the common case, once per character: no call
+            text, stopped = self.vocab[char], False
         if stopped:
             ending = Phase.STOP
         elif job.generated >= job.params.max_new_chars:

@@ -15,7 +15,7 @@ from typing import Any
 
 from service.errors import ApiError, InternalError, InvalidInput, LeaseLost, ShuttingDown, TooLarge
 from service.generation import Generation
-from service.jobs import Job, Phase
+from service.jobs import Job, Mailbox, Phase
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 from service.sampling import SamplingParams
@@ -350,6 +350,7 @@ class GenerationService:
             rng=rng,
             wants_state=lease is not None,
             on_complete=on_complete,
+            events=Mailbox(self.settings.stream_interval),
         )
         self.schedulers[model.id].submit(job)
         return job, saved

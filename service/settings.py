@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.errors import ServiceConfigError
-from service.scheduler import PREFILL_CHUNK
+from service.scheduler import PREFILL_CHUNK, STREAM_INTERVAL
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SECRET_SETTINGS = ("api_key", "session_store")  # never echoed: a key, a URL with a password
@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     batching: bool = Field(default=True, description="share one onnxruntime step across sessions")
     max_batch_size: int = Field(default=256, ge=1)
     max_wait_us: int = Field(default=500, ge=0, description="an idle scheduler waits this long for company")
+    stream_interval: int = Field(
+        default=STREAM_INTERVAL, ge=1, le=64, description="a stream sends a frame once this many characters wait"
+    )
     prefill_chunk: int = Field(
         default=PREFILL_CHUNK, ge=1, le=65_536, description="prompt positions read between two decode steps"
     )
