@@ -56,10 +56,14 @@ def chunk_costs(rounds: int) -> list[dict[str, float]]:
 
 
 async def _while_prompt_is_read(port: int, prompt: str) -> dict[str, Any]:
+    results = [ws_client.StreamResult() for _ in range(STREAMS)]
     streams = [
         asyncio.create_task(
             ws_client.generate(
-                "127.0.0.1", port, {"type": "generate", "prompt": "ROMEO:", "max_new_chars": 60_000, "seed": i}
+                "127.0.0.1",
+                port,
+                {"type": "generate", "prompt": "ROMEO:", "max_new_chars": 100_000, "seed": i},
+                results[i],
             )
         )
         for i in range(STREAMS)
@@ -68,7 +72,9 @@ async def _while_prompt_is_read(port: int, prompt: str) -> dict[str, Any]:
     sent = time.perf_counter()
     long = await ws_client.generate("127.0.0.1", port, {"type": "generate", "prompt": prompt, "max_new_chars": 1})
     read = long.arrivals[0] if long.arrivals else time.perf_counter()
-    results = await asyncio.gather(*streams)
+    for task in streams:  # measured: disconnect them
+        task.cancel()
+    await asyncio.gather(*streams, return_exceptions=True)
     gaps: list[float] = []
     for result in results:
         inside = [t for t in result.arrivals if sent <= t <= read]

@@ -30,11 +30,13 @@ class StreamResult:
 class _GenerateProtocol(asyncio.Protocol):
     """One connection: handshake, one generate message, characters until done, then close."""
 
-    def __init__(self, url: str, request: dict[str, object], finished: asyncio.Future[StreamResult]) -> None:
+    def __init__(
+        self, url: str, request: dict[str, object], finished: asyncio.Future[StreamResult], result: StreamResult
+    ) -> None:
         self.ws = ClientProtocol(parse_uri(url), max_size=None)
         self.request = json.dumps(request).encode()
         self.finished = finished
-        self.result = StreamResult()
+        self.result = result
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -84,12 +86,16 @@ class _GenerateProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-async def generate(host: str, port: int, request: dict[str, object]) -> StreamResult:
+async def generate(
+    host: str, port: int, request: dict[str, object], result: StreamResult | None = None
+) -> StreamResult:
     """Open /v1/stream, send one generate message, and collect arrival times until done."""
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[StreamResult] = loop.create_future()
     url = f"ws://{host}:{port}/v1/stream"
-    transport, _ = await loop.create_connection(lambda: _GenerateProtocol(url, request, finished), host, port)
+    # A caller that may cancel the stream passes its own `result` to keep what arrived before.
+    into = result if result is not None else StreamResult()
+    transport, _ = await loop.create_connection(lambda: _GenerateProtocol(url, request, finished, into), host, port)
     try:
         return await finished
     finally:

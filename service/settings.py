@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         default=STREAM_INTERVAL, ge=1, le=64, description="a stream sends a frame once this many characters wait"
     )
     prefill_chunk: int = Field(
-        default=PREFILL_CHUNK, ge=1, le=65_536, description="prompt positions read between two decode steps"
+        default=PREFILL_CHUNK, ge=1, le=10_000_000, description="prompt positions read between two decode steps"
     )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, le=3600, description="on SIGTERM, running generations get this long to finish"
