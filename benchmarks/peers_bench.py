@@ -341,6 +341,7 @@ def main() -> None:
     print(f"idle server CPU %: {idle}")
 
     report = {
+        "commit": _commit(),
         "model": args.model,
         "history_chars": HISTORY_CHARS,
         "rounds": args.rounds,
@@ -350,9 +351,43 @@ def main() -> None:
         "ratios": ratios,
         "idle_cpu_pct": idle,
     }
+    print()
+    print(markdown(report))
     path = write_results(args.name, report)
     plot(report, Path(args.plot))
     print(f"results: {path}, plot: {args.plot}")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The headline tables as the README shows them."""
+    load, ttfc = report["load"], report["ttfc_ms"]
+    lines = [
+        "| streams | charstream SSE | LitServe | charstream / LitServe | charstream WebSocket |",
+        "|---|---|---|---|---|",
+    ]
+    for n, peer in load["litserve"].items():
+        sse, ws = load["charstream_sse"][n]["chars_per_s"], load["charstream_ws"][n]["chars_per_s"]
+        lines.append(
+            f"| {n} | {sse:,.0f} | {peer['chars_per_s']:,.0f} | {sse / peer['chars_per_s']:.2f}x | {ws:,.0f} |"
+        )
+    fresh_cs, fresh_peer = ttfc["fresh: charstream"], ttfc["fresh: litserve"]
+    hist_cs, hist_peer = ttfc["history: charstream, session continued"], ttfc["history: litserve, re-read"]
+    lines += [
+        "",
+        "| time to first character | charstream | LitServe | LitServe / charstream |",
+        "|---|---|---|---|",
+        f"| fresh prompt | {fresh_cs:.1f} ms | {fresh_peer:.1f} ms | {fresh_peer / fresh_cs:.2f}x |",
+        f"| {report['history_chars']:,} chars of history | {hist_cs:.1f} ms (session continued) "
+        f"| {hist_peer:,.0f} ms (re-read) | {hist_peer / hist_cs:,.0f}x |",
+    ]
+    return "\n".join(lines)
+
+
+def _commit() -> str:
+    """The commit measured, marked when the tree held changes not yet committed."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "service"], cwd=REPO, capture_output=True, text=True)
+    return head.stdout.strip() + (" (service/ changed since)" if dirty.stdout.strip() else "")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -367,6 +402,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         runs = report["load"][key]
         left.plot(list(runs), [r["chars_per_s"] for r in runs.values()], marker="o", label=label)
     left.set_xscale("log", base=2)
+    levels = list(report["load"]["litserve"])
+    left.set_xticks(levels, [str(n) for n in levels])
+    left.set_ylim(bottom=0)
     left.set_xlabel("concurrent streams")
     left.set_ylabel("aggregate chars/s")
     left.grid(alpha=0.3)
