@@ -17,7 +17,7 @@ ORT_WEB := service/static/ort
 ORT_WEB_STAMP := $(ORT_WEB)/VERSION
 ORT_WEB_FILES := ort.wasm.min.mjs ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
 
-.PHONY: serve test lint typecheck unit bench container-test clean web
+.PHONY: serve test lint typecheck unit bench container-test clean web test-servers
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,10 +54,24 @@ lint: $(ALL_STAMP)
 typecheck: $(ALL_STAMP)
 	$(VENV)/bin/mypy training service exports benchmarks charstream_cli.py
 
-unit: $(ALL_STAMP) $(ORT_WEB_STAMP)
+# The real servers the tests start (redis-server, nginx), from Debian's packages when missing:
+# installed when root, otherwise named so they can be installed by hand.
+TEST_SERVERS := redis-server:redis-server nginx:nginx-light
+test-servers:
+	@missing=""; for pair in $(TEST_SERVERS); do \
+	  command -v $${pair%%:*} > /dev/null || [ -x /usr/sbin/$${pair%%:*} ] || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+	    echo "make: installing$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "make: the tests need$$missing (apt-get install -y$$missing)"; exit 1; fi; \
+	fi
+
+unit: $(ALL_STAMP) $(ORT_WEB_STAMP) test-servers
 	$(VENV)/bin/pytest
 
-test: lint typecheck unit
+test: test-servers lint typecheck unit
 
 bench: $(ALL_STAMP)
 	$(PY) -m pip install -q -e '.[peers]'

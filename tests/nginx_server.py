@@ -1,0 +1,117 @@
+"""A real nginx for the tests: installed from Debian's packages when missing, run with the
+deployment's own configuration (deploy/nginx.conf) rendered for loopback ports, as a child of
+the test, and stopped by its own PID."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.utils import REPO, free_port
+
+CONFIG = REPO / "deploy" / "nginx.conf"
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise RuntimeError("nginx is missing and cannot be installed here (needs root and apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, env=env, timeout=600)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "nginx-light"], check=True, capture_output=True, env=env, timeout=600
+    )
+    found = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.access(found, os.X_OK):
+        raise RuntimeError("nginx was installed but is not on PATH")
+    return found
+
+
+def _replace_once(text: str, pattern: str, replacement: str) -> str:
+    new, count = re.subn(pattern, lambda _: replacement, text, flags=re.MULTILINE)
+    if count != 1:
+        raise AssertionError(f"deploy/nginx.conf: expected one line matching {pattern!r}, found {count}")
+    return new
+
+
+def render_config(folder: Path, port: int, upstreams: list[int]) -> str:
+    """deploy/nginx.conf with loopback addresses, and its logs, pid and temp files in `folder`."""
+    text = CONFIG.read_text()
+    server = re.search(r"^(\s*)server charstream:8000( [^;]*);$", text, flags=re.MULTILINE)
+    assert server, "deploy/nginx.conf has no `server charstream:8000 ...;` line"
+    indent, params = server.group(1), server.group(2)
+    servers = "\n".join(f"{indent}server 127.0.0.1:{p}{params};" for p in upstreams)
+    text = _replace_once(text, r"^\s*server charstream:8000 [^;]*;$", servers)
+    text = _replace_once(text, r"^(\s*)listen 8080;$", f"        listen 127.0.0.1:{port};")
+    text = _replace_once(text, r"^pid .*;$", f"pid {folder}/nginx.pid;")
+    text = _replace_once(text, r"^error_log .*;$", f"error_log {folder}/error.log warn;")
+    text = _replace_once(
+        text,
+        r"^(\s*)access_log /dev/stdout charstream;$",
+        f"    access_log {folder}/access.log charstream;\n"
+        f"    client_body_temp_path {folder}/client_body;\n"
+        f"    proxy_temp_path {folder}/proxy;",
+    )
+    if os.geteuid() == 0:  # workers would otherwise run as nobody, who cannot enter the test's folder
+        text = "user root;\n" + text
+    return text
+
+
+class NginxServer:
+    """nginx on 127.0.0.1 in front of charstream replicas on the given loopback ports."""
+
+    def __init__(self, folder: Path, upstreams: list[int]) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.upstreams = upstreams
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self.access_log = folder / "access.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NginxServer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        conf = self.folder / "nginx.conf"
+        conf.write_text(render_config(self.folder, self.port, self.upstreams))
+        error_log = self.folder / "error.log"
+        cmd = [nginx_binary(), "-p", f"{self.folder}/", "-c", str(conf), "-e", str(error_log), "-g", "daemon off;"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{self.base_url}/nginx-health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = error_log.read_text() if error_log.exists() else ""
+                self.stop()
+                raise RuntimeError(f"nginx did not start:\n{log}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # fast shutdown: the master stops its workers
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def routes(self) -> list[tuple[str, str, str]]:
+        """(request line, session, upstream addresses) for every request in the access log."""
+        pattern = re.compile(
+            r'"(?P<request>[^"]*)" \d+ \d+ session="(?P<session>[^"]*)" upstream="(?P<upstream>[^"]*)"'
+        )
+        found = (pattern.search(line) for line in self.access_log.read_text().splitlines())
+        return [(m["request"], m["session"], m["upstream"]) for m in found if m]
