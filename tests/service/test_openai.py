@@ -345,3 +345,27 @@ def test_a_model_that_failed_to_load_is_an_internal_server_error(models_dir: Pat
             c.completions.create(model="broken", prompt="A")
         assert error.value.status_code == 503 and "failed to load" in error.value.message
         assert [m.id for m in c.models.list().data] == ["good"]
+
+
+def test_a_failure_mid_stream_reaches_the_client_as_an_error(models_dir: Path) -> None:
+    with (
+        run_server(models_dir=models_dir, default_model=MODEL, max_new_chars=100_000) as s,
+        OpenAI(base_url=f"{s.base_url}/v1", api_key="x", max_retries=0) as c,
+    ):
+        engine = s.app.state.service.schedulers[MODEL].engine  # type: ignore[attr-defined]
+        chunks = iter(c.completions.create(model=MODEL, prompt="A", max_tokens=100_000, stream=True))
+        assert next(chunks).choices[0].text
+
+        def broken(batch: int) -> None:
+            raise RuntimeError("injected")
+
+        engine.binding = broken  # the next step fails inside the scheduler
+        with pytest.raises(openai.APIError) as error:
+            for _ in chunks:
+                pass
+        assert error.value.body == {
+            "message": "the generation failed on the server",
+            "type": "InternalServerError",
+            "param": None,
+            "code": "internal",
+        }
