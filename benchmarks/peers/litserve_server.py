@@ -9,7 +9,8 @@ with seq = len(prompt)), then steps one character at a time, sampling as charstr
 (temperature, top-k, one uniform draw per character from a seeded PCG64). Requests are batched
 the way LitServe offers it for streaming: with max_batch_size > 1 and stream=True, LitServe
 collects up to max_batch_size requests within batch_timeout, and `predict` runs them as one
-batch until every row is done; a request that arrives meanwhile waits for the next batch.
+batch until every row is done (a short request's response stays open until then); a request
+that arrives meanwhile waits for the next batch.
 Characters stream back as LitServe streams, one JSON line per character: {"text": "R"}.
 
 onnxruntime gets the same session options as charstream's server (threads, no spinning), so the

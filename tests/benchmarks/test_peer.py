@@ -40,12 +40,15 @@ def _stream(peer: ServerProcess, body: dict[str, object]) -> list[str]:
 
 
 def test_greedy_text_equals_charstreams(peer: ServerProcess, models_dir: Path) -> None:
-    body = {"prompt": "ROMEO:", "max_new_chars": 40, "temperature": 0}
+    greedy = {"prompt": "ROMEO:", "max_new_chars": 40, "temperature": 0}
+    # The same sampling too: one uniform draw per character from PCG64(seed), inverse CDF.
+    seeded = {"prompt": "ROMEO:", "max_new_chars": 40, "temperature": 0.8, "top_k": 5, "seed": 11}
     with run_server(models_dir=models_dir, default_model="tiny-lstm") as server, server.client() as c:
-        expected = c.post("/v1/generate", json=body).json()["text"]
-    chunks = _stream(peer, body)
-    assert len(expected) == 40 and all(len(ch) == 1 for ch in chunks)
-    assert "".join(chunks) == expected
+        expected = [c.post("/v1/generate", json=body).json()["text"] for body in (greedy, seeded)]
+    chunks = _stream(peer, greedy)
+    assert len(expected[0]) == 40 and all(len(ch) == 1 for ch in chunks)
+    assert "".join(chunks) == expected[0]
+    assert "".join(_stream(peer, seeded)) == expected[1]
 
 
 def test_the_benchmark_client_stamps_every_character(peer: ServerProcess) -> None:
