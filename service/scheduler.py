@@ -46,6 +46,10 @@ log = logging.getLogger("charstream.scheduler")
 PREFILL_CHUNK = 256
 # Characters a stream collects before it is woken to send a frame (vLLM's stream_interval).
 STREAM_INTERVAL = 1
+# How long a thread may hold the GIL while another waits for it. Python's default, 5 ms, lets the
+# event loop keep it for a whole step's worth of sends after onnxruntime returns, so the step
+# thread idles instead of starting the next step (benchmarks/serving.py measures the setting).
+SWITCH_INTERVAL_US = 5000
 
 
 class EngineFailure(Exception):

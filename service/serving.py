@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -88,6 +89,7 @@ class GenerationService:
         return cls(registry, make_store(settings, registry), schedulers, settings, metrics)
 
     def start(self) -> None:
+        sys.setswitchinterval(self.settings.switch_interval_us / 1e6)
         for scheduler in self.schedulers.values():
             scheduler.start()
 

@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.errors import ServiceConfigError
-from service.scheduler import PREFILL_CHUNK, STREAM_INTERVAL
+from service.scheduler import PREFILL_CHUNK, STREAM_INTERVAL, SWITCH_INTERVAL_US
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SECRET_SETTINGS = ("api_key", "session_store")  # never echoed: a key, a URL with a password
@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_wait_us: int = Field(default=500, ge=0, description="an idle scheduler waits this long for company")
     stream_interval: int = Field(
         default=STREAM_INTERVAL, ge=1, le=64, description="a stream sends a frame once this many characters wait"
+    )
+    switch_interval_us: int = Field(
+        default=SWITCH_INTERVAL_US, ge=10, le=100_000, description="longest GIL hold while another thread waits"
     )
     prefill_chunk: int = Field(
         default=PREFILL_CHUNK, ge=1, le=10_000_000, description="prompt positions read between two decode steps"
