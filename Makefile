@@ -73,12 +73,18 @@ unit: $(ALL_STAMP) $(ORT_WEB_STAMP) test-servers
 
 test: test-servers lint typecheck unit
 
-bench: $(ALL_STAMP)
+bench: $(ALL_STAMP) test-servers
 	$(PY) -m pip install -q -e '.[peers]'
 	$(PY) -m benchmarks.train_speed
 	$(PY) -m benchmarks.export_speed
 	$(PY) -m benchmarks.serving
+	$(PY) -m benchmarks.serving --variant int8 --name serving-int8 --streams 1,8,64
+	$(PY) -m benchmarks.delivery --variant fp32 --name delivery-fp32 default CHARSTREAM_STREAM_INTERVAL=2
+	$(PY) -m benchmarks.delivery --variant int8 --name delivery-int8 default CHARSTREAM_STREAM_INTERVAL=2
 	$(PY) -m benchmarks.peers_bench
+	$(PY) -m benchmarks.prefill_fairness
+	$(PY) -m benchmarks.sessions
+	$(PY) -m benchmarks.fuzz
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache $(ORT_WEB)

@@ -369,6 +369,9 @@ def main() -> None:
         else None,
         f"ws_{top}_vs_ceiling_{top}": ws[top]["chars_per_s"] / report["ceiling"][top],
         f"p99_gap_{top}_vs_p50_gap_1": ws[top]["inter_char_p99_ms"] / max(ws[1]["inter_char_p50_ms"], 1e-9),
+        # The delivery target: a stream's p99 gap against the time the ceiling takes for one step of
+        # `top` rows (`top` characters), i.e. how many steps a character waits at worst.
+        f"p99_gap_{top}_vs_ceiling_step_{top}": ws[top]["inter_char_p99_ms"] / (top / report["ceiling"][top] * 1e3),
         # Each stream gets one character per batched step, so its gap is at least the time the
         # server takes to make `top` characters. A p99 gap of 10x the single-stream p50 needs, even
         # with perfectly even delivery, this aggregate rate, set against what no server can beat:
