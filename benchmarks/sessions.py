@@ -18,6 +18,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -177,11 +178,25 @@ def measure_churn(redis_server: RedisServer, port: int) -> dict[str, Any]:
     }
 
 
-async def _streams(port: int) -> list[ws_client.StreamResult]:
-    requests = [
-        {"type": "generate", "prompt": "ROMEO:", "max_new_chars": CHARS_PER_STREAM, "seed": i} for i in range(STREAMS)
-    ]
-    return await asyncio.gather(*(ws_client.generate("127.0.0.1", port, r) for r in requests))
+async def _streams(port: int, seeds: list[int]) -> int:
+    requests = [{"type": "generate", "prompt": "ROMEO:", "max_new_chars": CHARS_PER_STREAM, "seed": i} for i in seeds]
+    results = await asyncio.gather(*(ws_client.generate("127.0.0.1", port, r) for r in requests))
+    return sum(len(r.arrivals) for r in results)
+
+
+def _client_share(port: int, seeds: list[int]) -> int:
+    return uvloop.run(_streams(port, seeds))
+
+
+def run_streams(port: int, pool: tuple[ProcessPoolExecutor, int] | None) -> int:
+    """64 streams at once: in this process, or split over the pool's client processes (a many-core
+    machine's server outruns one client process)."""
+    seeds = list(range(STREAMS))
+    if pool is None:
+        return _client_share(port, seeds)
+    executor, procs = pool
+    shares = [seeds[i::procs] for i in range(procs)]
+    return sum(executor.map(_client_share, [port] * procs, shares))
 
 
 def tree_cpu(proc: psutil.Process) -> float:
@@ -195,7 +210,9 @@ def tree_cpu(proc: psutil.Process) -> float:
     return total
 
 
-def measure_workers(redis_url: str, port: int, counts: list[int], rounds: int) -> list[dict[str, Any]]:
+def measure_workers(
+    redis_url: str, port: int, counts: list[int], rounds: int, pool: tuple[ProcessPoolExecutor, int] | None
+) -> list[dict[str, Any]]:
     rows = []
     servers = {
         n: ServerProcess(port + i, CHARSTREAM_SESSION_STORE=redis_url, CHARSTREAM_WORKERS=str(n))
@@ -205,13 +222,12 @@ def measure_workers(redis_url: str, port: int, counts: list[int], rounds: int) -
     try:
         time.sleep(2)  # every worker up
         for server in servers.values():
-            uvloop.run(_streams(server.port))  # warm-up
+            run_streams(server.port, pool)  # warm-up
         for _ in range(rounds):
             for n, server in servers.items():
                 cpu0, t0 = tree_cpu(server.ps), time.perf_counter()
-                results = uvloop.run(_streams(server.port))
+                chars = run_streams(server.port, pool)
                 wall = time.perf_counter() - t0
-                chars = sum(len(r.arrivals) for r in results)
                 runs[n].append((chars / wall, (tree_cpu(server.ps) - cpu0) / wall))
     finally:
         for server in servers.values():
@@ -236,6 +252,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-churn", action="store_true")
     parser.add_argument("--name", default="sessions", help="results file name")
+    parser.add_argument("--client-procs", type=int, default=1, help="client processes for the worker runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         redis_server = RedisServer(Path(tmp)).start()
@@ -264,7 +281,13 @@ def main() -> None:
                     f"\n{CHURN_SESSIONS:,} sessions made ({rate:,.0f}/s), errors {errors}, keys {before:,} -> {after}"
                 )
             counts = [int(x) for x in args.workers.split(",")]
-            workers = measure_workers(redis_server.url, args.port + 30, counts, args.rounds)
+            executor = ProcessPoolExecutor(args.client_procs) if args.client_procs > 1 else None
+            try:
+                pool = None if executor is None else (executor, args.client_procs)
+                workers = measure_workers(redis_server.url, args.port + 30, counts, args.rounds, pool)
+            finally:
+                if executor is not None:
+                    executor.shutdown()
             print(f"\n{STREAMS} WebSocket streams x {CHARS_PER_STREAM} chars, sessions in Redis")
             print(
                 table(["workers", "chars/s", "server CPU (cores)", "vs 1 worker"], [list(r.values()) for r in workers])
