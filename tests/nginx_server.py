@@ -46,11 +46,14 @@ def _replace_once(text: str, pattern: str, replacement: str) -> str:
 def render_config(folder: Path, port: int, upstreams: list[int]) -> str:
     """deploy/nginx.conf with loopback addresses, and its logs, pid and temp files in `folder`."""
     text = CONFIG.read_text()
-    server = re.search(r"^(\s*)server charstream:8000( [^;]*);$", text, flags=re.MULTILINE)
-    assert server, "deploy/nginx.conf has no `server charstream:8000 ...;` line"
-    indent, params = server.group(1), server.group(2)
-    servers = "\n".join(f"{indent}server 127.0.0.1:{p}{params};" for p in upstreams)
-    text = _replace_once(text, r"^\s*server charstream:8000 [^;]*;$", servers)
+    # The lines deploy/nginx-start.sh writes in a container, for loopback replicas.
+    servers = "".join(f"server 127.0.0.1:{p} max_fails=3 fail_timeout=5s;\n" for p in upstreams)
+    (folder / "charstream-upstreams.conf").write_text(servers)
+    text = _replace_once(
+        text,
+        r"^(\s*)include /etc/nginx/charstream-upstreams.conf;$",
+        f"        include {folder}/charstream-upstreams.conf;",
+    )
     text = _replace_once(text, r"^(\s*)listen 8080;$", f"        listen 127.0.0.1:{port};")
     text = _replace_once(text, r"^pid .*;$", f"pid {folder}/nginx.pid;")
     text = _replace_once(text, r"^error_log .*;$", f"error_log {folder}/error.log warn;")

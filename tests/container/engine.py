@@ -17,6 +17,8 @@ import tomllib
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_BASE = "localhost/python:3.11-slim"
 DEFAULT_BASE = "python:3.11-slim"
+DEPLOY_IMAGES = ("redis:7", "nginx:1.27")
+LOCAL_DEPLOY_PARTS = "localhost/charstream-deploy-parts:bookworm"
 
 
 class EngineUnavailable(Exception):
@@ -82,11 +84,19 @@ def base_image(engine: Engine) -> str:
             return ref
     if engine.run("pull", "-q", DEFAULT_BASE, check=False, timeout=120).returncode == 0:
         return DEFAULT_BASE
+    _import_rootfs(engine, LOCAL_BASE, "python3,python3-venv,ca-certificates")
+    return LOCAL_BASE
+
+
+def _import_rootfs(engine: Engine, ref: str, packages: str) -> None:
+    """A Debian bookworm rootfs with `packages`, made with debootstrap, slimmed, imported as `ref`.
+
+    In a minbase rootfs there is no init, so the packages' scripts start no service."""
     if not shutil.which("debootstrap"):
         _apt_install("debootstrap")
     with tempfile.TemporaryDirectory(prefix="charstream-rootfs-") as root:
         subprocess.run(
-            ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm", root],
+            ["debootstrap", "--variant=minbase", f"--include={packages}", "bookworm", root],
             check=True,
             capture_output=True,
             timeout=900,
@@ -109,14 +119,32 @@ def base_image(engine: Engine) -> str:
                     else:
                         child.unlink()
         with subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE) as tar:
-            engine.run("import", "-", LOCAL_BASE, stdin=tar.stdout, timeout=600)
-    return LOCAL_BASE
+            engine.run("import", "-", ref, stdin=tar.stdout, timeout=600)
+
+
+def deploy_images(engine: Engine) -> None:
+    """The images compose.scale.yaml names besides charstream's (redis:7, nginx:1.27): present,
+    pulled, or one Debian rootfs with Debian's redis-server and nginx tagged with both names, so
+    the compose file runs unchanged. Kept for the next run, as the base image is."""
+    missing = [ref for ref in DEPLOY_IMAGES if not engine.image_exists(ref)]
+    if not missing:
+        return
+    if all(engine.run("pull", "-q", ref, check=False, timeout=120).returncode == 0 for ref in missing):
+        return
+    if not engine.image_exists(LOCAL_DEPLOY_PARTS):
+        _import_rootfs(engine, LOCAL_DEPLOY_PARTS, "redis-server,nginx-light,curl")
+    for ref in DEPLOY_IMAGES:
+        if not engine.image_exists(ref):
+            engine.run("tag", LOCAL_DEPLOY_PARTS, ref)
 
 
 def build_wheelhouse() -> Path:
     """Wheels of the serve requirements, built on the host, so the image builds with no index."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = project["dependencies"] + project["optional-dependencies"]["serve"]
+    # What the image's Python needs beyond the host's: redis wants async-timeout below Python
+    # 3.11.3, and Debian bookworm's python3 (the locally made base image) is 3.11.2.
+    requirements += ["async-timeout>=4.0.3"]
     wheelhouse = REPO / "wheelhouse"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheelhouse), *requirements],

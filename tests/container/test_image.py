@@ -3,8 +3,10 @@ WebSocket, check it runs as non-root without torch, bring up the compose file; a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import time
@@ -16,7 +18,15 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.browser.parts import ensure_ort_web
-from tests.container.engine import REPO, Engine, EngineUnavailable, base_image, build_wheelhouse, find_engine
+from tests.container.engine import (
+    REPO,
+    Engine,
+    EngineUnavailable,
+    base_image,
+    build_wheelhouse,
+    deploy_images,
+    find_engine,
+)
 from tests.utils import free_port
 
 # A fresh machine installs Podman and makes a base image first: minutes, not seconds.
@@ -192,3 +202,76 @@ def test_compose_up_serves(engine: Engine, image: str) -> None:
     finally:
         subprocess.run([*cmd, "down", "-v"], capture_output=True, env=env, timeout=300)
         engine.run("rmi", "charstream:latest", check=False)
+
+
+def test_scaled_deployment_survives_a_killed_replica(engine: Engine, image: str) -> None:
+    """compose.scale.yaml unchanged: nginx + 2 replicas + Redis; a session continues after its replica is killed."""
+    if not engine.compose:
+        pytest.skip("no compose command for this engine")
+    deploy_images(engine)
+    project = f"charstream-scale-{secrets.token_hex(3)}"
+    port = free_port()
+    env = {
+        **os.environ,
+        **engine.env,
+        "CHARSTREAM_PUBLISH_PORT": str(port),
+        "CHARSTREAM_REPLICAS": "2",  # what `--scale charstream=2` says to docker compose
+        "CHARSTREAM_LEASE_TTL_S": "2",
+        "CHARSTREAM_MAX_NEW_CHARS": "1000000",
+    }
+    engine.run("tag", image, "charstream:latest")
+    cmd = [*engine.compose, "-p", project, "-f", str(REPO / "compose.scale.yaml")]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        up = subprocess.run([*cmd, "up", "-d"], capture_output=True, text=True, env=env, timeout=600)
+        assert up.returncode == 0, up.stderr[-3000:]
+        replicas = [f"{project}_charstream_{i}" for i in (1, 2)]
+        ready = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"
+        deadline = time.monotonic() + 90
+        while True:  # both replicas ready (their own /readyz), and nginx passing requests on
+            try:
+                replicas_ready = all(
+                    engine.run("exec", r, "python", "-c", ready, check=False).returncode == 0 for r in replicas
+                )
+                if replicas_ready and httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the scaled deployment never became ready"
+            time.sleep(0.2)
+        with httpx.Client(base_url=base, timeout=30) as c:
+            sid = c.post("/v1/sessions", json={"prompt": "KING:", "seed": 5}).json()["id"]
+            c.headers["X-Session-Id"] = sid
+            r = c.post(f"/v1/sessions/{sid}/generate", json={"max_new_chars": 30, "temperature": 0})
+            assert r.status_code == 200 and len(r.json()["text"]) == 30
+            victim = _replica_serving(engine, replicas, engine.run("logs", f"{project}_nginx_1").stdout, sid)
+            long = {"max_new_chars": 1_000_000, "stream": True}
+            finished = False  # had the stream ended before the kill, its text would have been saved
+            with contextlib.suppress(httpx.HTTPError), c.stream("POST", f"/v1/sessions/{sid}/generate", json=long) as s:
+                for n, line in enumerate(s.iter_lines()):
+                    if n == 10:
+                        engine.run("kill", victim)
+                    finished = finished or line == "data: [DONE]"
+            for _ in range(200):  # as a client should: retry 409, 502 and 503
+                r = c.post(f"/v1/sessions/{sid}/generate", json={"max_new_chars": 20, "temperature": 0})
+                if r.status_code not in (409, 502, 503):
+                    break
+                time.sleep(0.25)
+            assert r.status_code == 200, r.text
+            assert not finished
+            assert c.get(f"/v1/sessions/{sid}").json()["history_chars"] == 5 + 30 + 20
+    finally:
+        subprocess.run([*cmd, "down", "-v"], capture_output=True, env=env, timeout=300)
+        engine.run("rmi", "charstream:latest", check=False)
+
+
+def _replica_serving(engine: Engine, replicas: list[str], nginx_log: str, sid: str) -> str:
+    """The replica nginx last sent the session to, from nginx's access log and the replicas' addresses."""
+    tried = re.findall(rf'session="{re.escape(sid)}" upstream="([^"]+)"', nginx_log)
+    assert tried, nginx_log[-2000:]
+    address = tried[-1].split(", ")[-1].removesuffix(":8000")  # the last one tried answered
+    for name in replicas:
+        found = engine.run("inspect", name, "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}")
+        if found.stdout.strip() == address:
+            return name
+    raise AssertionError(f"no replica has the address {address}")

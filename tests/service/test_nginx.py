@@ -63,8 +63,18 @@ def deployment(models_dir: Path, redis: RedisServer, folder: Path, replicas: int
         yield Deployment(nginx, started)
 
 
+@pytest.fixture(scope="module")
+def shared(
+    models_dir: Path, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    """One deployment for the tests that leave it as they found it."""
+    with deployment(models_dir, redis_server, tmp_path_factory.mktemp("shared")) as d:
+        yield d
+
+
 @pytest.fixture
 def deployed(models_dir: Path, redis_server: RedisServer, tmp_path: Path) -> Iterator[Deployment]:
+    """A deployment of its own, for a test that stops or kills a replica."""
     with deployment(models_dir, redis_server, tmp_path) as d:
         yield d
 
@@ -92,8 +102,8 @@ def generate_with_retries(d: Deployment, sid: str, body: dict[str, Any], attempt
     raise AssertionError(f"no answer after {attempts} attempts")
 
 
-def test_a_session_sticks_to_one_replica(deployed: Deployment) -> None:
-    d = deployed
+def test_a_session_sticks_to_one_replica(shared: Deployment) -> None:
+    d = shared
     by_session = {}
     for _ in range(16):
         sid = secrets.token_hex(8)
@@ -118,8 +128,8 @@ def test_a_session_sticks_to_one_replica(deployed: Deployment) -> None:
     assert {upstream for _, upstream in routed} == {home.base_url.removeprefix("http://")}
 
 
-def test_sse_and_websocket_stream_through_nginx(deployed: Deployment) -> None:
-    d = deployed
+def test_sse_and_websocket_stream_through_nginx(shared: Deployment) -> None:
+    d = shared
     with d.client() as c:
         sid = c.post("/v1/sessions", json={"prompt": "KING:", "seed": 9}).json()["id"]
     with d.client(sid) as c:
