@@ -207,7 +207,8 @@ class GenerationService:
 
     @contextlib.asynccontextmanager
     async def _leased(self, session_id: str) -> AsyncIterator[tuple[Session, Lease]]:
-        """The session under a lease that ends with the block; a block that raises saves nothing."""
+        """The session under a lease. A block that raises gives the lease back (nothing saved); one that
+        ends normally has handed the lease on: to a job (which writes back), a save or a delete."""
         session, lease = await self.store.lease(session_id)
         try:
             yield session, lease
@@ -222,8 +223,9 @@ class GenerationService:
         session = self._new_session(model, seed)
         await self.store.create(session)
         if ids:
-            async with self._leased(session.id) as (leased, lease):
-                session = await self._run_feed(leased, lease, model, ids)
+            async with self._leased(session.id) as (session, lease):
+                feeding = self._feed_job(session, lease, model, ids)
+            await feeding.result()
         return self.info(session)
 
     async def get_session(self, session_id: str) -> SessionInfo:
@@ -260,14 +262,14 @@ class GenerationService:
         async with self._leased(session_id) as (session, lease):
             model = self.registry.get(session.model)
             ids = self._prompt_ids(model, text, "text")
-        session = await self._run_feed(session, lease, model, ids)
+            feeding = self._feed_job(session, lease, model, ids)
+        await feeding.result()
         return self.info(session), len(ids)
 
-    async def _run_feed(self, session: Session, lease: Lease, model: LoadedModel, ids: list[int]) -> Session:
-        """Read `ids` into a leased session; saves it and ends the lease. Raises what a failure ended with."""
+    def _feed_job(self, session: Session, lease: Lease, model: LoadedModel, ids: list[int]) -> Generation:
+        """Start reading `ids` into a leased session; its end saves the session and ends the lease."""
         job, saved = self._job(session, lease, model, ids, SamplingParams(max_new_chars=0))
-        await Generation(job, self.schedulers[model.id], model.id, session.id, len(ids), saved=saved).result()
-        return session
+        return Generation(job, self.schedulers[model.id], model.id, session.id, len(ids), saved=saved)
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -299,7 +301,8 @@ class GenerationService:
                 ids = self._start_ids(model, session, prompt)
                 if seed is not None:
                     session.reseed(seed)
-            job, saved = self._job(session, lease, model, ids, params)
+                # Inside the block: if starting the job raises, the lease is given back.
+                job, saved = self._job(session, lease, model, ids, params)
         return Generation(
             job,
             self.schedulers[model.id],
