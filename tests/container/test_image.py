@@ -201,6 +201,7 @@ def test_compose_up_serves(engine: Engine, image: str) -> None:
         assert r.status_code == 200 and len(r.json()["text"]) == 10
     finally:
         subprocess.run([*cmd, "down", "-v"], capture_output=True, env=env, timeout=300)
+        engine.run("network", "rm", "-f", f"{project}_default", check=False)  # podman-compose leaves it
         engine.run("rmi", "charstream:latest", check=False)
 
 
@@ -262,6 +263,7 @@ def test_scaled_deployment_survives_a_killed_replica(engine: Engine, image: str)
             assert c.get(f"/v1/sessions/{sid}").json()["history_chars"] == 5 + 30 + 20
     finally:
         subprocess.run([*cmd, "down", "-v"], capture_output=True, env=env, timeout=300)
+        engine.run("network", "rm", "-f", f"{project}_default", check=False)  # podman-compose leaves it
         engine.run("rmi", "charstream:latest", check=False)
 
 
