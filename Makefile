@@ -84,6 +84,7 @@ bench: $(ALL_STAMP) test-servers
 	$(PY) -m benchmarks.peers_bench
 	$(PY) -m benchmarks.prefill_fairness
 	$(PY) -m benchmarks.sessions
+	$(PY) -m benchmarks.openai_compat
 	$(PY) -m benchmarks.fuzz
 
 clean:
