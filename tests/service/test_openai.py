@@ -218,6 +218,18 @@ def test_unknown_fields_are_ignored_and_logged(client: OpenAI, caplog: pytest.Lo
     assert any("min_tokens, repetition_penalty" in r.getMessage() for r in caplog.records)
 
 
+def test_leaving_a_stream_early_stops_every_choice(client: OpenAI, server: Server) -> None:
+    service = server.app.state.service  # type: ignore[attr-defined]
+    stream = client.completions.create(model=MODEL, prompt=["A", "B"], n=3, max_tokens=100_000, stream=True)
+    assert next(iter(stream)).choices
+    assert service.running >= 6  # three choices for each prompt, all running
+    stream.close()
+    deadline = time.monotonic() + 10
+    while service.running:
+        assert time.monotonic() < deadline, f"{service.running} generations still running"
+        time.sleep(0.02)
+
+
 # -- sessions as an extension ----------------------------------------------------------------------
 
 
@@ -287,6 +299,7 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"prompt": [1, 2, 3]}, "prompt"),
     ({"prompt": [[1, 2], [3]]}, "prompt"),
     ({"prompt": "ROMEO: \u2603"}, "prompt"),
+    ({"prompt": ["ROMEO:", "\u2603"]}, "prompt"),  # the first prompt's choices already started: cancelled
     ({"max_tokens": 200_000}, "max_tokens"),
     ({"temperature": -1}, "temperature"),
     ({"logprobs": 21}, "logprobs"),
