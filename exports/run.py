@@ -28,7 +28,7 @@ def load(path: str) -> tuple[ort.InferenceSession, list[str], dict[str, str]]:
 
 def zero_state(meta: dict[str, str], batch: int = 1) -> list[np.ndarray]:
     shape = (int(meta["num_layers"]), batch, int(meta["hidden_size"]))
-    count = 2 if meta["cell"] == "lstm" else 1  # LSTM carries (h, c); GRU only h
+    count = 2 if meta["cell"] == "lstm" else 1  # LSTM carries (h, c); GRU and RNN only h
     return [np.zeros(shape, np.float32) for _ in range(count)]
 
 
