@@ -44,12 +44,16 @@ log = logging.getLogger("charstream.scheduler")
 # is read: 256 positions of the bundled 2x512 LSTM take ~25 ms on a 2-core CPU
 # (benchmarks/prefill_fairness.py measures the gap), against ~2.2x faster reading than stepping.
 PREFILL_CHUNK = 256
-# Characters a stream collects before it is woken to send a frame (vLLM's stream_interval).
-STREAM_INTERVAL = 1
+# Characters a stream collects before it is woken to send a frame (vLLM's stream_interval). Two
+# halves the frames, the cost that bounds one process, for one step of latency: 64 streams gave
+# 0.80 of the in-process ceiling with 2 against 0.77 with 1 (fp32), 0.63 against 0.54 (int8), and
+# 0.68 with 4 (int8); benchmarks/delivery.py measures it.
+STREAM_INTERVAL = 2
 # How long a thread may hold the GIL while another waits for it. Python's default, 5 ms, lets the
 # event loop keep it for a whole step's worth of sends after onnxruntime returns, so the step
-# thread idles instead of starting the next step (benchmarks/serving.py measures the setting).
-SWITCH_INTERVAL_US = 5000
+# thread idles instead of starting the next step: 64 streams gave 0.58 of the ceiling at 5 ms,
+# 0.68 at 500 us and 0.77 at 100 us (fp32, benchmarks/delivery.py).
+SWITCH_INTERVAL_US = 100
 
 
 class EngineFailure(Exception):
