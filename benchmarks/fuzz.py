@@ -63,7 +63,9 @@ def main() -> None:
                     statuses[response.status_code] += 1
                     try:
                         case.validate_response(response)
-                    except Exception as exc:  # a finding: recorded, the run goes on
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except BaseException as exc:  # a finding (an exception group): recorded, the run goes on
                         failures.append(f"{label}: {str(exc).splitlines()[0]}")  # noqa: B023 (run at once)
 
                 fuzz()

@@ -10,6 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Temperatures below this sample greedily, as vLLM does: dividing logits by a denormal temperature
+# overflows to inf and the distribution is NaN (found by fuzzing with temperature 5e-324).
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW
+
 
 @dataclass(frozen=True)
 class ActivationSpec:
@@ -57,7 +65,7 @@ def sample_rows(
     depends only on its own logits, parameters and draw, never on which rows share its batch.
     """
     vocab = logits.shape[1]
-    greedy = temperature <= 0.0
+    greedy = temperature < GREEDY_BELOW
     best: np.ndarray = logits.argmax(axis=1)
     if greedy.all():
         return best

@@ -34,7 +34,7 @@ from service.engine import Engine
 from service.events import FINAL_EVENTS, DoneEvent, ErrorEvent, Event, TextEvent
 from service.jobs import Job, Phase
 from service.metrics import Metrics
-from service.sampling import log_softmax, sample_rows, top_alternatives
+from service.sampling import is_greedy, log_softmax, sample_rows, top_alternatives
 from service.slots import SlotTable
 
 log = logging.getLogger("charstream.scheduler")
@@ -396,7 +396,7 @@ class Scheduler:
         rows = slots.rows(jobs)
         logits = slots.logits[rows]
         # One draw per row from the row's own RNG: a session's text never depends on its neighbours.
-        uniform = np.array([j.rng.random() if j.params.temperature > 0 else 0.0 for j in jobs])
+        uniform = np.array([0.0 if is_greedy(j.params.temperature) else j.rng.random() for j in jobs])
         ids = sample_rows(logits, slots.temperature[rows], slots.top_k[rows], slots.top_p[rows], uniform)
         lps = log_softmax(logits) if any(j.notes is not None for j in jobs) else None
         for i, job in enumerate(jobs):

@@ -94,3 +94,13 @@ def test_stop_matcher_flushes_held_text_at_the_end() -> None:
     assert m.push("ST") == ("", False)
     assert m.flush() == "ST"
     assert StopMatcher(()).push("x") == ("x", False)
+
+
+def test_a_denormal_temperature_samples_greedily() -> None:
+    """Dividing by 5e-324 overflows: such temperatures count as greedy (found by fuzzing)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 65)).astype(np.float32)
+    temperature = np.array([5e-324, 1e-6, 0.0, 1e-5])
+    ids = sample_rows(logits, temperature, np.zeros(4, np.int64), np.full(4, 5e-324), rng.random(4))
+    assert list(ids[:3]) == list(logits[:3].argmax(axis=1))
+    assert 0 <= ids[3] < 65
