@@ -301,9 +301,10 @@ function showCandidates(i) {
   const span = ui.output.children[i];
   if (span) span.classList.add("pointer");
   const cand = s.cands[i];
-  const shown = (ch) => (ch === "\n" ? "↵" : ch === " " ? "␠" : ch);
+  const shown = (ch) => (ch === "\n" ? "↵" : ch === " " ? "·" : ch);
+  const named = (ch) => (ch === "\n" ? "a line break" : ch === " " ? "a space" : `“${ch}”`);
   const head = document.createElement("p");
-  head.textContent = `character ${i}: ${shown(s.chars[i])}`;
+  head.textContent = `character ${i}: ${named(s.chars[i])}`;
   const parts = [head];
   if (!cand) {
     const p = document.createElement("p");
