@@ -157,7 +157,7 @@ class Session {
 
   label() {
     const where = this.mode === "server" ? "server" : `browser ${this.variant}`;
-    return `#${this.n} ${where} · ${this.chars.length} chars`;
+    return `#${this.n} ${this.model} · ${where} · ${this.chars.length} chars`;
   }
 
   copy() {

@@ -291,10 +291,11 @@ def test_without_onnxruntime_web_the_page_says_so(
 
 @pytest.fixture(scope="module")
 def bundled_server(tmp_path_factory: pytest.TempPathFactory, ort_web: Path) -> Iterator[Server]:
-    """The bundled Shakespeare model, with its committed cell report."""
+    """The bundled Shakespeare model and the example Python model, with their committed cell reports."""
     models = tmp_path_factory.mktemp("bundled")
     shutil.copytree(REPO / "exports" / "shakespeare-lstm", models / "shakespeare-lstm")
-    with run_server(models_dir=models) as s:
+    shutil.copytree(REPO / "exports" / "examples" / "python-lstm", models / "python-lstm")
+    with run_server(models_dir=models, default_model="shakespeare-lstm") as s:
         yield s
 
 
@@ -317,4 +318,22 @@ def test_screenshots_of_the_bundled_model(tab: Tab, bundled_server: Server, tmp_
     page.set_viewport_size({"width": 390, "height": 844})
     page.screenshot(path=str(out / "playground-phone.png"), full_page=False)
     assert (out / "playground.png").stat().st_size > 10_000
+
+    # The Python model, run in the browser from its int8 file, coloured by its string cell.
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.select_option("[data-testid=model]", "python-lstm")
+    page.select_option("[data-testid=mode]", "browser")
+    page.select_option("[data-testid=variant]", "int8")
+    page.fill("[data-testid=prompt]", "def parse(text):\n    if not text:\n        raise ValueError('")
+    fill(page, length=400, temperature=0.5, seed=4)
+    run(page)
+    string_unit = next(
+        o
+        for o in page.eval_on_selector_all("[data-testid=unit] option", "os => os.map(o => [o.value, o.textContent])")
+        if o[1].startswith("in_string")
+    )[0]
+    page.select_option("[data-testid=unit]", string_unit)
+    all_coloured(page)
+    page.hover(f"{OUTPUT} span:nth-child(90)")
+    page.screenshot(path=str(out / "playground-python.png"))
     assert tab.errors == []
