@@ -85,3 +85,7 @@ def apply_limits(schema: dict[str, Any], settings: Settings, registry: ModelRegi
         for name, maximum in (("max_tokens", settings.max_new_chars), ("top_k", vocab), ("logprobs", vocab)):
             number = completion[name]["anyOf"][0]
             number["maximum"] = min(number["maximum"], maximum)
+        if "logit_bias" in completion:  # keys are character ids: the positions the vocabulary has
+            completion["logit_bias"]["anyOf"][0]["propertyNames"] = {
+                "pattern": f"^({'|'.join(map(str, range(vocab)))})$"
+            }

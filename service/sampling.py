@@ -40,6 +40,7 @@ class SamplingParams:
     top_logprobs: int = 0  # the N most likely characters at each position, with their logprobs
     activations: ActivationSpec | None = None
     prompt_logprobs: bool = False  # the prompt's own logprobs (and top_logprobs), as OpenAI's echo gives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (character id, bias added to its logit), OpenAI's logit_bias
 
     @property
     def annotated(self) -> bool:

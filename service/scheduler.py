@@ -395,10 +395,17 @@ class Scheduler:
         slots = self._slots
         rows = slots.rows(jobs)
         logits = slots.logits[rows]
+        lps = log_softmax(logits) if any(j.notes is not None for j in jobs) else None  # the model's own
+        drawn_from = logits
+        for i, job in enumerate(jobs):
+            if job.params.logit_bias:  # rare: a copy only when some row asks for it
+                if drawn_from is logits:
+                    drawn_from = logits.copy()
+                ids_, bias = zip(*job.params.logit_bias, strict=True)
+                drawn_from[i, list(ids_)] += np.asarray(bias, np.float32)
         # One draw per row from the row's own RNG: a session's text never depends on its neighbours.
         uniform = np.array([0.0 if is_greedy(j.params.temperature) else j.rng.random() for j in jobs])
-        ids = sample_rows(logits, slots.temperature[rows], slots.top_k[rows], slots.top_p[rows], uniform)
-        lps = log_softmax(logits) if any(j.notes is not None for j in jobs) else None
+        ids = sample_rows(drawn_from, slots.temperature[rows], slots.top_k[rows], slots.top_p[rows], uniform)
         for i, job in enumerate(jobs):
             self._emit(job, int(ids[i]), None if lps is None else lps[i : i + 1])
 

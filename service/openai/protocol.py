@@ -45,6 +45,9 @@ PromptField = Annotated[
 ]
 
 
+MAX_LOGIT_BIAS = 300  # as OpenAI's API
+
+
 def _only(value: object, description: str) -> Any:
     """A field whose schema admits one value (the neutral one) while the parser takes any, to refuse it by name."""
     return WithJsonSchema({"enum": [value, None] if value is not None else [None], "description": description})
@@ -100,7 +103,12 @@ class CompletionRequest(BaseModel):
     # OpenAI's, refused unless neutral: see check_supported.
     suffix: Annotated[str | None, _only(None, "not supported: must be null")] = None
     best_of: Annotated[int | None, _only(None, "not supported beyond best_of = n")] = None
-    logit_bias: Annotated[dict[str, float] | None, _only(None, "not supported: must be empty or null")] = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None,
+        max_length=MAX_LOGIT_BIAS,
+        description="character id (its vocabulary position, as a string) -> a bias from -100 to 100 added to its "
+        "logit before sampling; -100 bans the character, 100 all but forces it",
+    )
     frequency_penalty: Annotated[float | None, _only(0, "not supported: must be 0 or null")] = None
     presence_penalty: Annotated[float | None, _only(0, "not supported: must be 0 or null")] = None
 
@@ -163,22 +171,13 @@ class CompletionRequest(BaseModel):
                     f"{name} is not supported by charstream's sampler; use temperature, top_k or top_p",
                     field=name,
                 )
-        if self.logit_bias:
-            self._refuse_logit_bias(vocab_size)
-
-    def _refuse_logit_bias(self, vocab_size: int) -> None:
-        assert self.logit_bias is not None
-        for key in self.logit_bias:
+        for key in self.logit_bias or {}:
             if not (key.isdecimal() and int(key) < vocab_size):
                 raise InvalidInput(
-                    f"logit_bias key {key!r} is not a character of model {self.model!r}: token ids here are "
-                    f"vocabulary positions 0..{vocab_size - 1}, and logit_bias is not supported in any case",
+                    f"logit_bias key {key[:20]!r} is not a character of model {self.model!r}: token ids here are "
+                    f"vocabulary positions 0..{vocab_size - 1} (GET /v1/models/{self.model} lists the vocabulary size)",
                     field="logit_bias",
                 )
-        raise InvalidInput(
-            "logit_bias is not supported by charstream's sampler; use temperature, top_k or top_p",
-            field="logit_bias",
-        )
 
     def to_sampling_params(self) -> SamplingParams:
         """Request values, then OpenAI's defaults (max_tokens 16, temperature 1, top_p 1)."""
@@ -191,6 +190,7 @@ class CompletionRequest(BaseModel):
             logprobs=self.logprobs is not None,
             top_logprobs=self.logprobs or 0,
             prompt_logprobs=bool(self.echo) and self.logprobs is not None,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
         )
 
 

@@ -293,7 +293,8 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"suffix": "the end"}, "suffix"),
     ({"best_of": 3}, "best_of"),
     ({"logit_bias": {"100000": 5}}, "logit_bias"),
-    ({"logit_bias": {"3": -100}}, "logit_bias"),
+    ({"logit_bias": {"3": -101}}, "logit_bias"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"),
     ({"presence_penalty": -1}, "presence_penalty"),
     ({"prompt": [1, 2, 3]}, "prompt"),
@@ -382,3 +383,33 @@ def test_a_failure_mid_stream_reaches_the_client_as_an_error(models_dir: Path) -
             "param": None,
             "code": "internal",
         }
+
+
+def test_logit_bias_moves_the_draw_but_not_the_logprobs(client: OpenAI) -> None:
+    """-100 bans a character, +100 all but forces it; the reported logprobs stay the model's own."""
+    plain = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=20, temperature=0, logprobs=1)
+    text = plain.choices[0].text
+    models = client.models.list()
+    vocab_size = next(m for m in models.data if m.id == MODEL).model_extra["vocab_size"]
+    assert vocab_size > 0
+    first = text[0]
+    # Character ids are vocabulary positions: find the first character's id from a forced run.
+    ids = {}
+    for char_id in range(vocab_size):
+        forced = client.completions.create(
+            model=MODEL, prompt="ROMEO:", max_tokens=1, temperature=0, logit_bias={str(char_id): 100}
+        )
+        ids[forced.choices[0].text] = char_id
+    assert len(ids) == vocab_size  # each id forces its own character
+    banned = client.completions.create(
+        model=MODEL, prompt="ROMEO:", max_tokens=20, temperature=0, logprobs=1, logit_bias={str(ids[first]): -100}
+    )
+    assert banned.choices[0].text[0] != first
+    forced = client.completions.create(
+        model=MODEL, prompt="ROMEO:", max_tokens=20, temperature=0.7, seed=3, logit_bias={str(ids["e"]): 100}
+    )
+    assert forced.choices[0].text == "e" * 20
+    plain_lp, banned_lp = plain.choices[0].logprobs, banned.choices[0].logprobs
+    assert plain_lp is not None and banned_lp is not None and plain_lp.top_logprobs and banned_lp.top_logprobs
+    # The first position: the same distribution (the banned run also lists the character it chose).
+    assert plain_lp.top_logprobs[0].items() <= banned_lp.top_logprobs[0].items()
