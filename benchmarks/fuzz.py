@@ -22,6 +22,16 @@ from benchmarks.common import table, write_results
 from tests.utils import serve_process
 
 REPO = Path(__file__).resolve().parents[1]
+# A real traceback, not a fuzzed path that happens to hold the word.
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def _positions(text: str, needle: str) -> list[int]:
+    found, at = [], text.find(needle)
+    while at >= 0:
+        found.append(at)
+        at = text.find(needle, at + 1)
+    return found
 
 
 def main() -> None:
@@ -76,7 +86,9 @@ def main() -> None:
             running = sum(
                 float(x.split()[1]) for x in metrics.splitlines() if x.startswith("charstream_active_generations{")
             )
-        tracebacks = log.read_text().count("Traceback")
+        server_log = log.read_text()
+        tracebacks = server_log.count(TRACEBACK)
+        excerpts = [server_log[i : i + 3000] for i in _positions(server_log, TRACEBACK)][:5]
     total = sum(statuses.values())
     result: dict[str, Any] = {
         "operations": len(operations),
@@ -89,6 +101,7 @@ def main() -> None:
         "leased_after": busy,
         "running_after": running,
         "findings": sorted(set(failures)),
+        "traceback_excerpts": excerpts,
     }
     print(table(["status", "answers"], sorted(statuses.items())))
     print(
@@ -99,6 +112,8 @@ def main() -> None:
     )
     for finding in result["findings"][:20]:
         print("  ", finding)
+    for excerpt in excerpts:
+        print(excerpt)
     print(f"wrote {write_results('fuzz', result)}")
 
 

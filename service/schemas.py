@@ -15,7 +15,17 @@ MAX_INT = 2**31 - 1
 MAX_UNITS = 32
 MAX_TOP_LOGPROBS = 20
 
-Seed = Annotated[int, Field(ge=0, le=2**64 - 1, description="seeds the session's RNG (any uint64)")]
+# Any uint64 is accepted; the schema states the largest one a JSON double holds exactly, so that a
+# client writing the number as a float never rounds it past the limit (schemathesis did).
+Seed = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=2**64 - 1,
+        description="seeds the session's RNG (any uint64)",
+        json_schema_extra={"maximum": 2**64 - 2048},
+    ),
+]
 SessionId = Annotated[str, Field(min_length=1, max_length=64, description="a session id from POST /v1/sessions")]
 StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
 ModelId = Annotated[str, Field(min_length=1, max_length=128, description="model id; the server's default if unset")]

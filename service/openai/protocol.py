@@ -84,7 +84,13 @@ class CompletionRequest(BaseModel):
         default=None, description=f"up to {MAX_STOP} stop sequences (not returned)"
     )
     seed: int | None = Field(
-        default=None, ge=SEED_MIN, le=SEED_MAX, description="makes sampling reproducible, every choice included"
+        default=None,
+        ge=SEED_MIN,
+        le=SEED_MAX,
+        description="makes sampling reproducible, every choice included",
+        # The schema states bounds a JSON double holds exactly: a client that writes the number as a
+        # float can never round it past the server's limits (schemathesis did).
+        json_schema_extra={"minimum": SEED_MIN + 1024, "maximum": SEED_MAX - 2047},
     )
     logprobs: int | None = Field(
         default=None,
