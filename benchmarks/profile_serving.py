@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -66,8 +67,8 @@ def main() -> None:
     server = ServerProcess(args.port, CHARSTREAM_VARIANT=args.variant)
     try:
         uvloop.run(load(args.port, 3))  # warm-up
-        for fmt, suffix in (("flamegraph", "svg"), ("raw", "collapsed.txt")):
-            path = out / f"profile-serving-{args.variant}.{suffix}"
+        collapsed = Path(tempfile.mkdtemp()) / "collapsed.txt"  # raw stacks: summarised below, not kept
+        for fmt, path in (("flamegraph", out / f"profile-serving-{args.variant}.svg"), ("raw", collapsed)):
             spy = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(server.proc.pid), "--duration", str(int(args.seconds)),
                  "--rate", "250", "--threads", "--nonblocking", "--format", fmt, "--output", str(path)],
@@ -82,7 +83,7 @@ def main() -> None:
             print(f"wrote {path}")
     finally:
         server.stop()
-    summary = top_functions(out / f"profile-serving-{args.variant}.collapsed.txt")
+    summary = top_functions(collapsed)
     (out / f"profile-serving-{args.variant}.top.txt").write_text(summary + "\n")
     print(summary)
 
