@@ -73,7 +73,7 @@ unit: $(ALL_STAMP) $(ORT_WEB_STAMP) test-servers
 
 test: test-servers lint typecheck unit
 
-bench: $(ALL_STAMP) test-servers
+bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m pip install -q -e '.[peers]'
 	$(PY) -m benchmarks.train_speed
 	$(PY) -m benchmarks.export_speed
@@ -86,6 +86,7 @@ bench: $(ALL_STAMP) test-servers
 	$(PY) -m benchmarks.sessions
 	$(PY) -m benchmarks.openai_compat
 	$(PY) -m benchmarks.fuzz
+	$(PY) -m benchmarks.browser
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache $(ORT_WEB)
