@@ -76,6 +76,7 @@ test: test-servers lint typecheck unit
 bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m pip install -q -e '.[peers]'
 	$(PY) -m benchmarks.train_speed
+	$(PY) -m benchmarks.cells
 	$(PY) -m benchmarks.export_speed
 	$(PY) -m benchmarks.serving
 	$(PY) -m benchmarks.serving --variant int8 --name serving-int8 --streams 1,8,64
