@@ -91,6 +91,7 @@ bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m benchmarks.prefill_fairness
 	$(PY) -m benchmarks.sessions
 	$(PY) -m benchmarks.openai_compat
+	$(PY) -m benchmarks.activations_cost
 	$(PY) -m benchmarks.fuzz
 	$(PY) -m benchmarks.browser
 

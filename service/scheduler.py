@@ -44,6 +44,7 @@ log = logging.getLogger("charstream.scheduler")
 # is read: 256 positions of the bundled 2x512 LSTM take ~25 ms on a 2-core CPU
 # (benchmarks/prefill_fairness.py measures the gap), against ~2.2x faster reading than stepping.
 PREFILL_CHUNK = 256
+ACTIVATION_DECIMALS = 4  # unit values are sent rounded to this many decimals
 # Characters a stream collects before it is woken to send a frame (vLLM's stream_interval). Two
 # halves the frames, the cost that bounds one process, for one step of latency: 64 streams gave
 # 0.80 of the in-process ceiling with 2 against 0.77 with 1 (fp32), 0.63 against 0.54 (int8), and
@@ -364,7 +365,10 @@ class Scheduler:
             job.absorbed += 1
             if job.notes is not None and job.params.activations is not None:
                 spec = job.params.activations
-                values = slots.state[spec.tensor, spec.layer, rows[i], list(spec.units)].tolist()
+                # Four decimals: plenty to colour text by, and a third of the JSON to write and send.
+                values = (
+                    slots.state[spec.tensor, spec.layer, rows[i], list(spec.units)].round(ACTIVATION_DECIMALS).tolist()
+                )
                 if job.read < len(job.prompt):
                     job.notes.prompt_activations.append(values)
                 else:
