@@ -25,17 +25,8 @@ from typing import Any
 
 from benchmarks.common import table, write_results
 from benchmarks.serving import MODEL, ServerProcess, ws_stream
+from tests.browser.parts import CHROMIUM, CHROMIUM_ARGS
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PROMPT = "ROMEO:"
 DONE = "() => document.querySelector('[data-testid=output]').dataset.running === 'false'"
 

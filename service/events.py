@@ -31,14 +31,7 @@ class TextEvent:
         return self.logprobs is None and self.top_logprobs is None and self.activations is None
 
     def payload(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"text": self.text}
-        if self.logprobs is not None:
-            body["logprobs"] = self.logprobs
-        if self.top_logprobs is not None:
-            body["top_logprobs"] = self.top_logprobs
-        if self.activations is not None:
-            body["activations"] = self.activations
-        return body
+        return _with_annotations({"text": self.text}, self)
 
 
 @dataclass(slots=True)
@@ -51,14 +44,16 @@ class PromptEvent:
     activations: list[list[float]] | None = None
 
     def payload(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"prompt": self.text}
-        if self.logprobs is not None:
-            body["logprobs"] = self.logprobs
-        if self.top_logprobs is not None:
-            body["top_logprobs"] = self.top_logprobs
-        if self.activations is not None:
-            body["activations"] = self.activations
-        return body
+        return _with_annotations({"prompt": self.text}, self)
+
+
+def _with_annotations(body: dict[str, Any], event: TextEvent | PromptEvent) -> dict[str, Any]:
+    """The annotations that were asked for, one entry per character, beside the text."""
+    for key in ("logprobs", "top_logprobs", "activations"):
+        value = getattr(event, key)
+        if value is not None:
+            body[key] = value
+    return body
 
 
 @dataclass(slots=True)

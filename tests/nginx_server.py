@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.debian import apt_install
 from tests.utils import REPO, free_port
 
 CONFIG = REPO / "deploy" / "nginx.conf"
@@ -23,13 +24,7 @@ def nginx_binary() -> str:
     found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
     if found:
         return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise RuntimeError("nginx is missing and cannot be installed here (needs root and apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, env=env, timeout=600)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "nginx-light"], check=True, capture_output=True, env=env, timeout=600
-    )
+    apt_install("nginx-light")
     found = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.access(found, os.X_OK):
         raise RuntimeError("nginx was installed but is not on PATH")

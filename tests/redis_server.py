@@ -3,7 +3,6 @@ free loopback port as a child of the test, with no persistence, and stopped by i
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import redis
 
+from tests.debian import apt_install
 from tests.utils import free_port
 
 
@@ -18,13 +18,7 @@ def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise RuntimeError("redis-server is missing and cannot be installed here (needs root and apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, env=env, timeout=600)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "redis-server"], check=True, capture_output=True, env=env, timeout=600
-    )
+    apt_install("redis-server")
     found = shutil.which("redis-server")
     if not found:
         raise RuntimeError("redis-server was installed but is not on PATH")

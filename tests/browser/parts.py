@@ -4,11 +4,11 @@ onnxruntime-web's files under service/static/ort/ (`make web`)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
+from tests.debian import CannotInstall, apt_install
 from tests.utils import REPO
 
 CHROMIUM = "/usr/bin/chromium"
@@ -31,13 +31,10 @@ class PartUnavailable(Exception):
 
 
 def _apt_install(*packages: str) -> None:
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise PartUnavailable(f"cannot install {' '.join(packages)}: not root or no apt-get")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, env=env, timeout=600)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", *packages], check=True, capture_output=True, env=env, timeout=900
-    )
+    try:
+        apt_install(*packages)
+    except CannotInstall as exc:
+        raise PartUnavailable(str(exc)) from None
 
 
 def ensure_chromium() -> str:

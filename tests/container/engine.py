@@ -14,6 +14,8 @@ from pathlib import Path
 
 import tomllib
 
+from tests.debian import CannotInstall, apt_install
+
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_BASE = "localhost/python:3.11-slim"
 DEFAULT_BASE = "python:3.11-slim"
@@ -56,13 +58,10 @@ def _ok(cmd: list[str]) -> bool:
 
 
 def _apt_install(*packages: str) -> None:
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise EngineUnavailable(f"no container engine, and cannot install {' '.join(packages)} (not root or no apt)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, env=env, timeout=600)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", *packages], check=True, capture_output=True, env=env, timeout=900
-    )
+    try:
+        apt_install(*packages)
+    except CannotInstall as exc:
+        raise EngineUnavailable(f"no container engine, and {exc}") from None
 
 
 def find_engine() -> Engine:
