@@ -2,9 +2,18 @@
 setting each, in interleaved rounds, set against the in-process ceiling measured in the same
 rounds. Reports aggregate chars/s, its ratio to the ceiling at batch 64, the p99 gap between
 characters and its ratio to the ceiling's step time at batch 64 (the issue's two targets).
+Beside them, where the time goes: the CPU the server and the clients used (they share the
+machine's cores), and how long a decode step took against how much of it was onnxruntime
+(from the server's own step histogram), so the rest is the server's Python and its waits.
 
     python -m benchmarks.delivery --variant int8 \\
         default CHARSTREAM_SWITCH_INTERVAL_US=200 CHARSTREAM_STREAM_INTERVAL=2
+
+A setting `checkout=PATH` runs that server from another checkout of the repository (a git
+worktree of an older commit, say), so two versions of the code are compared in one run:
+
+    git worktree add /tmp/before HEAD~1
+    python -m benchmarks.delivery default checkout=/tmp/before
 """
 
 from __future__ import annotations
@@ -14,15 +23,41 @@ import asyncio
 import statistics
 import time
 from itertools import pairwise
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
+import httpx
 import numpy as np
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import serving, ws_client
 from benchmarks.common import table, write_results
+from service.events import TextEvent
 
 STREAMS = 64
+
+
+class Run(NamedTuple):
+    chars_per_s: float
+    gaps: list[float]
+    server_cores: float  # CPU seconds the server process used per wall second
+    client_cores: float  # the same for this process, the 64 clients
+    step_period_ms: float  # wall time per decode step
+    step_ort_ms: float  # of which inside onnxruntime (the server's own step histogram)
+
+
+def step_totals(server: serving.ServerProcess) -> tuple[float, float]:
+    """(seconds, calls) of the server's one-character onnxruntime steps so far, from /metrics."""
+    text = httpx.get(f"{server.base}/metrics", timeout=10).text
+    totals = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "charstream_step_seconds":
+            for sample in family.samples:
+                kind = sample.name.rsplit("_", 1)[-1]
+                if kind in totals and sample.labels.get("kind") == "step":
+                    totals[kind] += sample.value
+    return totals["sum"], totals["count"]
 
 
 async def _streams(port: int, chars: int) -> tuple[float, list[float]]:
@@ -34,15 +69,83 @@ async def _streams(port: int, chars: int) -> tuple[float, list[float]]:
     return sum(len(r.arrivals) for r in results) / wall, gaps
 
 
-def parse(spec: str) -> dict[str, str]:
-    if spec == "default":
-        return {}
-    return dict(item.split("=", 1) for item in spec.split(","))
+def measured_run(server: serving.ServerProcess, chars: int) -> Run:
+    """One round against one server, with the CPU both sides used: on two cores they compete."""
+    ort0, steps0 = step_totals(server)
+    wall0, server0, client0 = time.perf_counter(), server.cpu_seconds(), time.process_time()
+    rate, gaps = uvloop.run(_streams(server.port, chars))
+    wall = time.perf_counter() - wall0
+    server_cores, client_cores = (server.cpu_seconds() - server0) / wall, (time.process_time() - client0) / wall
+    ort1, steps1 = step_totals(server)
+    steps = max(1.0, steps1 - steps0)
+    return Run(rate, gaps, server_cores, client_cores, wall / steps * 1e3, (ort1 - ort0) / steps * 1e3)
+
+
+def scheduler_alone(chars: int) -> float:
+    """chars/s of 64 jobs through the scheduler in this process, no server and no network.
+
+    Between the ceiling (bare steps) and a server over loopback: what the scheduler's own work
+    per step (rows, sampling parameters, stops, events, one hand-off to the event loop) costs.
+    """
+    from service.engine import Engine
+    from service.jobs import Job, Mailbox
+    from service.metrics import Metrics
+    from service.registry import VARIANT_FILES
+    from service.sampling import SamplingParams
+    from service.scheduler import STREAM_INTERVAL, Scheduler
+    from service.settings import load_settings
+
+    engine = Engine(serving.MODELS_DIR / serving.MODEL / VARIANT_FILES[serving.VARIANT], load_settings().ort_threads)
+    info = engine.info
+    prompt = [info.vocab_index[c] for c in "ROMEO:"]
+
+    async def run() -> float:
+        scheduler = Scheduler("bench", engine, Metrics())
+        scheduler.start()
+        jobs = [
+            Job(
+                prompt=prompt,
+                state=[np.zeros((info.num_layers, info.hidden_size), np.float32) for _ in info.state_names],
+                logits=None,
+                params=SamplingParams(max_new_chars=chars),
+                rng=np.random.default_rng(i),
+                events=Mailbox(STREAM_INTERVAL),
+            )
+            for i in range(STREAMS)
+        ]
+
+        async def drain(job: Job) -> int:
+            received = 0
+            while True:
+                for event in await job.events.take():
+                    if isinstance(event, TextEvent):
+                        received += len(event.text)
+                    else:
+                        return received
+
+        t0 = time.perf_counter()
+        for job in jobs:
+            scheduler.submit(job)
+        received = sum(await asyncio.gather(*(drain(j) for j in jobs)))
+        wall = time.perf_counter() - t0
+        await scheduler.stop()
+        return received / wall
+
+    return uvloop.run(run())
+
+
+def server_for(spec: str, port: int) -> serving.ServerProcess:
+    """A server for 'default' or NAME=VALUE[,NAME=VALUE]: environment settings, or checkout=PATH."""
+    settings = {} if spec == "default" else dict(item.split("=", 1) for item in spec.split(","))
+    checkout = Path(settings.pop("checkout", serving.REPO))
+    return serving.ServerProcess(port, checkout, **settings)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("settings", nargs="+", help="'default' or NAME=VALUE[,NAME=VALUE] per server")
+    parser.add_argument(
+        "settings", nargs="+", help="'default' or NAME=VALUE[,NAME=VALUE] per server (checkout=PATH: other code)"
+    )
     parser.add_argument("--variant", default="fp32", choices=["fp32", "int8"])
     parser.add_argument("--chars", type=int, default=400, help="characters per stream")
     parser.add_argument("--rounds", type=int, default=3)
@@ -50,16 +153,18 @@ def main() -> None:
     parser.add_argument("--name", default="delivery", help="results file name")
     args = parser.parse_args()
     serving.VARIANT = args.variant
-    servers = {spec: serving.ServerProcess(args.port + i, **parse(spec)) for i, spec in enumerate(args.settings)}
-    runs: dict[str, list[tuple[float, list[float]]]] = {spec: [] for spec in servers}
+    servers = {spec: server_for(spec, args.port + i) for i, spec in enumerate(args.settings)}
+    runs: dict[str, list[Run]] = {spec: [] for spec in servers}
     ceilings: list[float] = []
+    alone: list[float] = []
     try:
         for server in servers.values():
             uvloop.run(_streams(server.port, 100))  # warm-up
         for _ in range(args.rounds):
             ceilings.append(serving.ceiling(STREAMS, 300))
+            alone.append(scheduler_alone(args.chars))
             for spec, server in servers.items():
-                runs[spec].append(uvloop.run(_streams(server.port, args.chars)))
+                runs[spec].append(measured_run(server, args.chars))
     finally:
         for server in servers.values():
             server.stop()
@@ -67,8 +172,8 @@ def main() -> None:
     step_ms = STREAMS / ceiling * 1e3
     rows: list[dict[str, Any]] = []
     for spec, results in runs.items():
-        rate = statistics.median(r[0] for r in results)
-        p99 = statistics.median(float(np.percentile(r[1], 99)) for r in results) * 1e3
+        rate = statistics.median(r.chars_per_s for r in results)
+        p99 = statistics.median(float(np.percentile(r.gaps, 99)) for r in results) * 1e3
         rows.append(
             {
                 "settings": spec,
@@ -76,18 +181,47 @@ def main() -> None:
                 "vs_ceiling": rate / ceiling,
                 "p99_gap_ms": p99,
                 "p99_gap_vs_step": p99 / step_ms,
+                "server_cores": statistics.median(r.server_cores for r in results),
+                "client_cores": statistics.median(r.client_cores for r in results),
+                "step_period_ms": statistics.median(r.step_period_ms for r in results),
+                "step_ort_ms": statistics.median(r.step_ort_ms for r in results),
             }
         )
+    scheduler_rate = statistics.median(alone)
     print(
         f"{STREAMS} WebSocket streams, bundled model {args.variant}; ceiling at batch {STREAMS}: {ceiling:,.0f} chars/s"
     )
+    print(
+        f"the scheduler alone (in process, no server): {scheduler_rate:,.0f} chars/s = "
+        f"{scheduler_rate / ceiling:.2f} of the ceiling"
+    )
     print(f"(one step of {STREAMS} every {step_ms:.2f} ms); targets: >= 0.9 of the ceiling, p99 gap <= 2 steps")
     print(
-        table(["settings", "chars/s", "vs ceiling", "p99 gap ms", "p99 gap / step"], [list(r.values()) for r in rows])
+        table(
+            [
+                "settings",
+                "chars/s",
+                "vs ceiling",
+                "p99 gap ms",
+                "p99 gap / step",
+                "server cores",
+                "client cores",
+                "step every ms",
+                "of it onnxruntime ms",
+            ],
+            [list(r.values()) for r in rows],
+        )
     )
     path = write_results(
         args.name,
-        {"variant": args.variant, "ceiling": ceiling, "ceiling_step_ms": step_ms, "rows": rows, "rounds": args.rounds},
+        {
+            "variant": args.variant,
+            "ceiling": ceiling,
+            "ceiling_step_ms": step_ms,
+            "scheduler_alone": scheduler_rate,
+            "rows": rows,
+            "rounds": args.rounds,
+        },
     )
     print(f"wrote {path}")
 

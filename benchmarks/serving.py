@@ -46,7 +46,8 @@ VARIANT = "fp32"
 
 
 class ServerProcess:
-    def __init__(self, port: int, **env: str) -> None:
+    def __init__(self, port: int, checkout: Path = REPO, **env: str) -> None:
+        """`python -m service` from `checkout` (another checkout of this repository compares code versions)."""
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         full_env = dict(os.environ)
@@ -61,7 +62,7 @@ class ServerProcess:
             CHARSTREAM_MAX_PROMPT_CHARS="100000",
         )
         full_env.update(env)
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full_env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=checkout, env=full_env)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -176,7 +177,7 @@ def ceiling(batch: int, steps: int) -> float:
 
     settings = load_settings()
     engine = Engine(MODELS_DIR / MODEL / VARIANT_FILES[VARIANT], settings.ort_threads)
-    bound = engine.binding(batch)  # the server's step: pre-bound buffers, state copied in and out
+    bound = engine.binding(batch)  # the server's step: pre-bound buffers, each step's state read in place
     rngs = [np.random.default_rng(i) for i in range(batch)]
     ones, zeros = np.ones(batch), np.zeros(batch, np.int64)
     t0 = time.perf_counter()
@@ -184,8 +185,7 @@ def ceiling(batch: int, steps: int) -> float:
         bound.run()
         ids = sample_rows(bound.logits[:, 0], ones, zeros, ones, np.array([r.random() for r in rngs]))
         bound.tokens[:, 0] = ids
-        for state_in, state_out in zip(bound.state_in, bound.state_out, strict=True):
-            state_in[...] = state_out
+        bound.carry()
     return batch * steps / (time.perf_counter() - t0)
 
 

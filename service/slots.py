@@ -3,6 +3,11 @@
 Keeping every running job's state in rows of a few arrays lets a step gather and scatter a
 whole batch with one indexing operation. The table alone maps jobs to rows: taking a row
 writes the job's state and parameters in, giving it back copies them out (or not).
+
+A step may leave its batch's new state where onnxruntime wrote it (`park`) instead of
+scattering it back: while the batch stays the same, the next step reads it from there. Any
+other use of `state` first writes the parked rows back (`settle`), so the table always reads
+as if every step had scattered.
 """
 
 from __future__ import annotations
@@ -18,13 +23,58 @@ FIRST_CAPACITY = 64
 class SlotTable:
     def __init__(self, info: ModelInfo) -> None:
         tensors, layers, hidden = len(info.state_names), info.num_layers, info.hidden_size
-        self.state = np.zeros((tensors, layers, 0, hidden), np.float32)  # (tensor, layer, slot, hidden)
+        self._state = np.zeros((tensors, layers, 0, hidden), np.float32)  # (tensor, layer, slot, hidden)
         self.logits = np.zeros((0, info.vocab_size), np.float32)  # (slot, vocab)
         self.temperature = np.zeros(0)
         self.top_k = np.zeros(0, np.int64)
         self.top_p = np.zeros(0)
         self._free: list[int] = []
         self._rows: dict[Job, int] = {}
+        self._parked: tuple[np.ndarray, list[np.ndarray]] | None = None  # rows, and where their state is
+
+    @property
+    def state(self) -> np.ndarray:
+        """Every row's state, (tensor, layer, slot, hidden), parked rows written back first."""
+        self.settle()
+        return self._state
+
+    def gather(self, rows: np.ndarray, buffers: list[np.ndarray]) -> None:
+        """Copy the rows' state into a step's input buffers, (layer, batch, hidden) per tensor."""
+        state = self.state
+        for k, buffer in enumerate(buffers):
+            # mode="clip" (the rows are always in range) lets numpy write into `out` directly;
+            # the default mode copies through a temporary buffer (36 vs 15 us at batch 64 here).
+            np.take(state[k], rows, axis=1, out=buffer, mode="clip")
+
+    def park(self, rows: np.ndarray, buffers: list[np.ndarray]) -> None:
+        """The rows' newest state is in `buffers` (a step's outputs), not yet in the table."""
+        self.settle()
+        self._parked = (rows, buffers)
+
+    def unpark(self, rows: np.ndarray, buffers: list[np.ndarray]) -> bool:
+        """If exactly these rows, in this order, are parked in exactly these buffers, hand them over.
+
+        True means the caller now holds the rows' state in `buffers` (to step them again, then
+        `park` the result); the table no longer knows where it is until then.
+        """
+        parked = self._parked
+        if (
+            parked is None
+            or not all(a is b for a, b in zip(parked[1], buffers, strict=True))
+            or not np.array_equal(parked[0], rows)
+        ):
+            return False
+        self._parked = None
+        return True
+
+    def settle(self) -> None:
+        """Write the parked rows' state back into the table."""
+        if self._parked is None:
+            return
+        rows, buffers = self._parked
+        self._parked = None
+        for k, buffer in enumerate(buffers):
+            self._state[k][:, rows] = buffer
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -70,11 +120,12 @@ class SlotTable:
     def _grow(self) -> None:
         old = self.logits.shape[0]
         new = max(FIRST_CAPACITY, 2 * old)
-        state = np.zeros((*self.state.shape[:2], new, self.state.shape[3]), np.float32)
-        state[:, :, :old] = self.state
+        current = self.state
+        state = np.zeros((*current.shape[:2], new, current.shape[3]), np.float32)
+        state[:, :, :old] = current
         logits = np.zeros((new, self.logits.shape[1]), np.float32)
         logits[:old] = self.logits
-        self.state, self.logits = state, logits
+        self._state, self.logits = state, logits
         self.temperature = np.concatenate([self.temperature, np.zeros(new - old)])
         self.top_k = np.concatenate([self.top_k, np.zeros(new - old, np.int64)])
         self.top_p = np.concatenate([self.top_p, np.ones(new - old)])

@@ -42,6 +42,28 @@ def test_the_next_bound_step_reads_the_buffers_anew(engine: Engine) -> None:
     np.testing.assert_array_equal(bound.logits[0], bound.logits[1])  # same token, same state
 
 
+def test_carry_steps_on_from_the_last_output_without_a_copy(engine: Engine) -> None:
+    rng = np.random.default_rng(1)
+    batch = 3
+    tokens = rng.integers(0, engine.info.vocab_size, (batch, 2))
+    state = [rng.normal(size=s.shape).astype(np.float32) for s in engine.zero_state(batch)]
+    _, expected = engine.run(tokens, state)  # two characters in one call
+    bound = engine.binding(batch)
+    for buffer, s in zip(bound.state_in, state, strict=True):
+        buffer[:] = s
+    bound.tokens[:, 0] = tokens[:, 0]
+    bound.run()
+    out = bound.state_out
+    bound.carry()
+    assert all(a is b for a, b in zip(bound.state_in, out, strict=True))  # no copy: the same arrays
+    bound.tokens[:, 0] = tokens[:, 1]
+    bound.run()
+    for got, want in zip(bound.state_out, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    bound.carry()  # and back: the first buffers are the inputs again
+    assert all(a is not b for a, b in zip(bound.state_in, out, strict=True))
+
+
 def test_bindings_are_reused_and_bounded(engine: Engine) -> None:
     first = engine.binding(3)
     assert engine.binding(3) is first

@@ -196,8 +196,18 @@ class FailingStep:
 class FailingBinding:
     def __init__(self, real: StepBinding, count: Callable[[], None]) -> None:
         self.real, self.count = real, count
-        self.tokens, self.state_in = real.tokens, real.state_in
-        self.logits, self.state_out = real.logits, real.state_out
+        self.tokens, self.logits = real.tokens, real.logits
+
+    @property
+    def state_in(self) -> list[np.ndarray]:
+        return self.real.state_in
+
+    @property
+    def state_out(self) -> list[np.ndarray]:
+        return self.real.state_out
+
+    def carry(self) -> None:
+        self.real.carry()
 
     def run(self) -> None:
         self.count()
