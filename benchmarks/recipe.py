@@ -6,11 +6,18 @@ loss. Short budgets favour weak regularisation (there is no time to overfit), so
 as "which recipes learn as fast", and the full-length run for which generalises best.
 
     flock /tmp/charstream-cpu.lock python -m benchmarks.recipe --minutes 5
+
+Full-length runs are made with `charstream train`; `--curves` sets their validation curves
+(the `metrics.jsonl` each run writes) against minutes and steps in one plot:
+
+    python -m benchmarks.recipe --curves "dropout 0.25=docs/a.jsonl" "dropout 0.5=docs/b.jsonl" \\
+        --plot docs/recipe-curves.png
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,11 +47,43 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 }
 
 
+def plot_curves(runs: dict[str, Path], path: Path) -> None:
+    """Validation loss of each run against wall-clock minutes (left) and steps (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for name, metrics in runs.items():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        val = [r for r in rows if "val_loss" in r]
+        best = min(r["val_loss"] for r in val)
+        label = f"{name} (best {best:.4f})"
+        by_time.plot([r["elapsed_s"] / 60 for r in val], [r["val_loss"] for r in val], marker="o", label=label)
+        by_step.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", label=label)
+    for ax, xlabel in ((by_time, "minutes"), (by_step, "step")):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    by_time.set_ylabel("validation loss (nats/char)")
+    by_time.set_ylim(top=1.8)
+    by_step.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--data", default=str(REPO / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--curves", nargs="+", metavar="NAME=METRICS", help="plot finished runs instead of training")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "recipe-curves.png")
     args = parser.parse_args()
+    if args.curves:
+        plot_curves({name: Path(path) for name, path in (c.split("=", 1) for c in args.curves)}, args.plot)
+        print(f"plot: {args.plot}")
+        return
     rows = []
     for name, settings in CANDIDATES.items():
         with tempfile.TemporaryDirectory() as out:
