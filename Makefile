@@ -21,6 +21,10 @@ ORT_WEB_FILES := ort.wasm.min.mjs ort-wasm-simd-threaded.mjs ort-wasm-simd-threa
 DELIVERY_SETTINGS := CHARSTREAM_SWITCH_INTERVAL_US=5000,CHARSTREAM_STREAM_INTERVAL=1 \
 	CHARSTREAM_SWITCH_INTERVAL_US=500,CHARSTREAM_STREAM_INTERVAL=1 CHARSTREAM_STREAM_INTERVAL=1 default
 
+# The code before steps carried their state in onnxruntime's buffers, served beside today's.
+DELIVERY_BEFORE := b4621ff
+DELIVERY_BEFORE_DIR := /tmp/charstream-delivery-before
+
 .PHONY: serve test lint typecheck unit bench container-test clean web test-servers
 
 $(VENV)/bin/python:
@@ -87,6 +91,12 @@ bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m benchmarks.delivery --variant fp32 --name delivery-fp32 $(DELIVERY_SETTINGS)
 	$(PY) -m benchmarks.delivery --variant int8 --name delivery-int8 $(DELIVERY_SETTINGS) \
 		CHARSTREAM_STREAM_INTERVAL=4
+	rm -rf $(DELIVERY_BEFORE_DIR) && git worktree prune && git worktree add -f $(DELIVERY_BEFORE_DIR) $(DELIVERY_BEFORE)
+	$(PY) -m benchmarks.delivery --variant fp32 --name delivery-carry-fp32 checkout=$(DELIVERY_BEFORE_DIR) default \
+		CHARSTREAM_STREAM_INTERVAL=1
+	$(PY) -m benchmarks.delivery --variant int8 --name delivery-carry-int8 \
+		checkout=$(DELIVERY_BEFORE_DIR),CHARSTREAM_STREAM_INTERVAL=4 CHARSTREAM_STREAM_INTERVAL=4 default CHARSTREAM_STREAM_INTERVAL=1
+	git worktree remove --force $(DELIVERY_BEFORE_DIR)
 	$(PY) -m benchmarks.peers_bench
 	$(PY) -m benchmarks.prefill_fairness
 	$(PY) -m benchmarks.sessions
