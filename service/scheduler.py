@@ -304,18 +304,18 @@ class Scheduler:
                         self._prefill[job] = None
 
     def _prefill_batch(self, jobs: list[Job], n: int) -> None:
-        rows = self._slots.rows(jobs)
+        slots = self._slots
+        rows = slots.rows(jobs)
         tokens = np.array([j.prompt[j.read : j.read + n] for j in jobs], np.int64)
-        state = [np.ascontiguousarray(self._slots.state[k][:, rows]) for k in range(self._slots.state.shape[0])]
+        state = slots.gather(rows)
         t0 = time.perf_counter()
         try:
             logits, state = self.engine.run(tokens, state)
         except Exception as exc:
             raise EngineFailure(f"the model failed to read the prompt: {exc}") from exc
         self._prime_metrics.observe(time.perf_counter() - t0, len(jobs))
-        for k, s in enumerate(state):
-            self._slots.state[k][:, rows] = s
-        self._slots.logits[rows] = logits[:, -1]
+        slots.scatter(rows, state)
+        slots.logits[rows] = logits[:, -1]
         for job in jobs:
             job.read += n
             job.absorbed += n

@@ -68,6 +68,12 @@ def unit_options(page: Any) -> list[str]:
     return [v for v in values if v]
 
 
+def select_unit_for(page: Any, feature: str) -> None:
+    """Colour by the cell finder's best unit for `feature` (the option labelled with its name)."""
+    options = page.eval_on_selector_all("[data-testid=unit] option", "os => os.map(o => [o.value, o.textContent])")
+    page.select_option("[data-testid=unit]", next(value for value, label in options if label.startswith(feature)))
+
+
 def server_greedy(server: Server, model: str, prompt: str, length: int) -> str:
     body = {"model": model, "prompt": prompt, "max_new_chars": length, "temperature": 0}
     r = httpx.post(server.base_url + "/v1/generate", json=body, timeout=30)
@@ -306,12 +312,7 @@ def test_screenshots_of_the_bundled_model(tab: Tab, bundled_server: Server, tmp_
     fill(page, length=500, temperature=0.7, seed=11)
     page.fill("[data-testid=prompt]", "ROMEO:\nI pray thee")
     run(page)
-    line_unit = next(
-        o
-        for o in page.eval_on_selector_all("[data-testid=unit] option", "os => os.map(o => [o.value, o.textContent])")
-        if o[1].startswith("line_position")
-    )[0]
-    page.select_option("[data-testid=unit]", line_unit)
+    select_unit_for(page, "line_position")
     all_coloured(page)
     page.locator(f"{OUTPUT} span:visible").nth(60).hover()  # a character's tooltip (line breaks have no box)
     page.screenshot(path=str(out / "playground.png"), full_page=True)
@@ -327,12 +328,7 @@ def test_screenshots_of_the_bundled_model(tab: Tab, bundled_server: Server, tmp_
     page.fill("[data-testid=prompt]", "def parse(text):\n    if not text:\n        raise ValueError('")
     fill(page, length=400, temperature=0.5, seed=4)
     run(page)
-    string_unit = next(
-        o
-        for o in page.eval_on_selector_all("[data-testid=unit] option", "os => os.map(o => [o.value, o.textContent])")
-        if o[1].startswith("in_string")
-    )[0]
-    page.select_option("[data-testid=unit]", string_unit)
+    select_unit_for(page, "in_string")
     all_coloured(page)
     page.hover(f"{OUTPUT} span:nth-child(90)")
     page.screenshot(path=str(out / "playground-python.png"))

@@ -89,3 +89,5 @@ def test_gather_reads_rows_in_the_given_order(engine: Engine) -> None:
     slots.gather(slots.rows(order), buffers)
     for buffer in buffers:
         assert (buffer[:, 0] == 3.0).all() and (buffer[:, 1] == 0.0).all() and (buffer[:, 2] == 2.0).all()
+    for fresh, buffer in zip(slots.gather(slots.rows(order)), buffers, strict=True):  # new arrays, same values
+        np.testing.assert_array_equal(fresh, buffer)
