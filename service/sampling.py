@@ -59,33 +59,52 @@ def sample_rows(
     top_p: np.ndarray,
     uniform: np.ndarray,
 ) -> np.ndarray:
-    """Token ids (batch,) from logits (batch, vocab) with per-row temperature, top-k, top-p.
+    """Token ids (batch,) from logits (batch, vocab) with per-row temperature, top-k, top-p."""
+    return BatchSampler(temperature, top_k, top_p, logits.shape[1]).sample(logits, uniform)
+
+
+class BatchSampler:
+    """Samples rows of logits, each row with its own temperature, top-k and top-p.
 
     One uniform draw per row picks a token by inverse CDF over the vocabulary in its own order.
     Only rows that ask for top-k or top-p are sorted, to find their cut-off, and a row's result
     depends only on its own logits, parameters and draw, never on which rows share its batch.
+
+    What depends only on the parameters (which rows are greedy or filtered, whether any row
+    scales its logits) is worked out once: a batch that keeps its rows from step to step samples
+    with the same sampler, and the common all-default batch skips those operations every step.
     """
-    vocab = logits.shape[1]
-    greedy = temperature < GREEDY_BELOW
-    best: np.ndarray = logits.argmax(axis=1)
-    if greedy.all():
-        return best
-    z = logits.astype(np.float64)
-    z /= np.where(greedy, 1.0, temperature)[:, None]
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z, out=z)  # unnormalised: the draw below scales by each row's total
-    filtered = (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)) & ~greedy
-    if filtered.any():
-        rows = np.flatnonzero(filtered)
-        p[rows] = _keep_top(p[rows], top_k[rows], top_p[rows])
-    cdf = np.cumsum(p, axis=1)
-    total = cdf[:, -1]
-    # Kept below the total even when uniform * total rounds up, so some token always passes.
-    target = np.minimum(uniform * total, np.nextafter(total, 0.0))
-    # The first token whose CDF passes the draw; a token with probability zero never passes.
-    drawn = (cdf <= target[:, None]).sum(axis=1)
-    ids: np.ndarray = np.where(greedy, best, drawn)
-    return ids
+
+    def __init__(self, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, vocab: int) -> None:
+        self.greedy = temperature < GREEDY_BELOW
+        self.all_greedy = bool(self.greedy.all())
+        self.any_greedy = bool(self.greedy.any())
+        scaled = (temperature != 1.0) & ~self.greedy
+        self._scale = np.where(self.greedy, 1.0, temperature)[:, None] if scaled.any() else None
+        filtered = (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)) & ~self.greedy
+        self._filtered = np.flatnonzero(filtered)
+        self._top_k, self._top_p = top_k[self._filtered], top_p[self._filtered]
+
+    def sample(self, logits: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+        """Token ids (batch,) from logits (batch, vocab) and one uniform draw per row (ignored when greedy)."""
+        best: np.ndarray | None = logits.argmax(axis=1) if self.any_greedy else None
+        if best is not None and self.all_greedy:
+            return best
+        z = logits.astype(np.float64)
+        if self._scale is not None:
+            z /= self._scale
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z, out=z)  # unnormalised: the draw below scales by each row's total
+        if self._filtered.size:
+            rows = self._filtered
+            p[rows] = _keep_top(p[rows], self._top_k, self._top_p)
+        cdf = np.cumsum(p, axis=1)
+        total = cdf[:, -1]
+        # Kept below the total even when uniform * total rounds up, so some token always passes.
+        target = np.minimum(uniform * total, np.nextafter(total, 0.0))
+        # The first token whose CDF passes the draw; a token with probability zero never passes.
+        drawn: np.ndarray = (cdf <= target[:, None]).sum(axis=1)
+        return drawn if best is None else np.where(self.greedy, best, drawn)
 
 
 def _keep_top(p: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:

@@ -34,8 +34,9 @@ from service.engine import Engine
 from service.events import FINAL_EVENTS, DoneEvent, ErrorEvent, Event, TextEvent
 from service.jobs import Job, Phase
 from service.metrics import Metrics
-from service.sampling import is_greedy, log_softmax, sample_rows, top_alternatives
+from service.sampling import log_softmax, top_alternatives
 from service.slots import SlotTable
+from service.step_plan import StepPlan
 
 log = logging.getLogger("charstream.scheduler")
 
@@ -89,6 +90,10 @@ class Scheduler:
         self._prefill: dict[Job, None] = {}  # Phase.PREFILL
         self._running: dict[Job, None] = {}  # Phase.DECODING and Phase.FINISHING
         self._slots = SlotTable(engine.info)
+        # The last step's sampling plan, reused while the batch stays the same: the same jobs and
+        # no job ended since (`_endings` counts them; an ending job stays one step, FINISHING).
+        self._steady: StepPlan | None = None
+        self._endings = 0
         self._outbox: list[tuple[Job, Event]] = []
         self._emitted = 0  # characters handed out since the last flush
         self._thread: threading.Thread | None = None
@@ -253,6 +258,7 @@ class Scheduler:
 
     def _end_decoding(self, job: Job, ending: Phase) -> None:
         """DECODING -> FINISHING (the last character sent still has to be read) or finished."""
+        self._endings += 1
         if job.next_input is not None and job.reads_last_char:
             job.phase, job.ending = Phase.FINISHING, ending
         else:
@@ -324,12 +330,21 @@ class Scheduler:
 
     def _step(self, jobs: list[Job]) -> None:
         """One character for each job: read its input, then sample the next for jobs that want one."""
+        steady = self._steady
+        if steady is not None and steady.jobs == jobs and steady.epoch == self._endings:
+            # The jobs that sampled at the last step, none of them ended: each reads what it
+            # sampled and samples again, with the rows, sampler and draws worked out then.
+            self._read(jobs, steady.rows, [])
+            self._sample(steady)
+            return
+        self._steady = None
         for job in jobs:
             if job.next_input is None and job.read < len(job.prompt):
                 job.next_input = job.prompt[job.read]
         reading = [j for j in jobs if j.next_input is not None]
         if reading:
-            self._read(reading)
+            forced = [i for i, j in enumerate(reading) if j.read < len(j.prompt)]
+            self._read(reading, self._slots.rows(reading), forced)
         for job in jobs:
             if job.phase is Phase.FINISHING:
                 self._finish(job, job.ending)
@@ -337,12 +352,14 @@ class Scheduler:
                 self._finish(job, Phase.FED)
         sampling = [j for j in jobs if j.phase is Phase.DECODING and j.read == len(j.prompt)]
         if sampling:
-            self._sample(sampling)
+            plan = StepPlan(sampling, self._slots.rows(sampling), self._slots, self._endings)
+            self._sample(plan)
+            self._steady = plan  # stale at once if a job ended in it
 
-    def _read(self, jobs: list[Job]) -> None:
+    def _read(self, jobs: list[Job], rows: np.ndarray, forced: list[int]) -> None:
+        """Step each job over its `next_input`; `forced` are the indices of those reading a prompt
+        character (to annotate it)."""
         slots = self._slots
-        rows = slots.rows(jobs)
-        forced = [i for i, j in enumerate(jobs) if j.read < len(j.prompt)]
         if forced:
             self._note_prompt_logprobs([jobs[i] for i in forced], rows[forced])
         bound = self.engine.binding(len(jobs))
@@ -393,23 +410,21 @@ class Scheduler:
             if job.params.top_logprobs:
                 notes.prompt_top.append(top_alternatives(lps, job.params.top_logprobs, self.vocab)[0])
 
-    def _sample(self, jobs: list[Job]) -> None:
-        slots = self._slots
-        rows = slots.rows(jobs)
-        logits = slots.logits[rows]
-        lps = log_softmax(logits) if any(j.notes is not None for j in jobs) else None  # the model's own
+    def _sample(self, plan: StepPlan) -> None:
+        logits = self._slots.logits[plan.rows]
+        lps = log_softmax(logits) if plan.annotated else None  # the model's own
         drawn_from = logits
-        for i, job in enumerate(jobs):
-            if job.params.logit_bias:  # rare: a copy only when some row asks for it
-                if drawn_from is logits:
-                    drawn_from = logits.copy()
-                ids_, bias = zip(*job.params.logit_bias, strict=True)
-                drawn_from[i, list(ids_)] += np.asarray(bias, np.float32)
-        # One draw per row from the row's own RNG: a session's text never depends on its neighbours.
-        uniform = np.array([0.0 if is_greedy(j.params.temperature) else j.rng.random() for j in jobs])
-        ids = sample_rows(drawn_from, slots.temperature[rows], slots.top_k[rows], slots.top_p[rows], uniform)
-        for i, job in enumerate(jobs):
-            self._emit(job, int(ids[i]), None if lps is None else lps[i : i + 1])
+        if plan.biases:  # rare: a copy only when some row asks for it
+            drawn_from = logits.copy()
+            for i, ids_, bias in plan.biases:
+                drawn_from[i, ids_] += bias
+        ids = plan.sampler.sample(drawn_from, plan.uniform()).tolist()
+        if lps is None:
+            for job, char in zip(plan.jobs, ids, strict=True):
+                self._emit(job, char, None)
+        else:
+            for i, job in enumerate(plan.jobs):
+                self._emit(job, ids[i], lps[i : i + 1])
 
     def _emit(self, job: Job, char: int, lps: np.ndarray | None) -> None:
         job.generated += 1

@@ -65,7 +65,7 @@ class SlotTable:
         if (
             parked is None
             or not all(a is b for a, b in zip(parked[1], buffers, strict=True))
-            or not np.array_equal(parked[0], rows)
+            or not (parked[0] is rows or np.array_equal(parked[0], rows))
         ):
             return False
         self._parked = None
