@@ -15,7 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from exports.contract import ModelInfo
+from service.draws import RowDraws
 from service.jobs import Job
+from service.sampling import is_greedy
 
 FIRST_CAPACITY = 64
 
@@ -28,6 +30,7 @@ class SlotTable:
         self.temperature = np.zeros(0)
         self.top_k = np.zeros(0, np.int64)
         self.top_p = np.zeros(0)
+        self.draws = RowDraws()  # each sampling row's uniform draws, from its job's RNG
         self._free: list[int] = []
         self._rows: dict[Job, int] = {}
         self._parked: tuple[np.ndarray, list[np.ndarray]] | None = None  # rows, and where their state is
@@ -109,6 +112,8 @@ class SlotTable:
             self.temperature[slot] = job.params.temperature
             self.top_k[slot] = job.params.top_k
             self.top_p[slot] = job.params.top_p
+            if not is_greedy(job.params.temperature):
+                self.draws.attach(slot, job.rng)
         except BaseException:
             self._free.append(slot)
             raise
@@ -123,6 +128,7 @@ class SlotTable:
         if keep:
             job.state = [self.state[k, :, slot].copy() for k in range(self.state.shape[0])]
             job.logits = self.logits[slot].copy()
+        self.draws.detach(slot)
         self._free.append(slot)
 
     def _grow(self) -> None:
@@ -137,4 +143,5 @@ class SlotTable:
         self.temperature = np.concatenate([self.temperature, np.zeros(new - old)])
         self.top_k = np.concatenate([self.top_k, np.zeros(new - old, np.int64)])
         self.top_p = np.concatenate([self.top_p, np.ones(new - old)])
+        self.draws.grow(new)
         self._free.extend(range(new - 1, old - 1, -1))  # low rows first

@@ -7,8 +7,6 @@ of it does no per-job filtering or parameter lookup: only the per-row RNG draws 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from service.jobs import Job
@@ -25,7 +23,8 @@ class StepPlan:
             slots.temperature[rows], slots.top_k[rows], slots.top_p[rows], slots.logits.shape[1]
         )
         drawing = np.flatnonzero(~self.sampler.greedy)  # greedy rows draw nothing from their RNG
-        self._draws: list[Callable[[], float]] = [jobs[i].rng.random for i in drawing]
+        self._draws = slots.draws
+        self._drawing_rows = rows[drawing]
         self._drawing = None if len(drawing) == len(jobs) else drawing
         self.annotated = any(j.notes is not None for j in jobs)
         self.biases = [_bias_of(i, j) for i, j in enumerate(jobs) if j.params.logit_bias]
@@ -33,9 +32,9 @@ class StepPlan:
     def uniform(self) -> np.ndarray:
         """One draw per row from the row's own RNG (0 for greedy rows): a session's text never
         depends on its neighbours."""
-        draws = [draw() for draw in self._draws]
+        draws = self._draws.next(self._drawing_rows)
         if self._drawing is None:
-            return np.array(draws)
+            return draws
         uniform = np.zeros(len(self.jobs))
         uniform[self._drawing] = draws
         return uniform
