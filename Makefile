@@ -24,6 +24,8 @@ DELIVERY_SETTINGS := CHARSTREAM_SWITCH_INTERVAL_US=5000,CHARSTREAM_STREAM_INTERV
 # The code before steps carried their state in onnxruntime's buffers, served beside today's.
 DELIVERY_BEFORE := b4621ff
 DELIVERY_BEFORE_DIR := /tmp/charstream-delivery-before
+# The code before a steady batch kept its sampling plan (and frames of 2 were the default).
+DELIVERY_PLAN_BEFORE := 7199540
 
 .PHONY: serve test lint typecheck unit bench container-test clean web test-servers
 
@@ -96,6 +98,15 @@ bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 		CHARSTREAM_STREAM_INTERVAL=1
 	$(PY) -m benchmarks.delivery --variant int8 --name delivery-carry-int8 \
 		checkout=$(DELIVERY_BEFORE_DIR),CHARSTREAM_STREAM_INTERVAL=4 CHARSTREAM_STREAM_INTERVAL=4 default CHARSTREAM_STREAM_INTERVAL=1
+	git worktree remove --force $(DELIVERY_BEFORE_DIR)
+	git worktree add -f $(DELIVERY_BEFORE_DIR) $(DELIVERY_PLAN_BEFORE)
+	for nice in 10 0; do \
+		$(PY) -m benchmarks.delivery --variant fp32 --rounds 5 --client-nice $$nice --name delivery-plan-fp32-nice$$nice \
+			checkout=$(DELIVERY_BEFORE_DIR),CHARSTREAM_STREAM_INTERVAL=2 checkout=$(DELIVERY_BEFORE_DIR),CHARSTREAM_STREAM_INTERVAL=1 \
+			CHARSTREAM_STREAM_INTERVAL=1 CHARSTREAM_STREAM_INTERVAL=2 && \
+		$(PY) -m benchmarks.delivery --variant int8 --rounds 5 --client-nice $$nice --name delivery-plan-int8-nice$$nice \
+			checkout=$(DELIVERY_BEFORE_DIR),CHARSTREAM_STREAM_INTERVAL=4 CHARSTREAM_STREAM_INTERVAL=1 CHARSTREAM_STREAM_INTERVAL=4 || exit 1; \
+	done
 	git worktree remove --force $(DELIVERY_BEFORE_DIR)
 	$(PY) -m benchmarks.peers_bench
 	$(PY) -m benchmarks.prefill_fairness

@@ -7,7 +7,13 @@ machine's cores), and how long a decode step took against how much of it was onn
 (from the server's own step histogram), so the rest is the server's Python and its waits.
 
     python -m benchmarks.delivery --variant int8 \\
-        default CHARSTREAM_SWITCH_INTERVAL_US=200 CHARSTREAM_STREAM_INTERVAL=2
+        default CHARSTREAM_SWITCH_INTERVAL_US=200 CHARSTREAM_STREAM_INTERVAL=4
+
+The clients run in this process, on the same two cores as the server: when both are busy, the
+operating system shares a core between the server's step thread and the clients, and the step
+slows down. `--client-nice 10` lowers this process's CPU priority once the servers have started
+(the ceiling, measured alone, is unaffected), which is closer to a deployment, where the clients
+are other machines; the results say which was used.
 
 A setting `checkout=PATH` runs that server from another checkout of the repository (a git
 worktree of an older commit, say), so two versions of the code are compared in one run:
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 from itertools import pairwise
@@ -151,9 +158,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8861)
     parser.add_argument("--name", default="delivery", help="results file name")
+    parser.add_argument("--client-nice", type=int, default=0, help="lower the clients' CPU priority by this much")
     args = parser.parse_args()
     serving.VARIANT = args.variant
     servers = {spec: server_for(spec, args.port + i) for i, spec in enumerate(args.settings)}
+    os.nice(args.client_nice)  # after the servers started: they keep the default priority
     runs: dict[str, list[Run]] = {spec: [] for spec in servers}
     ceilings: list[float] = []
     alone: list[float] = []
@@ -190,6 +199,7 @@ def main() -> None:
     scheduler_rate = statistics.median(alone)
     print(
         f"{STREAMS} WebSocket streams, bundled model {args.variant}; ceiling at batch {STREAMS}: {ceiling:,.0f} chars/s"
+        f"; clients at nice {args.client_nice}"
     )
     print(
         f"the scheduler alone (in process, no server): {scheduler_rate:,.0f} chars/s = "
@@ -219,6 +229,7 @@ def main() -> None:
             "ceiling": ceiling,
             "ceiling_step_ms": step_ms,
             "scheduler_alone": scheduler_rate,
+            "client_nice": args.client_nice,
             "rows": rows,
             "rounds": args.rounds,
         },

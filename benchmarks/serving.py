@@ -170,21 +170,26 @@ def _own_cpu_seconds() -> float:
 
 def ceiling(batch: int, steps: int) -> float:
     """chars/s of batched onnxruntime steps + per-row sampling in one process, no server."""
+    from service.draws import RowDraws
     from service.engine import Engine
     from service.registry import VARIANT_FILES
-    from service.sampling import sample_rows
+    from service.sampling import BatchSampler
     from service.settings import load_settings
 
     settings = load_settings()
     engine = Engine(MODELS_DIR / MODEL / VARIANT_FILES[VARIANT], settings.ort_threads)
     bound = engine.binding(batch)  # the server's step: pre-bound buffers, each step's state read in place
-    rngs = [np.random.default_rng(i) for i in range(batch)]
+    # The server's sampling for a steady batch: one sampler, each row's draws from its own RNG.
     ones, zeros = np.ones(batch), np.zeros(batch, np.int64)
+    sampler = BatchSampler(ones, zeros, ones, engine.info.vocab_size)
+    draws, rows = RowDraws(), np.arange(batch)
+    draws.grow(batch)
+    for row in rows:
+        draws.attach(int(row), np.random.default_rng(int(row)))
     t0 = time.perf_counter()
     for _ in range(steps):
         bound.run()
-        ids = sample_rows(bound.logits[:, 0], ones, zeros, ones, np.array([r.random() for r in rngs]))
-        bound.tokens[:, 0] = ids
+        bound.tokens[:, 0] = sampler.sample(bound.logits[:, 0], draws.next(rows))
         bound.carry()
     return batch * steps / (time.perf_counter() - t0)
 

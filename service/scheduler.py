@@ -47,9 +47,10 @@ log = logging.getLogger("charstream.scheduler")
 PREFILL_CHUNK = 256
 ACTIVATION_DECIMALS = 4  # unit values are sent rounded to this many decimals
 # Characters a stream collects before it is woken to send a frame (vLLM's stream_interval). Two
-# halves the frames, the cost that bounds one process, for one step of latency: 64 streams gave
-# 0.80 of the in-process ceiling with 2 against 0.77 with 1 (fp32), 0.63 against 0.54 (int8), and
-# 0.68 with 4 (int8); benchmarks/delivery.py measures it.
+# halves the frames, the cost that bounds one process, for one step of latency per frame: at 64
+# streams, fp32 delivered 0.87-0.90 of the in-process ceiling with 2 against 0.84-0.88 with 1,
+# int8 0.72-0.80 with 4 against 0.55-0.73 with 1; frames of 1 keep the p99 gap under 2 steps
+# (benchmarks/delivery.py, results/delivery-plan-*.json).
 STREAM_INTERVAL = 2
 # How long a thread may hold the GIL while another waits for it. Python's default, 5 ms, lets the
 # event loop keep it for a whole step's worth of sends after onnxruntime returns, so the step
