@@ -199,6 +199,8 @@ class Scheduler:
             for start in range(0, len(jobs), self.max_batch_size):
                 batch = jobs[start : start + self.max_batch_size]
                 self._guarded(batch, "step", self._step, batch)
+        if not self._running:
+            self._steady = None  # idle: hold no finished jobs
 
     def _guarded(self, jobs: list[Job], what: str, work: Callable[..., None], *args: Any) -> None:
         """Run one stage for `jobs`; if it raises, exactly those jobs fail and the rest go on."""
