@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from benchmarks.common import table, write_results
+from benchmarks.common import save_figure, table, write_results
 from exports import contract
 from training.checkpoint import load_model
 from training.config import TrainConfig
@@ -189,9 +189,7 @@ def plot(runs: list[Run], path_grad: Path, path_curves: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("gradient norm (mean over 64 positions)")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path_grad, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path_grad)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
@@ -203,9 +201,7 @@ def plot(runs: list[Run], path_grad: Path, path_curves: Path) -> None:
     ax.set_ylim(top=2.6)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path_curves, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path_curves)
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ import psutil
 import uvloop
 
 from benchmarks import ws_client
-from benchmarks.common import table, write_results
+from benchmarks.common import save_figure, table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -425,10 +425,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     right.set_ylabel("time to first character, ms")
     right.grid(alpha=0.3, axis="y")
     right.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

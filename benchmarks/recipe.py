@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import table, write_results
+from benchmarks.common import save_figure, table, write_results
 from training.config import TrainConfig
 from training.train import train
 
@@ -68,9 +68,7 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
     by_time.set_ylabel("validation loss (nats/char)")
     by_time.set_ylim(top=1.8)
     by_step.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

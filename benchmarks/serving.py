@@ -34,7 +34,7 @@ import psutil
 import uvloop
 
 from benchmarks import ws_client
-from benchmarks.common import RESULTS, table, write_results
+from benchmarks.common import RESULTS, save_figure, table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO / "exports"
@@ -420,9 +420,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("aggregate chars/s")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,8 @@ class RowDraws:
         """The slot now draws from `rng` (a sampling row; greedy rows draw nothing)."""
         if not isinstance(rng.bit_generator, np.random.PCG64):
             raise TypeError("a sampling RNG must be numpy's PCG64, which can rewind its unused draws")
-        self._block[slot] = rng.random(BLOCK)
-        self._used[slot] = 0
         self._rngs[slot] = rng
+        self._read_block(slot, rng)
 
     def detach(self, slot: int) -> None:
         """Give the slot's RNG back where one draw per character would have left it."""
@@ -57,6 +56,9 @@ class RowDraws:
         for slot in slots[used == BLOCK].tolist():  # a block ran out: read the next one
             rng = self._rngs[slot]
             assert rng is not None, "a greedy row has no draws"
-            self._block[slot] = rng.random(BLOCK)
-            self._used[slot] = 0
+            self._read_block(slot, rng)
         return out
+
+    def _read_block(self, slot: int, rng: np.random.Generator) -> None:
+        self._block[slot] = rng.random(BLOCK)
+        self._used[slot] = 0
