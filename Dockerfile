@@ -28,6 +28,7 @@ RUN /opt/venv/bin/pip uninstall -q -y pip setuptools
 FROM build AS train
 COPY training/ /app/training/
 COPY exports/ /app/exports/
+COPY interpret/ /app/interpret/
 COPY charstream_cli.py /app/
 RUN if ls /wheelhouse/*.whl > /dev/null 2>&1; then FROM_WHEELS="--no-index --find-links /wheelhouse"; \
     else FROM_WHEELS="--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple"; fi \

@@ -62,7 +62,7 @@ lint: $(ALL_STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(ALL_STAMP)
-	$(VENV)/bin/mypy training service exports benchmarks charstream_cli.py
+	$(VENV)/bin/mypy training service exports interpret benchmarks charstream_cli.py
 
 # The real servers the tests start (redis-server, nginx), from Debian's packages when missing:
 # installed when root, otherwise named so they can be installed by hand.

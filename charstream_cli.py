@@ -126,7 +126,7 @@ def _export(args: argparse.Namespace) -> int:
 def _cells(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from exports.cells import write_report
+    from interpret import write_report
 
     model = Path(args.model)
     out = Path(args.out) if args.out else Path("runs") / "cells" / (model.stem if model.is_file() else model.name)

@@ -9,15 +9,18 @@ priming a whole prompt (seq = T).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.onnx"
+CELLS_FILE = "cells.json"  # the cell finder's report, next to the model: the service offers its units
 
 INPUT_TOKENS = "tokens"
 INPUT_H = "h"
@@ -79,6 +82,15 @@ def optimization_level(variant: str, ort: Any) -> Any:
     """
     level = ort.GraphOptimizationLevel
     return level.ORT_ENABLE_EXTENDED if variant == "fp16" else level.ORT_ENABLE_ALL
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks: a model file names its exact bytes by it."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ContractError(ValueError):

@@ -30,7 +30,7 @@ def ort_web() -> Path:
 @pytest.fixture(scope="session")
 def playground_models(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, corpus_file: Path) -> Path:
     """The tiny models, each with a cell report made by the real finder."""
-    from exports.cells import write_report
+    from interpret import write_report
 
     out = tmp_path_factory.mktemp("playground-models")
     for name in ("tiny-lstm", "tiny-gru"):

@@ -1,11 +1,9 @@
-"""Measurements of one exported file: validation loss and agreement, step latency, hash."""
+"""Measurements of one exported file: validation loss and agreement, step latency."""
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,11 +51,3 @@ def step_latency_us(session: Any, cell: str, layers: int, hidden: int, batch: in
         session.run(None, feed)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -28,7 +28,7 @@ from training.checkpoint import load_model
 from training.corpus import Corpus, Vocabulary, read_corpus
 from training.errors import ExportError
 from training.export.graph import OPSET, PARITY_TOLERANCE, export_fp32, open_session, verify_parity
-from training.export.measure import ort_lanes_eval, sha256, step_latency_us
+from training.export.measure import ort_lanes_eval, step_latency_us
 from training.export.variants import convert_fp16, convert_ort, quantize_int8
 from training.model import CharRNN
 
@@ -127,7 +127,7 @@ def _build(
         session = open_session(path, variant=variant)
         entry: dict[str, Any] = {
             "file": path.name,
-            "sha256": sha256(path),
+            "sha256": contract.file_sha256(path),
             "bytes": path.stat().st_size,
             "step_latency_us_batch1": round(step_latency_us(session, cfg.cell, cfg.num_layers, cfg.hidden_size), 1),
         }
@@ -145,7 +145,7 @@ def _build(
             convert_ort(path, ort_path)
             entry["ort"] = {
                 "file": ort_path.name,
-                "sha256": sha256(ort_path),
+                "sha256": contract.file_sha256(ort_path),
                 "bytes": ort_path.stat().st_size,
             }
         variants[variant] = entry

@@ -1,4 +1,4 @@
-"""The cell finder's pictures: a self-contained HTML page and PNG images of text coloured by a unit.
+"""The report's pictures: a self-contained HTML page and PNG images of text coloured by a unit.
 
 Each character's background is the unit's value after reading it, blue (-1) through white (0) to
 red (+1), as in Karpathy et al.'s figures. h is already in -1..1; an LSTM's c is not bounded and
@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from exports.cells import Activations, FeatureResult, UnitScore
+from interpret.activations import Activations
+from interpret.scoring import FeatureResult, UnitScore
 
 NEGATIVE = (33, 102, 172)  # blue at -1
 POSITIVE = (178, 24, 43)  # red at +1
@@ -43,9 +44,8 @@ def colour(v: float) -> tuple[int, int, int]:
     )
 
 
-def unit_label(s: UnitScore | dict[str, Any]) -> str:
-    d = s.to_json() if isinstance(s, UnitScore) else s
-    return f"layer {d['layer']} {d['state']} unit {d['unit']}"
+def unit_label(s: UnitScore) -> str:
+    return f"layer {s.layer} {s.state} unit {s.unit}"
 
 
 def score_label(metric: str, score: float) -> str:
@@ -156,9 +156,8 @@ def render_png(path: Path, text: str, values: np.ndarray, title: str, wrap: int 
 
 def write_images(
     out: Path, report: dict[str, Any], results: Sequence[FeatureResult], acts: Activations, text: str
-) -> list[Path]:
+) -> None:
     """<feature>.png: the feature's excerpt coloured by its best unit."""
-    written = []
     name = report["model"]["name"]
     for r in results:
         if r.skipped or not r.top:
@@ -169,7 +168,4 @@ def write_images(
         title = f"{name}: {r.feature.name} ({r.feature.description}) - {unit_label(best)}, " + score_label(
             r.feature.metric, best.score
         )
-        path = out / f"{r.feature.name}.png"
-        render_png(path, text[start:end], values, title)
-        written.append(path)
-    return written
+        render_png(out / f"{r.feature.name}.png", text[start:end], values, title)
