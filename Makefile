@@ -17,17 +17,18 @@ ORT_WEB := service/static/ort
 ORT_WEB_STAMP := $(ORT_WEB)/VERSION
 ORT_WEB_FILES := ort.wasm.min.mjs ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
 
-# The delivery settings the README's table compares (Python's own GIL switch interval, then ours).
+# The delivery settings the performance page compares (Python's own GIL switch interval, then ours).
 DELIVERY_SETTINGS := CHARSTREAM_SWITCH_INTERVAL_US=5000,CHARSTREAM_STREAM_INTERVAL=1 \
 	CHARSTREAM_SWITCH_INTERVAL_US=500,CHARSTREAM_STREAM_INTERVAL=1 CHARSTREAM_STREAM_INTERVAL=1 default
 
-# The code before steps carried their state in onnxruntime's buffers, served beside today's.
-DELIVERY_BEFORE := b4621ff
-DELIVERY_BEFORE_DIR := /tmp/charstream-delivery-before
-# The code before a steady batch kept its sampling plan (and frames of 2 were the default).
-DELIVERY_PLAN_BEFORE := 7199540
+# make bench-compare BASE=<rev>: that revision's server beside today's code, 64 streams in the same
+# interleaved rounds (benchmarks/delivery.py), with the same settings on both sides.
+BASE ?=
+COMPARE_VARIANT ?= fp32
+COMPARE_SETTINGS ?= default
+COMPARE_ROUNDS ?= 5
 
-.PHONY: serve test lint typecheck unit bench container-test clean web test-servers
+.PHONY: serve test lint typecheck unit docs bench bench-compare container-test clean web test-servers
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -81,7 +82,11 @@ test-servers:
 unit: $(ALL_STAMP) $(ORT_WEB_STAMP) test-servers
 	$(VENV)/bin/pytest
 
-test: test-servers lint typecheck unit
+# The documentation site; --strict fails on a broken link or anchor and on a page left out of the nav.
+docs: $(ALL_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site
+
+test: test-servers lint typecheck unit docs
 
 bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m pip install -q -e '.[peers]'
@@ -93,21 +98,12 @@ bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m benchmarks.delivery --variant fp32 --name delivery-fp32 $(DELIVERY_SETTINGS)
 	$(PY) -m benchmarks.delivery --variant int8 --name delivery-int8 $(DELIVERY_SETTINGS) \
 		CHARSTREAM_STREAM_INTERVAL=4
-	rm -rf $(DELIVERY_BEFORE_DIR) && git worktree prune && git worktree add -f $(DELIVERY_BEFORE_DIR) $(DELIVERY_BEFORE)
-	$(PY) -m benchmarks.delivery --variant fp32 --name delivery-carry-fp32 checkout=$(DELIVERY_BEFORE_DIR) default \
-		CHARSTREAM_STREAM_INTERVAL=1
-	$(PY) -m benchmarks.delivery --variant int8 --name delivery-carry-int8 \
-		checkout=$(DELIVERY_BEFORE_DIR),CHARSTREAM_STREAM_INTERVAL=4 CHARSTREAM_STREAM_INTERVAL=4 default CHARSTREAM_STREAM_INTERVAL=1
-	git worktree remove --force $(DELIVERY_BEFORE_DIR)
-	git worktree add -f $(DELIVERY_BEFORE_DIR) $(DELIVERY_PLAN_BEFORE)
 	for nice in 10 0; do \
 		$(PY) -m benchmarks.delivery --variant fp32 --rounds 5 --client-nice $$nice --name delivery-plan-fp32-nice$$nice \
-			checkout=$(DELIVERY_BEFORE_DIR),CHARSTREAM_STREAM_INTERVAL=2 checkout=$(DELIVERY_BEFORE_DIR),CHARSTREAM_STREAM_INTERVAL=1 \
 			CHARSTREAM_STREAM_INTERVAL=1 CHARSTREAM_STREAM_INTERVAL=2 && \
 		$(PY) -m benchmarks.delivery --variant int8 --rounds 5 --client-nice $$nice --name delivery-plan-int8-nice$$nice \
-			checkout=$(DELIVERY_BEFORE_DIR),CHARSTREAM_STREAM_INTERVAL=4 CHARSTREAM_STREAM_INTERVAL=1 CHARSTREAM_STREAM_INTERVAL=4 || exit 1; \
+			CHARSTREAM_STREAM_INTERVAL=1 CHARSTREAM_STREAM_INTERVAL=4 || exit 1; \
 	done
-	git worktree remove --force $(DELIVERY_BEFORE_DIR)
 	$(PY) -m benchmarks.peers_bench
 	$(PY) -m benchmarks.prefill_fairness
 	$(PY) -m benchmarks.sessions
@@ -115,6 +111,19 @@ bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m benchmarks.activations_cost
 	$(PY) -m benchmarks.fuzz
 	$(PY) -m benchmarks.browser
+
+# Another revision (a commit, tag or branch) checked out in a temporary git worktree and served beside
+# today's code; results in benchmarks/results/delivery-compare-$(COMPARE_VARIANT).json. The worktree
+# is removed afterwards, also when the run fails or is interrupted.
+bench-compare: $(ALL_STAMP)
+	@test -n "$(BASE)" || { echo "make bench-compare: name the revision to compare, e.g. make bench-compare BASE=HEAD~1"; exit 2; }
+	@base=$$(mktemp -d "$${TMPDIR:-/tmp}/charstream-base.XXXXXX") || exit 2; \
+	if ! git worktree add --detach --quiet "$$base" "$(BASE)"; then rmdir "$$base"; exit 2; fi; \
+	trap 'git worktree remove --force "$$base"' EXIT; trap 'exit 130' INT TERM; \
+	if [ "$(COMPARE_SETTINGS)" = default ]; then before="checkout=$$base"; else before="checkout=$$base,$(COMPARE_SETTINGS)"; fi; \
+	echo "make bench-compare: $(BASE) ($$(git -C "$$base" rev-parse --short HEAD)) in $$base beside this checkout"; \
+	$(PY) -m benchmarks.delivery --variant $(COMPARE_VARIANT) --rounds $(COMPARE_ROUNDS) \
+		--name delivery-compare-$(COMPARE_VARIANT) "$$before" $(COMPARE_SETTINGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache $(ORT_WEB)
