@@ -13,7 +13,7 @@ ALL_STAMP := $(VENV)/.all-installed
 # browser. npm is needed only here, at setup; the files land in a git-ignored folder of the service
 # package, which the Dockerfile copies with the rest of service/.
 ORT_WEB_VERSION ?= 1.30.0
-ORT_WEB := service/static/ort
+ORT_WEB := service/api/playground/static/ort
 ORT_WEB_STAMP := $(ORT_WEB)/VERSION
 ORT_WEB_FILES := ort.wasm.min.mjs ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
 

@@ -161,7 +161,7 @@ def _cells(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.cli import serve
+    from service.server import serve
 
     return serve(models=args.models, host=args.host, port=args.port, workers=args.workers)
 

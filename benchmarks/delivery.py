@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import serving, ws_client
 from benchmarks.common import table, write_results
-from service.events import TextEvent
+from service.core.events import TextEvent
 
 STREAMS = 64
 
@@ -94,12 +94,12 @@ def scheduler_alone(chars: int) -> float:
     Between the ceiling (bare steps) and a server over loopback: what the scheduler's own work
     per step (rows, sampling parameters, stops, events, one hand-off to the event loop) costs.
     """
-    from service.engine import Engine
-    from service.jobs import Job, Mailbox
+    from service.core.engine import Engine
+    from service.core.jobs import STREAM_INTERVAL, Job, Mailbox
+    from service.core.sampling import SamplingParams
+    from service.core.scheduler import Scheduler
     from service.metrics import Metrics
-    from service.registry import VARIANT_FILES
-    from service.sampling import SamplingParams
-    from service.scheduler import STREAM_INTERVAL, Scheduler
+    from service.serving.registry import VARIANT_FILES
     from service.settings import load_settings
 
     engine = Engine(serving.MODELS_DIR / serving.MODEL / VARIANT_FILES[serving.VARIANT], load_settings().ort_threads)

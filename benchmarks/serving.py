@@ -170,10 +170,10 @@ def _own_cpu_seconds() -> float:
 
 def ceiling(batch: int, steps: int) -> float:
     """chars/s of batched onnxruntime steps + per-row sampling in one process, no server."""
-    from service.draws import RowDraws
-    from service.engine import Engine
-    from service.registry import VARIANT_FILES
-    from service.sampling import BatchSampler
+    from service.core.draws import RowDraws
+    from service.core.engine import Engine
+    from service.core.sampling import BatchSampler
+    from service.serving.registry import VARIANT_FILES
     from service.settings import load_settings
 
     settings = load_settings()

@@ -2,8 +2,8 @@
 
 import sys
 
-from service.cli import serve
 from service.errors import ServiceConfigError
+from service.server import serve
 
 if __name__ == "__main__":
     try:

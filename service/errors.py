@@ -64,6 +64,13 @@ class TooLarge(ApiError):
     code = "too_large"
 
 
+class PermissionDenied(ApiError):
+    """A request the OpenAI API allows that charstream's OpenAI routes refuse (see their docs)."""
+
+    status = 403
+    code = "permission_denied"
+
+
 class SessionBusy(ApiError):
     status = 409
     code = "session_busy"
@@ -74,6 +81,20 @@ class LeaseLost(ApiError):
 
     status = 409
     code = "lease_lost"
+
+
+class CorruptSession(ApiError):
+    """A stored session record that cannot be decoded: it is gone for good."""
+
+    status = 410
+    code = "session_corrupt"
+
+
+class ForeignSession(ApiError):
+    """A record made by another model, or by another version of this model's file."""
+
+    status = 409
+    code = "session_model_mismatch"
 
 
 class TooManySessions(ApiError):

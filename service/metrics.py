@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STEP_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 0.1, 0.5, 1.0)
@@ -63,15 +61,6 @@ class Metrics:
     def calls(self, model: str, kind: str) -> CallMetrics:
         """Latency and batch size of one model's onnxruntime calls of one kind ("step" or "prime")."""
         return CallMetrics(self.step_latency.labels(model, kind), self.batch_size.labels(model, kind))
-
-    def set_collect_hook(self, hook: Callable[[], None]) -> None:
-        """Run `hook` right before each scrape so gauges are current (prometheus-client has no hook)."""
-        self._hook = hook
-
-    def refresh(self) -> None:
-        hook = getattr(self, "_hook", None)
-        if hook is not None:
-            hook()
 
 
 class CallMetrics:

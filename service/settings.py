@@ -9,11 +9,16 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.core.jobs import STREAM_INTERVAL
+from service.core.scheduler import PREFILL_CHUNK
 from service.errors import ServiceConfigError
-from service.scheduler import PREFILL_CHUNK, STREAM_INTERVAL, SWITCH_INTERVAL_US
+from service.sessions import REDIS_SCHEMES
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SECRET_SETTINGS = ("api_key", "session_store")  # never echoed: a key, a URL with a password
+# How long a thread may hold the GIL while another waits for it, set at start-up. Python's default,
+# 5 ms, lets the event loop keep it through a whole step's worth of sends after onnxruntime returns,
+# so the step thread idles instead of starting the next step (docs/performance.md measures both).
+SWITCH_INTERVAL_US = 100
 
 
 def bundled_models_dir() -> Path:

@@ -66,7 +66,7 @@ def run_server(**settings: object) -> Iterator[Server]:
     """A real uvicorn server on 127.0.0.1 in a thread; always stopped, also when the test fails."""
     import uvicorn
 
-    from service.app import create_app
+    from service.api.app import create_app
     from service.server import GracefulServer
     from service.settings import load_settings
 

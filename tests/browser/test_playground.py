@@ -285,7 +285,7 @@ def test_the_page_asks_for_the_api_key(tab: Tab, keyed_server: Server, mode: str
 def test_without_onnxruntime_web_the_page_says_so(
     tab: Tab, server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from service.routes import playground
+    from service.api.playground import routes as playground
 
     monkeypatch.setattr(playground, "ORT_DIR", tmp_path / "no-ort")
     page = open_page(tab, server)

@@ -1,0 +1,91 @@
+"""The FastAPI application: the lifespan (models, service, session sweeper) and the routers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from service.api import ops
+from service.api.errors import install_error_handlers, register_error_style
+from service.api.limits import with_model_limits
+from service.api.middleware import Gate, RequestMetrics
+from service.api.native import routes as native
+from service.api.native import ws
+from service.api.openai import routes as openai
+from service.api.openai.errors import openai_error
+from service.api.playground import routes as playground
+from service.metrics import Metrics
+from service.serving.registry import ModelRegistry, load_registry
+from service.serving.service import GenerationService
+from service.settings import Settings, load_settings
+
+log = logging.getLogger("charstream.app")
+
+SWEEP_INTERVAL_S = 5.0
+
+
+def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+    """The app; the models folder is loaded at start-up unless a loaded `registry` is given."""
+    settings = settings or load_settings()
+    metrics = Metrics()
+    service: GenerationService | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal service
+        service = GenerationService.create(registry or load_registry(settings), settings, metrics)
+        app.state.service = service
+        app.state.settings = settings
+        service.start()
+        sweeper = asyncio.create_task(_sweep(service))
+        log.info(
+            "charstream ready",
+            extra={"models": ",".join(service.registry.models), "failed": len(service.registry.failures)},
+        )
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await service.stop()
+            log.info("charstream stopped")
+
+    app = FastAPI(
+        title="charstream",
+        summary="Stateful streaming from character-level recurrent language models.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    # Added last, so it runs first: the key and the drain are checked before anything else.
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(Gate, api_key=settings.api_key, draining=lambda: service is not None and service.draining)
+    app.include_router(ops.router)
+    app.include_router(native.router)
+    app.include_router(openai.router)
+    for path in openai.OPENAI_PATHS:  # every error there in OpenAI's shape, 401 from the gate included
+        register_error_style(path, openai_error)
+    app.include_router(ws.router)
+    app.include_router(playground.api)
+    app.include_router(playground.router)
+    with_model_limits(app, settings, lambda: service.registry if service is not None else registry)
+    return app
+
+
+async def _sweep(service: GenerationService) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+        try:
+            await service.evict_expired()
+        except Exception:
+            log.exception("session sweep failed")
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory: `uvicorn --factory service.api.app:app_from_env`."""
+    return create_app()

@@ -1,0 +1,125 @@
+"""charstream's /v1 HTTP API: one-shot and session generation (JSON or Server-Sent Events), sessions."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Response, status
+from fastapi.responses import StreamingResponse
+
+from service.api.deps import ServiceDep
+from service.api.errors import NATIVE_ERRORS
+from service.api.native.schemas import (
+    CreateSessionRequest,
+    FeedRequest,
+    FeedResponse,
+    ForkRequest,
+    GenerateRequest,
+    GenerateResponse,
+    SessionGenerateRequest,
+    SessionInfo,
+    Usage,
+)
+from service.api.sse import SSE_DONE, SSE_HEADERS, STREAMING, sse_frame
+from service.core.events import Failed, TextEvent
+from service.core.generation import Generation
+from service.errors import InternalError
+
+router = APIRouter(prefix="/v1", responses=NATIVE_ERRORS)
+
+log = logging.getLogger("charstream.http")
+
+
+async def sse_frames(generation: Generation) -> AsyncIterator[bytes]:
+    """One `data:` frame per event (text, prompt, the final one or an error), then `[DONE]`."""
+    try:
+        async for event in generation.stream():
+            if isinstance(event, TextEvent) and event.plain:
+                # The frame sent most, once per character or few: built without a dict.
+                yield f'data: {{"text": {json.dumps(event.text, ensure_ascii=False)}}}\n\n'.encode()
+            else:
+                yield sse_frame(event.payload())
+    except Exception:  # a bug, not a client: the stream still ends with an error and [DONE]
+        log.exception("stream failed")
+        yield sse_frame(Failed(InternalError("the stream failed on the server")).payload())
+    yield SSE_DONE
+
+
+async def _respond(generation: Generation, stream: bool) -> GenerateResponse | StreamingResponse:
+    if stream:
+        return StreamingResponse(sse_frames(generation), media_type="text/event-stream", headers=SSE_HEADERS)
+    result = await generation.result()
+    done = result.completed
+    return GenerateResponse(
+        text=result.text,
+        finish_reason=done.finish_reason,  # type: ignore[arg-type]
+        usage=Usage(prompt_chars=done.prompt_chars, generated_chars=done.generated_chars),
+        model=done.model,
+        session_id=done.session_id,
+        logprobs=result.logprobs,
+        top_logprobs=result.top_logprobs,
+        activations=result.activations,
+        prompt_activations=None if result.prompt is None else result.prompt.activations,
+    )
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=STREAMING)
+async def generate(request: GenerateRequest, service: ServiceDep) -> GenerateResponse | StreamingResponse:
+    """Generate text from a prompt; `stream: true` answers as Server-Sent Events."""
+    generation = await service.generate(
+        request.to_sampling_params(),
+        request.prompt,
+        request.model,
+        request.seed,
+        request.session_id,
+    )
+    return await _respond(generation, request.stream)
+
+
+@router.post("/sessions", response_model=SessionInfo, status_code=status.HTTP_201_CREATED)
+async def create_session(request: CreateSessionRequest, service: ServiceDep) -> SessionInfo:
+    """Create a session whose state the server keeps; an optional prompt primes it."""
+    return SessionInfo.of(await service.create_session(request.model, request.prompt, request.seed))
+
+
+@router.get("/sessions/{session_id}", response_model=SessionInfo)
+async def get_session(session_id: str, service: ServiceDep) -> SessionInfo:
+    """A session's model, history length and expiry."""
+    return SessionInfo.of(await service.get_session(session_id))
+
+
+@router.delete("/sessions/{session_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_session(session_id: str, service: ServiceDep) -> Response:
+    """Delete a session and free its state."""
+    await service.delete_session(session_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/sessions/{session_id}/generate", response_model=GenerateResponse, responses=STREAMING)
+async def session_generate(
+    session_id: str, request: SessionGenerateRequest, service: ServiceDep
+) -> GenerateResponse | StreamingResponse:
+    """Continue a session from its kept state (after an optional prompt) and keep the new state."""
+    generation = await service.generate(request.to_sampling_params(), request.prompt, session_id=session_id)
+    return await _respond(generation, request.stream)
+
+
+@router.post("/sessions/{session_id}/feed", response_model=FeedResponse)
+async def feed(session_id: str, request: FeedRequest, service: ServiceDep) -> FeedResponse:
+    """Advance a session's state over text without generating."""
+    session, chars = await service.feed(session_id, request.text)
+    return FeedResponse(session=SessionInfo.of(session), usage=Usage(prompt_chars=chars, generated_chars=0))
+
+
+@router.post("/sessions/{session_id}/fork", response_model=SessionInfo, status_code=status.HTTP_201_CREATED)
+async def fork(session_id: str, service: ServiceDep, request: ForkRequest | None = None) -> SessionInfo:
+    """A new session with a copy of this one's state (and RNG, unless a new seed is given)."""
+    return SessionInfo.of(await service.fork_session(session_id, request.seed if request else None))
+
+
+@router.post("/sessions/{session_id}/reset", response_model=SessionInfo)
+async def reset(session_id: str, service: ServiceDep) -> SessionInfo:
+    """Forget a session's history: zero state, RNG back to its seed."""
+    return SessionInfo.of(await service.reset_session(session_id))

@@ -1,0 +1,190 @@
+"""Request and response schemas of the HTTP and WebSocket API; no serving code is imported here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.api.limits import MAX_INT
+from service.core.sampling import ActivationSpec, SamplingParams
+from service.sessions.store import Session
+
+# Bounds every number must meet before it reaches numpy (an int64 array, a uint64 seed). The
+# limits that depend on the model or the settings (vocabulary size, max_new_chars, prompt length)
+# are checked by the serving layer, and limits.py writes them into the OpenAPI schema.
+MAX_UNITS = 32
+MAX_TOP_LOGPROBS = 20
+
+# Any uint64 is accepted; the schema states the largest one a JSON double holds exactly, so that a
+# client writing the number as a float never rounds it past the limit (schemathesis did).
+Seed = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=2**64 - 1,
+        description="seeds the session's RNG (any uint64)",
+        json_schema_extra={"maximum": 2**64 - 2048},
+    ),
+]
+SessionId = Annotated[str, Field(min_length=1, max_length=64, description="a session id from POST /v1/sessions")]
+StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
+ModelId = Annotated[str, Field(min_length=1, max_length=128, description="model id; the server's default if unset")]
+
+
+class ActivationRequest(BaseModel):
+    """Which units' values to return per character (the state after the model read that character)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer: int = Field(ge=0, le=MAX_INT, description="layer, from 0")
+    state: Literal["h", "c"] = Field(default="h", description="h (hidden state) or c (LSTM cell state)")
+    units: list[Annotated[int, Field(ge=0, le=MAX_INT)]] = Field(
+        min_length=1,
+        max_length=MAX_UNITS,
+        description=f"unit indices, at most {MAX_UNITS}, no repeats",
+        json_schema_extra={"uniqueItems": True},
+    )
+    prompt: bool = Field(default=False, description="also return them for each prompt character")
+
+    @field_validator("units")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("units must not repeat")
+        return value
+
+    def to_spec(self) -> ActivationSpec:
+        # The contract orders state tensors h, then c (LSTM only).
+        return ActivationSpec(self.layer, 0 if self.state == "h" else 1, tuple(self.units), self.prompt)
+
+
+class SamplingFields(BaseModel):
+    """Sampling parameters; unset fields take the server's defaults."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_new_chars: int = Field(default=256, ge=1, le=MAX_INT, description="characters to generate at most")
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0, description="0 = greedy")
+    top_k: int = Field(default=0, ge=0, le=MAX_INT, description="keep the k most likely characters; 0 = off")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus mass to keep; 1 = off")
+    stop: list[StopSequence] = Field(default_factory=list, max_length=8, description="stop sequences (not returned)")
+    logprobs: bool = Field(default=False, description="return the model's log-probability of each character")
+    top_logprobs: int = Field(
+        default=0, ge=0, le=MAX_TOP_LOGPROBS, description="the N most likely characters at each position; 0 = off"
+    )
+    activations: ActivationRequest | None = Field(default=None, description="unit values to return per character")
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            max_new_chars=self.max_new_chars,
+            stop=tuple(self.stop),
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
+            activations=None if self.activations is None else self.activations.to_spec(),
+        )
+
+
+class GenerateRequest(SamplingFields):
+    model: ModelId | None = None
+    prompt: str = Field(default="", description="text the model reads before generating")
+    seed: Seed | None = None
+    stream: bool = Field(default=False, description="answer as Server-Sent Events")
+    session_id: SessionId | None = Field(default=None, description="continue this session and keep its new state")
+
+
+class SessionGenerateRequest(SamplingFields):
+    prompt: str = Field(default="", description="text appended to the session before generating")
+    stream: bool = False
+
+
+class Usage(BaseModel):
+    prompt_chars: int
+    generated_chars: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    finish_reason: Literal["length", "stop", "cancelled"]
+    usage: Usage
+    model: str
+    session_id: str | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[str, float]] | None = None
+    activations: list[list[float]] | None = None
+    prompt_activations: list[list[float]] | None = None
+
+
+class CreateSessionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelId | None = None
+    prompt: str = Field(default="", description="text the session reads at creation")
+    seed: Seed | None = None
+
+
+class ForkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seed: Seed | None = Field(default=None, description="a new seed for the fork; unset keeps the RNG stream")
+
+
+class FeedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, description="text the session reads without generating")
+
+
+class SessionInfo(BaseModel):
+    id: str
+    object: Literal["session"] = "session"
+    model: str
+    seed: int
+    history_chars: int
+    created_at: float
+    expires_at: float
+    state_bytes: int
+
+    @classmethod
+    def of(cls, session: Session) -> SessionInfo:
+        return cls(
+            id=session.id,
+            model=session.model,
+            seed=session.seed,
+            history_chars=session.history_chars,
+            created_at=session.created_at,
+            expires_at=session.expires_at,
+            state_bytes=session.state_bytes,
+        )
+
+
+class FeedResponse(BaseModel):
+    session: SessionInfo
+    usage: Usage
+
+
+# WebSocket messages from the client (the server's messages are documented in docs/api.md).
+class WsGenerate(SamplingFields):
+    type: Literal["generate"]
+    session_id: SessionId | None = None
+    model: ModelId | None = None
+    prompt: str = ""
+    seed: Seed | None = None
+
+
+class WsFeed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["feed"]
+    text: str = Field(min_length=1)
+    session_id: SessionId | None = None
+    model: ModelId | None = None
+
+
+class WsCancel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["cancel"]

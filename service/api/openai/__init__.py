@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API: /v1/completions (characters as tokens) in OpenAI's wire format."""

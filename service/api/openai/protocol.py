@@ -1,0 +1,261 @@
+"""Request and response schemas of OpenAI's legacy Completions API as charstream serves it.
+
+No serving code is imported here. A token is one character: `max_tokens` counts characters,
+`logprobs` gives per-character alternatives, `usage` counts characters.
+
+Fields OpenAI defines that a character model cannot honour are declared so that they can be
+refused by name (400 with a message that says why) rather than silently ignored; their schema
+states the one value that is accepted. Fields OpenAI does not define are accepted and ignored
+(the serving layer logs them), as vLLM does.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from service.api.limits import MAX_INT
+from service.core.sampling import SamplingParams
+from service.errors import InvalidInput
+
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 16  # prompts per request: at most MAX_N * MAX_PROMPTS generations in one batch
+MAX_LOGPROBS = 20
+MAX_STOP = 8
+MAX_STOP_CHARS = 64
+DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for completions
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # any int64 (as vLLM) or uint64 (as charstream's own routes)
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+# The schema states what is served: a string, or a list of strings (one batch of prompts). Token
+# arrays are OpenAI's too, but a character model has no token ids to read: they are accepted by
+# the parser only so that `check_supported` can refuse them with a message that says so.
+PromptField = Annotated[
+    str | list[str] | list[int] | list[list[int]],
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_PROMPTS},
+            ],
+            "description": "the text to continue, or a list of texts (each gets `n` choices)",
+        }
+    ),
+]
+
+
+MAX_LOGIT_BIAS = 300  # as OpenAI's API
+
+
+def _only(value: object, description: str) -> Any:
+    """A field whose schema admits one value (the neutral one) while the parser takes any, to refuse it by name."""
+    return WithJsonSchema({"enum": [value, None] if value is not None else [None], "description": description})
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool | None = Field(default=False, description="a last chunk with `usage` and no choices")
+
+
+class CompletionRequest(BaseModel):
+    """`POST /v1/completions`; null is the same as leaving a field out."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    model: str = Field(min_length=1, max_length=128, description="a model id from GET /v1/models")
+    prompt: PromptField
+    max_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_INT,
+        description=f"characters to generate at most (a token is a character); {DEFAULT_MAX_TOKENS} if unset",
+    )
+    temperature: float | None = Field(default=None, ge=0.0, le=10.0, description="0 = greedy; 1 if unset")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="nucleus mass to keep; 1 = off")
+    top_k: int | None = Field(
+        default=None, ge=-1, le=MAX_INT, description="the k most likely characters; 0 or -1 = off"
+    )
+    n: int | None = Field(default=None, ge=1, le=MAX_N, description="choices per prompt, each with its own state")
+    stream: bool | None = Field(default=False, description="answer as Server-Sent Events, ending in `data: [DONE]`")
+    stream_options: StreamOptions | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = Field(
+        default=None, description=f"up to {MAX_STOP} stop sequences (not returned)"
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=SEED_MIN,
+        le=SEED_MAX,
+        description="makes sampling reproducible, every choice included",
+        # The schema states bounds a JSON double holds exactly: a client that writes the number as a
+        # float can never round it past the server's limits (schemathesis did).
+        json_schema_extra={"minimum": SEED_MIN + 1024, "maximum": SEED_MAX - 2047},
+    )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="the log-probability of each character and of the N most likely alternatives",
+    )
+    echo: bool | None = Field(default=False, description="return the prompt before the completion")
+    user: str | None = Field(default=None, description="accepted and ignored")
+    session_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="charstream's extension: continue this server-kept session (POST /v1/sessions) and keep its state",
+    )
+    # OpenAI's, refused unless neutral: see check_supported.
+    suffix: Annotated[str | None, _only(None, "not supported: must be null")] = None
+    best_of: Annotated[int | None, _only(None, "not supported beyond best_of = n")] = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None,
+        max_length=MAX_LOGIT_BIAS,
+        description="character id (its vocabulary position, as a string) -> a bias from -100 to 100 added to its "
+        "logit before sampling; -100 bans the character, 100 all but forces it",
+    )
+    frequency_penalty: Annotated[float | None, _only(0, "not supported: must be 0 or null")] = None
+    presence_penalty: Annotated[float | None, _only(0, "not supported: must be 0 or null")] = None
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompts as text (check_supported has refused token arrays)."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        return [p for p in self.prompt if isinstance(p, str)]
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return tuple(s for s in stops if s)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        """Fields OpenAI's API does not define: accepted and ignored."""
+        return sorted(self.model_extra or {})
+
+    def check_supported(self, vocab_size: int) -> None:
+        """Refuse, naming the field, what a character model cannot do (the schema cannot say it all)."""
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if not prompt:
+                raise InvalidInput("prompt is an empty list: send a string, or a list of strings", field="prompt")
+            if not all(isinstance(p, str) for p in prompt):
+                raise InvalidInput(
+                    "token-array prompts are not supported: this is a character model with no token ids; "
+                    "send the text as a string (or a list of strings)",
+                    field="prompt",
+                )
+            if len(prompt) > MAX_PROMPTS:
+                raise InvalidInput(f"prompt has {len(prompt)} entries; at most {MAX_PROMPTS}", field="prompt")
+        if self.suffix:
+            raise InvalidInput(
+                "suffix is not supported: a character model continues text left to right and cannot fill in "
+                "before a suffix",
+                field="suffix",
+            )
+        if self.best_of is not None and self.best_of != self.choices_per_prompt:
+            raise InvalidInput(
+                f"best_of is {self.best_of} and n is {self.choices_per_prompt}: best_of is not supported (every "
+                "choice generated is returned); leave best_of out or set it equal to n",
+                field="best_of",
+            )
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise InvalidInput(
+                    f"{name} is not supported by charstream's sampler; use temperature, top_k or top_p",
+                    field=name,
+                )
+        for key in self.logit_bias or {}:
+            if not (key.isdecimal() and int(key) < vocab_size):
+                raise InvalidInput(
+                    f"logit_bias key {key[:20]!r} is not a character of model {self.model!r}: token ids here are "
+                    f"vocabulary positions 0..{vocab_size - 1} (GET /v1/models/{self.model} lists the vocabulary size)",
+                    field="logit_bias",
+                )
+
+    def to_sampling_params(self) -> SamplingParams:
+        """Request values, then OpenAI's defaults (max_tokens 16, temperature 1, top_p 1)."""
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=max(self.top_k or 0, 0),
+            top_p=1.0 if self.top_p is None else self.top_p,
+            max_new_chars=DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens,
+            stop=self.stops,
+            logprobs=self.logprobs is not None,
+            top_logprobs=self.logprobs or 0,
+            prompt_logprobs=bool(self.echo) and self.logprobs is not None,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
+        )
+
+
+class CompletionLogprobs(BaseModel):
+    """One entry per character; the first character of a prompt read from nothing has no logprob."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int = Field(description="prompt characters")
+    completion_tokens: int = Field(description="generated characters")
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """The answer, and (with `stream: true`) the shape of every chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+    session_id: str | None = Field(default=None, description="the session the completion ran on, if any")
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str = Field(description="the error's class, as vLLM names it: BadRequestError, NotFoundError...")
+    param: str | None = Field(default=None, description="the request field at fault")
+    code: str | None = Field(default=None, description="charstream's error code: invalid_input, not_found...")
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorBody
+
+
+class ModelCard(BaseModel):
+    """OpenAI's model object; charstream's facts (cell, num_layers, hidden_size, vocab_size, val_loss...) as extras."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="when the model file was written (Unix seconds)")
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

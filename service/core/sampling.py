@@ -1,0 +1,170 @@
+"""Sampling the next character for every row of a batch, each row with its own parameters and RNG.
+
+A row's result depends only on its own logits, parameters and uniform draw, so a session
+samples the same text whether it is stepped alone or alongside others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Temperatures below this sample greedily, as vLLM does: dividing logits by a denormal temperature
+# overflows to inf and the distribution is NaN (found by fuzzing with temperature 5e-324).
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """Which units' values to report per character: state tensor `tensor` (h = 0, c = 1) of `layer`."""
+
+    layer: int
+    tensor: int
+    units: tuple[int, ...]
+    prompt: bool = False  # the prompt's characters too, not only the generated ones
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    max_new_chars: int = 256
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0  # the N most likely characters at each position, with their logprobs
+    activations: ActivationSpec | None = None
+    prompt_logprobs: bool = False  # the prompt's own logprobs (and top_logprobs), as OpenAI's echo gives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (character id, bias added to its logit), OpenAI's logit_bias
+
+    @property
+    def annotated(self) -> bool:
+        """Anything asked for beside the text: the slower, per-character path."""
+        return self.logprobs or self.top_logprobs > 0 or self.activations is not None or self.annotates_prompt
+
+    @property
+    def annotates_prompt(self) -> bool:
+        return self.prompt_logprobs or (self.activations is not None and self.activations.prompt)
+
+
+class BatchSampler:
+    """Samples rows of logits, each row with its own temperature, top-k and top-p.
+
+    One uniform draw per row picks a token by inverse CDF over the vocabulary in its own order.
+    Only rows that ask for top-k or top-p are sorted, to find their cut-off, and a row's result
+    depends only on its own logits, parameters and draw, never on which rows share its batch.
+
+    What depends only on the parameters (which rows are greedy or filtered, whether any row
+    scales its logits) is worked out once: a batch that keeps its rows from step to step samples
+    with the same sampler, and the common all-default batch skips those operations every step.
+    """
+
+    def __init__(self, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, vocab: int) -> None:
+        self.greedy = temperature < GREEDY_BELOW
+        self.all_greedy = bool(self.greedy.all())
+        self.any_greedy = bool(self.greedy.any())
+        scaled = (temperature != 1.0) & ~self.greedy
+        self._scale = np.where(self.greedy, 1.0, temperature)[:, None] if scaled.any() else None
+        filtered = (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)) & ~self.greedy
+        self._filtered = np.flatnonzero(filtered)
+        self._top_k, self._top_p = top_k[self._filtered], top_p[self._filtered]
+
+    def sample(self, logits: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+        """Token ids (batch,) from logits (batch, vocab) and one uniform draw per row (ignored when greedy)."""
+        best: np.ndarray | None = logits.argmax(axis=1) if self.any_greedy else None
+        if best is not None and self.all_greedy:
+            return best
+        z = logits.astype(np.float64)
+        if self._scale is not None:
+            z /= self._scale
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z, out=z)  # unnormalised: the draw below scales by each row's total
+        if self._filtered.size:
+            rows = self._filtered
+            p[rows] = _keep_top(p[rows], self._top_k, self._top_p)
+        cdf = np.cumsum(p, axis=1)
+        total = cdf[:, -1]
+        # Kept below the total even when uniform * total rounds up, so some token always passes.
+        target = np.minimum(uniform * total, np.nextafter(total, 0.0))
+        # The first token whose CDF passes the draw; a token with probability zero never passes.
+        drawn: np.ndarray = (cdf <= target[:, None]).sum(axis=1)
+        return drawn if best is None else np.where(self.greedy, best, drawn)
+
+
+def _keep_top(p: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+    """Zero every probability below the row's cut-off: the k most likely tokens, then the nucleus.
+
+    The nucleus keeps a token while the mass of the tokens before it is still under top_p, so
+    the most likely token is always kept. Tokens tied with the last one kept are kept too, as
+    Hugging Face's top-k does.
+    """
+    rows, vocab = p.shape
+    ranked = -np.sort(-p, axis=1)  # each row's (unnormalised) probabilities, largest first
+    cum = np.cumsum(ranked, axis=1)
+    before = (cum - ranked) / cum[:, -1:]
+    k = np.where(top_k > 0, top_k, vocab)
+    kept = ((np.arange(vocab)[None, :] < k[:, None]) & (before < top_p[:, None])).sum(axis=1)
+    cutoff = ranked[np.arange(rows), kept - 1]
+    out: np.ndarray = np.where(p >= cutoff[:, None], p, 0.0)
+    return out
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """The model's own log-probabilities (no temperature or filtering), (batch, vocab) float64."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return z
+
+
+def top_alternatives(logprobs: np.ndarray, n: int, vocab: tuple[str, ...]) -> list[dict[str, float]]:
+    """The n most likely characters of each row of (batch, vocab) log-probabilities, most likely first."""
+    n = min(n, logprobs.shape[1])
+    best = np.argpartition(-logprobs, n - 1, axis=1)[:, :n]
+    rows = np.arange(logprobs.shape[0])[:, None]
+    order = np.argsort(-logprobs[rows, best], axis=1, kind="stable")
+    best = best[rows, order]
+    values = logprobs[rows, best]
+    return [
+        {vocab[int(i)]: float(v) for i, v in zip(ids, vals, strict=True)}
+        for ids, vals in zip(best, values, strict=True)
+    ]
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop sequence; cuts the stop sequence out.
+
+    As OpenAI-style servers do, the stop sequence itself is not returned to the client.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Feed generated text; returns (text safe to send now, whether a stop sequence matched)."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        for stop in self.stops:
+            at = self.pending.find(stop)
+            if at >= 0:
+                out, self.pending = self.pending[:at], ""
+                return out, True
+        # Release everything that cannot be the beginning of a stop sequence.
+        for i in range(len(self.pending)):
+            tail = self.pending[i:]
+            if any(stop.startswith(tail) for stop in self.stops):
+                out, self.pending = self.pending[:i], self.pending[i:]
+                return out, False
+        out, self.pending = self.pending, ""
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

@@ -1,0 +1,46 @@
+"""What a batch of sampling jobs works out once: its rows, its sampler, its RNG draws, its biases.
+
+While nobody joins, leaves or ends, a step's batch is the same jobs in the same order from one
+step to the next (the steady state of many streams), so the scheduler keeps the plan and a step
+of it does no per-job filtering or parameter lookup: only the per-row RNG draws and the events.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.core.jobs import Job
+from service.core.sampling import BatchSampler
+from service.core.slots import SlotTable
+
+
+class StepPlan:
+    def __init__(self, jobs: list[Job], rows: np.ndarray, slots: SlotTable, epoch: int) -> None:
+        self.jobs = jobs
+        self.rows = rows
+        self.epoch = epoch  # the scheduler's count of endings when the plan was made
+        self.sampler = BatchSampler(
+            slots.temperature[rows], slots.top_k[rows], slots.top_p[rows], slots.logits.shape[1]
+        )
+        drawing = np.flatnonzero(~self.sampler.greedy)  # greedy rows draw nothing from their RNG
+        self._draws = slots.draws
+        self._drawing_rows = rows[drawing]
+        self._drawing = None if len(drawing) == len(jobs) else drawing
+        self.annotated = any(j.notes is not None for j in jobs)
+        self.biases = [_bias_of(i, j) for i, j in enumerate(jobs) if j.params.logit_bias]
+
+    def uniform(self) -> np.ndarray:
+        """One draw per row from the row's own RNG (0 for greedy rows): a session's text never
+        depends on its neighbours."""
+        draws = self._draws.next(self._drawing_rows)
+        if self._drawing is None:
+            return draws
+        uniform = np.zeros(len(self.jobs))
+        uniform[self._drawing] = draws
+        return uniform
+
+
+def _bias_of(row: int, job: Job) -> tuple[int, np.ndarray, np.ndarray]:
+    """(row in the batch, character ids, the bias added to each one's logit)."""
+    ids, bias = zip(*job.params.logit_bias, strict=True)
+    return row, np.array(ids), np.array(bias, np.float32)

@@ -1,0 +1,5 @@
+"""The serving logic: the models loaded (`registry`) and the generation service (`service`).
+
+The service is the one place a request is checked, leased, turned into a job for a scheduler and
+written back; the API layer above it speaks HTTP only. No HTTP and no onnxruntime here.
+"""

@@ -1,0 +1,136 @@
+"""Every model folder under the models folder, loaded at start-up; a broken one is reported, not fatal."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from exports import contract
+from service.core.engine import Engine
+from service.errors import InvalidInput, ModelUnavailable, NotFound, ServiceConfigError
+from service.settings import Settings
+
+log = logging.getLogger("charstream.registry")
+
+VARIANT_FILES = contract.VARIANT_FILES  # one home: the export writes the same names
+
+
+@dataclass
+class LoadedModel:
+    id: str
+    folder: Path
+    engine: Engine
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def sha256(self) -> str:
+        """The model file's sha256: a stored session belongs to exactly this file."""
+        return contract.file_sha256(self.engine.path)
+
+    def describe(self) -> dict[str, Any]:
+        """The OpenAI-style model object, with the facts a client needs to use it."""
+        info = self.engine.info
+        return {
+            "id": self.id,
+            "object": "model",
+            "created": int(self.engine.path.stat().st_mtime),  # when the model file was written
+            "owned_by": "charstream",
+            "cell": info.cell,
+            "num_layers": info.num_layers,
+            "hidden_size": info.hidden_size,
+            "vocab_size": info.vocab_size,
+            "variant": info.variant,
+            "corpus": info.corpus,
+            "val_loss": info.val_loss,
+            "file": self.engine.path.name,
+        }
+
+
+class ModelRegistry:
+    def __init__(self, models: dict[str, LoadedModel], failures: dict[str, str], default: str | None) -> None:
+        self.models = models
+        self.failures = failures
+        self.default = default
+
+    @classmethod
+    def load(
+        cls, models_dir: Path, variant: str = "fp32", threads: int = 1, default: str | None = None
+    ) -> ModelRegistry:
+        models: dict[str, LoadedModel] = {}
+        failures: dict[str, str] = {}
+        if not models_dir.is_dir():
+            failures["*"] = f"models folder {models_dir} does not exist"
+            log.error("models folder missing", extra={"models_dir": str(models_dir)})
+            return cls(models, failures, None)
+        filename = VARIANT_FILES[variant]
+        for folder in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+            path = folder / filename
+            if not path.exists():
+                if any(folder.glob("*.onnx")):
+                    failures[folder.name] = f"{folder.name} has no {filename}"
+                continue  # not a model folder (e.g. __pycache__)
+            try:
+                engine = Engine(path, threads)
+                manifest_path = folder / contract.MANIFEST_NAME
+                manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+            except Exception as exc:  # any broken file is reported and skipped, never fatal
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                failures[folder.name] = f"{path.name}: {reason[:300]}"
+                log.error(
+                    "model failed to load",
+                    extra={"model": folder.name, "reason": failures[folder.name]},
+                )
+                continue
+            models[folder.name] = LoadedModel(folder.name, folder, engine, manifest)
+            log.info(
+                "model loaded",
+                extra={"model": folder.name, "file": str(path), "cell": engine.info.cell},
+            )
+        if not models and not failures:
+            failures["*"] = f"no model folders under {models_dir}"
+        if default is not None and default not in models:
+            failures.setdefault(default, f"default model {default!r} is not loaded")
+            default = None
+        if default is None and models:
+            default = next(iter(models))
+        return cls(models, failures, default)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models)
+
+    def get(self, model_id: str | None) -> LoadedModel:
+        if model_id is None:
+            if self.default is None:
+                raise ModelUnavailable("no model is loaded; see /readyz for why")
+            return self.models[self.default]
+        if model_id in self.models:
+            return self.models[model_id]
+        if model_id in self.failures:
+            raise ModelUnavailable(f"model {model_id!r} failed to load: {self.failures[model_id]}", field="model")
+        raise NotFound(f"model {model_id!r} does not exist; GET /v1/models lists them", field="model")
+
+    def encode(self, model: LoadedModel, text: str, field_name: str) -> list[int]:
+        """Token ids of `text`, or a 422 naming the characters the model has never seen."""
+        index = model.engine.info.vocab_index
+        missing = sorted({ch for ch in text if ch not in index})
+        if missing:
+            shown = ", ".join(repr(ch) for ch in missing[:20])
+            raise InvalidInput(
+                f"{field_name} has {len(missing)} character(s) outside the vocabulary of model {model.id!r}: {shown}",
+                field=field_name,
+            )
+        return [index[ch] for ch in text]
+
+
+def load_registry(settings: Settings) -> ModelRegistry:
+    """The models folder, loaded; with CHARSTREAM_REQUIRE_MODELS, any failure stops the start."""
+    registry = ModelRegistry.load(settings.models_dir, settings.variant, settings.ort_threads, settings.default_model)
+    if settings.require_models and (registry.failures or not registry.ready):
+        reasons = "; ".join(f"{k}: {v}" for k, v in registry.failures.items())
+        raise ServiceConfigError(f"CHARSTREAM_REQUIRE_MODELS is set and models failed: {reasons}")
+    return registry

@@ -1,0 +1,397 @@
+"""The generation service: the serving logic between the routes (HTTP only) and the schedulers.
+
+A request's path through `generate`:
+
+1. Check: the drain, the model, the sampling parameters and the prompt against the model's
+   vocabulary and the settings' limits. Everything a request can get wrong fails here, before a
+   stream starts, so a bad request is an HTTP error and never a broken stream.
+2. Lease: a session request takes its session from the store, leased to it alone (one request per
+   session at a time across every replica); a stateless one gets a throwaway session.
+3. Job: the prompt's ids, the session's state, logits and RNG become a `Job`, submitted to the
+   model's scheduler, which reads the prompt in chunks and steps it with every other job.
+4. Stream: the caller consumes the returned `Generation`, events as the scheduler emits them.
+5. Write-back: when the job ends, its final state, logits and RNG are saved into the session and
+   the lease ends (a fenced save: a request that lost its lease never overwrites newer state).
+6. Final event: the done (or error) event is delivered only after the write-back, so a client that
+   saw `done` can continue from exactly that state.
+
+`GenerationService.create(registry, settings)` builds one, with its store and schedulers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+from service.core.generation import Generation
+from service.core.jobs import Job, Mailbox, Phase
+from service.core.sampling import SamplingParams
+from service.core.scheduler import Scheduler
+from service.errors import ApiError, InternalError, InvalidInput, LeaseLost, ShuttingDown, TooLarge
+from service.metrics import Metrics
+from service.serving.registry import LoadedModel, ModelRegistry
+from service.sessions import open_store
+from service.sessions.store import Lease, Session, SessionStore, rng_state_of
+from service.settings import Settings
+
+log = logging.getLogger("charstream.serving")
+
+# What a session with no history reads first when the request brings no prompt.
+DEFAULT_START = "\n"
+# Per-character annotations of a prompt are read one character per step and sent as one event:
+# bounded so that the answer stays a reasonable size (32 units x 10,000 characters ~ 3 MB of JSON).
+MAX_ANNOTATED_PROMPT = 10_000
+# How long a drain waits, after ending what was left, for streams to send their final frames.
+FINAL_FRAMES_WAIT_S = 3.0
+
+
+class GenerationService:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        store: SessionStore,
+        schedulers: dict[str, Scheduler],
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.schedulers = schedulers
+        self.settings = settings
+        self.metrics = metrics
+        self.draining = False
+        self._background: set[asyncio.Task[None]] = set()
+        self._streams: set[Generation] = set()  # streams being sent right now
+        # Called at the end of a drain: the open WebSocket connections close themselves (1001).
+        self.connection_closers: set[Callable[[], Awaitable[None]]] = set()
+
+    @classmethod
+    def create(cls, registry: ModelRegistry, settings: Settings, metrics: Metrics | None = None) -> GenerationService:
+        metrics = metrics or Metrics()
+        schedulers = {
+            name: Scheduler(
+                name,
+                model.engine,
+                metrics,
+                max_batch_size=settings.max_batch_size,
+                max_wait_us=settings.max_wait_us,
+                batching=settings.batching,
+                prefill_chunk=settings.prefill_chunk,
+            )
+            for name, model in registry.models.items()
+        }
+        store = open_store(
+            settings.session_store,
+            ttl_s=settings.session_ttl_s,
+            max_sessions=settings.max_sessions,
+            lease_ttl_s=settings.lease_ttl_s,
+            models={m.id: m.sha256 for m in registry.models.values()},
+        )
+        return cls(registry, store, schedulers, settings, metrics)
+
+    def start(self) -> None:
+        sys.setswitchinterval(self.settings.switch_interval_us / 1e6)
+        for scheduler in self.schedulers.values():
+            scheduler.start()
+
+    async def stop(self) -> None:
+        for scheduler in self.schedulers.values():
+            await scheduler.stop()
+        for task in list(self._background):
+            await task
+        await self.store.close()
+
+    @property
+    def running(self) -> int:
+        """Generations and feeds not yet finished, over every model."""
+        return sum(s.active for s in self.schedulers.values())
+
+    async def drain(self, grace_s: float) -> None:
+        """Graceful shutdown: refuse new work, let running generations finish for up to `grace_s`,
+        end the rest with a `shutting_down` error, and give streams time to send their last frame."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.running and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.running:
+            log.warning("ending generations still running at shutdown", extra={"count": self.running})
+            for scheduler in self.schedulers.values():
+                scheduler.abort_all("shutting_down", "the server is shutting down; retry the request")
+        deadline = loop.time() + FINAL_FRAMES_WAIT_S
+        while (self.running or self._streams) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*(close() for close in list(self.connection_closers)), return_exceptions=True)
+        for task in list(self._background):
+            await task
+
+    def _track_stream(self, generation: Generation, open_: bool) -> None:
+        if open_:
+            self._streams.add(generation)
+        else:
+            self._streams.discard(generation)
+
+    def _refuse_when_draining(self) -> None:
+        if self.draining:
+            raise ShuttingDown()
+
+    # -- validation --------------------------------------------------------------------------------
+
+    def _prompt_ids(self, model: LoadedModel, text: str, field: str) -> list[int]:
+        if len(text) > self.settings.max_prompt_chars:
+            raise TooLarge(
+                f"{field} has {len(text)} characters; the limit is {self.settings.max_prompt_chars}",
+                field=field,
+            )
+        ids = self.registry.encode(model, text, field)
+        self.metrics.prompt_chars.labels(model.id).inc(len(ids))
+        return ids
+
+    def _check_params(self, model: LoadedModel, params: SamplingParams, prompt_chars: int) -> None:
+        """What only the model and the settings can bound: 422 naming the field."""
+        info = model.engine.info
+        if params.max_new_chars > self.settings.max_new_chars:
+            raise InvalidInput(
+                f"max_new_chars is {params.max_new_chars}; the limit is {self.settings.max_new_chars}",
+                field="max_new_chars",
+            )
+        if params.top_k > info.vocab_size:
+            raise InvalidInput(
+                f"top_k is {params.top_k}; model {model.id!r} has {info.vocab_size} characters",
+                field="top_k",
+            )
+        if params.top_logprobs > info.vocab_size:
+            raise InvalidInput(
+                f"top_logprobs is {params.top_logprobs}; model {model.id!r} has {info.vocab_size} characters",
+                field="top_logprobs",
+            )
+        spec = params.activations
+        if spec is not None:
+            if spec.layer >= info.num_layers:
+                raise InvalidInput(
+                    f"activations.layer is {spec.layer}; model {model.id!r} has layers 0..{info.num_layers - 1}",
+                    field="activations.layer",
+                )
+            if spec.tensor >= len(info.state_names):
+                raise InvalidInput(
+                    f"activations.state 'c' exists only for LSTM models; {model.id!r} is a {info.cell}: use 'h'",
+                    field="activations.state",
+                )
+            if max(spec.units) >= info.hidden_size:
+                raise InvalidInput(
+                    f"activations.units has {max(spec.units)}; model {model.id!r} has units 0..{info.hidden_size - 1}",
+                    field="activations.units",
+                )
+        if params.annotates_prompt and prompt_chars > MAX_ANNOTATED_PROMPT:
+            raise TooLarge(
+                f"prompt has {prompt_chars} characters; per-character annotations of a prompt are limited to "
+                f"{MAX_ANNOTATED_PROMPT}",
+                field="prompt",
+            )
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    def _new_session(self, model: LoadedModel, seed: int | None) -> Session:
+        info = model.engine.info
+        return Session.fresh(model.id, info.state_shape_per_row, len(info.state_names), seed)
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, session_id: str) -> AsyncIterator[tuple[Session, Lease]]:
+        """The session under a lease. A block that raises gives the lease back (nothing saved); one that
+        ends normally has handed the lease on: to a job (which writes back), a save or a delete."""
+        session, lease = await self.store.lease(session_id)
+        try:
+            yield session, lease
+        except BaseException:
+            await self.store.release(lease)
+            raise
+
+    async def create_session(self, model_id: str | None, prompt: str, seed: int | None) -> Session:
+        self._refuse_when_draining()
+        model = self.registry.get(model_id)
+        ids = self._prompt_ids(model, prompt, "prompt")
+        session = self._new_session(model, seed)
+        await self.store.create(session)
+        if ids:
+            async with self._leased(session.id) as (session, lease):
+                feeding = self._feed_job(session, lease, model, ids)
+            await feeding.result()
+        return session
+
+    async def get_session(self, session_id: str) -> Session:
+        return await self.store.get(session_id)
+
+    async def delete_session(self, session_id: str) -> None:
+        async with self._leased(session_id) as (_, lease):  # 409 while a request runs on it
+            await self.store.delete(lease)
+
+    async def reset_session(self, session_id: str) -> Session:
+        async with self._leased(session_id) as (session, lease):
+            session.reset()
+            await self._save(session, lease)
+        return session
+
+    async def fork_session(self, session_id: str, seed: int | None) -> Session:
+        self._refuse_when_draining()
+        async with self._leased(session_id) as (session, lease):
+            child = session.fork(seed)
+            await self.store.create(child)
+            await self.store.release(lease)
+        return child
+
+    async def _save(self, session: Session, lease: Lease) -> None:
+        if not await self.store.save(session, lease):
+            raise LeaseLost(
+                f"session {session.id!r} was taken over by another request while this one ran; "
+                "its state is the newer request's",
+                field="session_id",
+            )
+
+    async def feed(self, session_id: str, text: str) -> tuple[Session, int]:
+        self._refuse_when_draining()
+        async with self._leased(session_id) as (session, lease):
+            model = self.registry.get(session.model)
+            ids = self._prompt_ids(model, text, "text")
+            feeding = self._feed_job(session, lease, model, ids)
+        await feeding.result()
+        return session, len(ids)
+
+    def _feed_job(self, session: Session, lease: Lease, model: LoadedModel, ids: list[int]) -> Generation:
+        """Start reading `ids` into a leased session; its end saves the session and ends the lease."""
+        job, saved = self._job(session, lease, model, ids, SamplingParams(max_new_chars=0))
+        return Generation(job, self.schedulers[model.id], model.id, session.id, len(ids), saved=saved)
+
+    # -- generation --------------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        params: SamplingParams,
+        prompt: str = "",
+        model_id: str | None = None,
+        seed: int | None = None,
+        session_id: str | None = None,
+    ) -> Generation:
+        """Validate, take the session (or make a throwaway one), and start the job."""
+        self._refuse_when_draining()
+        if session_id is None:
+            model = self.registry.get(model_id)
+            self._check_params(model, params, len(prompt))
+            session = self._new_session(model, seed)
+            ids = self._start_ids(model, session, prompt)
+            job, saved = self._job(session, None, model, ids, params)
+        else:
+            async with self._leased(session_id) as (session, lease):
+                if model_id is not None and model_id != session.model:
+                    raise InvalidInput(
+                        f"session {session_id!r} belongs to model {session.model!r}, not {model_id!r}",
+                        field="model",
+                    )
+                model = self.registry.get(session.model)
+                self._check_params(model, params, len(prompt))
+                ids = self._start_ids(model, session, prompt)
+                if seed is not None:
+                    session.reseed(seed)
+                # Inside the block: if starting the job raises, the lease is given back.
+                job, saved = self._job(session, lease, model, ids, params)
+        return Generation(
+            job,
+            self.schedulers[model.id],
+            model.id,
+            session_id,
+            len(prompt),
+            on_stream=self._track_stream,
+            saved=saved,
+        )
+
+    def _start_ids(self, model: LoadedModel, session: Session, prompt: str) -> list[int]:
+        ids = self._prompt_ids(model, prompt, "prompt")
+        if not ids and session.logits is None:
+            # Nothing to continue from: start where a text starts, at a line break.
+            if DEFAULT_START not in model.engine.info.vocab_index:
+                raise InvalidInput(
+                    "prompt is required: the session has no history and the model has no line break",
+                    field="prompt",
+                )
+            ids = [model.engine.info.vocab_index[DEFAULT_START]]
+        return ids
+
+    def _job(
+        self, session: Session, lease: Lease | None, model: LoadedModel, ids: list[int], params: SamplingParams
+    ) -> tuple[Job, asyncio.Future[ApiError | None] | None]:
+        """Submit the job; with a lease, its end writes the session back (the future says how that went)."""
+        rng = session.rng()
+        saved: asyncio.Future[ApiError | None] | None = None
+        if lease is not None:
+            saved = asyncio.get_running_loop().create_future()
+
+        def on_complete(job: Job) -> None:
+            # On the event loop, with the job's final event: write back, then end the lease.
+            if job.phase is Phase.FAILED:
+                self.metrics.errors.labels("engine_error").inc()
+            if lease is None or saved is None:
+                return
+            if job.phase is not Phase.FAILED:
+                session.state = job.state
+                session.logits = job.logits
+                session.history_chars += job.absorbed
+                session.rng_state = rng_state_of(rng.bit_generator)
+            self._in_background(self._write_back(session, lease, job.phase is not Phase.FAILED, saved))
+
+        job = Job(
+            prompt=ids,
+            state=list(session.state),
+            logits=session.logits,
+            params=params,
+            rng=rng,
+            wants_state=lease is not None,
+            on_complete=on_complete,
+            events=Mailbox(self.settings.stream_interval),
+        )
+        self.schedulers[model.id].submit(job)
+        return job, saved
+
+    async def _write_back(
+        self, session: Session, lease: Lease, save: bool, saved: asyncio.Future[ApiError | None]
+    ) -> None:
+        """Save the session's new state and end its lease; never raises (the outcome goes to `saved`)."""
+        outcome: ApiError | None = None
+        try:
+            if save:
+                await self._save(session, lease)
+            else:
+                await self.store.release(lease)
+        except ApiError as exc:
+            outcome = exc
+            log.error("session not saved", extra={"session": session.id, "error": exc.message})
+        except Exception:
+            log.exception("session not saved", extra={"session": session.id})
+            outcome = InternalError("the session's new state could not be saved")
+        if not saved.done():
+            saved.set_result(outcome)
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- upkeep ------------------------------------------------------------------------------------
+
+    async def evict_expired(self) -> int:
+        n = await self.store.evict_expired()
+        if n:
+            self.metrics.evicted.inc(n)
+            log.info("sessions expired", extra={"count": n})
+        return n
+
+    async def refresh_metrics(self) -> None:
+        stats = await self.store.stats()
+        self.metrics.active_sessions.set(stats.sessions)
+        self.metrics.busy_sessions.set(stats.busy)
+        self.metrics.session_state_bytes.set(stats.state_bytes)
+        self.metrics.session_memory_bytes.set(stats.approx_bytes)
+        for name, scheduler in self.schedulers.items():
+            self.metrics.active_generations.labels(name).set(scheduler.active)

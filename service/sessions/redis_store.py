@@ -1,0 +1,297 @@
+"""Sessions in a Redis server, shared by every worker and replica.
+
+Keys, all with the session id as a hash tag so that one session's keys share a cluster slot:
+
+    {prefix}:{<id>}:rec     the session record (service/session_record.py), expiring after the TTL
+    {prefix}:{<id>}:lease   the fencing token of the request holding the session, expiring after
+                            the lease TTL unless renewed (every lease TTL / 3 while it runs)
+    {prefix}:{<id>}:fence   the last token handed out for the session (INCR)
+    {prefix}:index          a sorted set of session ids by expiry time: the cap across replicas
+
+Every step that must not interleave with another replica's runs as one Lua script: taking a
+lease reads the record in the same round trip, and a save only lands while the saver's token is
+the current one (or nobody has leased the session since), so a replica that lost its lease can
+never overwrite newer state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from service.errors import NotFound, StoreUnavailable
+from service.sessions.record import decode, encode
+from service.sessions.store import (
+    Lease,
+    Session,
+    SessionStore,
+    StoreStats,
+    session_busy,
+    session_not_found,
+    too_many_sessions,
+)
+
+log = logging.getLogger("charstream.redis")
+T = TypeVar("T")
+
+LEASE = """
+local rec = redis.call('GET', KEYS[1])
+if not rec then return {0} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {-1, redis.call('PTTL', KEYS[2])} end
+local token = redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[2]) * 2)
+redis.call('SET', KEYS[2], token, 'PX', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {token, rec}
+"""
+SAVE = """
+local cur = redis.call('GET', KEYS[2])
+if cur == ARGV[1] or (not cur and redis.call('GET', KEYS[3]) == ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  if ARGV[4] == '1' and cur then redis.call('DEL', KEYS[2]) end
+  return 1
+end
+return 0
+"""
+RELEASE = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+RENEW = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+DELETE = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+  return 1
+end
+return 0
+"""
+ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, first[2]}
+end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
+return {1}
+"""
+
+
+def redacted(url: str) -> str:
+    """The store's URL without its password, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class RedisSessionStore(SessionStore):
+    def __init__(
+        self,
+        url: str,
+        ttl_s: float,
+        max_sessions: int,
+        lease_ttl_s: float,
+        models: dict[str, str],
+        prefix: str = "charstream",
+        timeout_s: float = 2.0,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_sessions = max_sessions
+        self.lease_ttl_s = lease_ttl_s
+        self.models = models  # model id -> sha256 of the file this process serves
+        self.prefix = prefix
+        self.url = redacted(url)
+        # A dead server answers within ~timeout x 2: one retry covers a dropped connection.
+        self.client = aioredis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+            health_check_interval=15,
+        )
+        self._lease = self.client.register_script(LEASE)
+        self._save = self.client.register_script(SAVE)
+        self._release = self.client.register_script(RELEASE)
+        self._renew = self.client.register_script(RENEW)
+        self._delete = self.client.register_script(DELETE)
+        self._admit = self.client.register_script(ADMIT)
+        self._held: dict[str, Lease] = {}  # leases this process holds, renewed in the background
+        self._renewer: asyncio.Task[None] | None = None
+        self._record_bytes = 0  # size of the last record written, for the metrics' estimate
+
+    def describe(self) -> str:
+        return self.url
+
+    def _keys(self, session_id: str) -> list[str]:
+        tag = f"{self.prefix}:{{{session_id}}}"
+        return [f"{tag}:rec", f"{tag}:lease", f"{tag}:fence"]
+
+    @property
+    def _index(self) -> str:
+        return f"{self.prefix}:index"
+
+    def _ms(self, seconds: float) -> int:
+        return max(1, int(seconds * 1000))
+
+    async def _call(self, what: Awaitable[T]) -> T:
+        try:
+            return await what
+        except RedisError as exc:
+            raise StoreUnavailable(f"the session store {self.url} is unavailable: {exc}") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"the session store {self.url} is unreachable: {exc}") from None
+
+    def _start_renewing(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        """Keep this process's leases (and their records) alive while their requests run."""
+        while True:
+            await asyncio.sleep(self.lease_ttl_s / 3)
+            held = list(self._held.values())
+            if not held:
+                continue
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for lease in held:
+                        await self._renew(
+                            keys=self._keys(lease.session_id),
+                            args=[lease.token, self._ms(self.lease_ttl_s), self._ms(self.ttl_s)],
+                            client=pipe,
+                        )
+                    results = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("lease renewal failed", extra={"store": self.url, "error": str(exc)})
+                continue
+            for lease, kept in zip(held, results, strict=True):
+                if not kept and self._held.get(lease.session_id) == lease:
+                    log.warning("lease lost", extra={"session": lease.session_id})
+
+    # -- the interface -----------------------------------------------------------------------------
+
+    async def create(self, session: Session) -> None:
+        now = time.time()
+        expiry = now + self.ttl_s
+        admitted = await self._call(
+            self._admit(
+                keys=[self._index],
+                args=[self._ms(now), self.max_sessions, session.id, self._ms(expiry)],
+            )
+        )
+        if not admitted[0]:
+            retry = max(1, int(float(admitted[1]) / 1000 - now) + 1)
+            raise too_many_sessions(self.max_sessions, retry, "the servers hold their maximum of")
+        session.expires_at = expiry
+        record = self._encode(session)
+        await self._call(self.client.set(self._keys(session.id)[0], record, px=self._ms(self.ttl_s)))
+
+    def _encode(self, session: Session) -> bytes:
+        record = encode(session, self.models.get(session.model, ""))
+        self._record_bytes = len(record)
+        return record
+
+    def _not_found(self, session_id: str) -> NotFound:
+        return session_not_found(session_id)
+
+    async def _touch_index(self, session_id: str) -> float:
+        expiry = time.time() + self.ttl_s
+        with contextlib.suppress(RedisError, OSError):  # the cap's bookkeeping: best effort
+            await self.client.zadd(self._index, {session_id: self._ms(expiry)}, xx=True)
+        return expiry
+
+    async def get(self, session_id: str) -> Session:
+        data = await self._call(self.client.getex(self._keys(session_id)[0], px=self._ms(self.ttl_s)))
+        if data is None:
+            raise self._not_found(session_id)
+        session = decode(data if isinstance(data, bytes) else data.encode(), self.models)
+        session.expires_at = await self._touch_index(session_id)
+        return session
+
+    async def lease(self, session_id: str) -> tuple[Session, Lease]:
+        result = await self._call(
+            self._lease(keys=self._keys(session_id), args=[self._ms(self.lease_ttl_s), self._ms(self.ttl_s)])
+        )
+        if result[0] == 0:
+            raise self._not_found(session_id)
+        if result[0] == -1:
+            retry = max(1, int(result[1]) // 1000 + 1)
+            raise session_busy(session_id, retry)
+        lease = Lease(session_id, int(result[0]))
+        try:
+            session = decode(result[1], self.models)
+        except BaseException:
+            await self.release(lease)
+            raise
+        session.expires_at = await self._touch_index(session_id)
+        self._held[session_id] = lease
+        self._start_renewing()
+        return session, lease
+
+    async def save(self, session: Session, lease: Lease, release: bool = True) -> bool:
+        if release:
+            self._held.pop(lease.session_id, None)
+        saved = await self._call(
+            self._save(
+                keys=self._keys(lease.session_id),
+                args=[lease.token, self._encode(session), self._ms(self.ttl_s), "1" if release else "0"],
+            )
+        )
+        if not saved:
+            log.warning("save refused: the lease was lost", extra={"session": lease.session_id})
+            return False
+        session.expires_at = await self._touch_index(lease.session_id)
+        return True
+
+    async def release(self, lease: Lease) -> None:
+        self._held.pop(lease.session_id, None)
+        await self._call(self._release(keys=self._keys(lease.session_id), args=[lease.token, self._ms(self.ttl_s)]))
+
+    async def delete(self, lease: Lease) -> None:
+        self._held.pop(lease.session_id, None)
+        await self._call(self._delete(keys=self._keys(lease.session_id), args=[lease.token]))
+        with contextlib.suppress(RedisError, OSError):
+            await self.client.zrem(self._index, lease.session_id)
+
+    async def evict_expired(self) -> int:
+        """Redis expires records by itself; this only trims the cap's index."""
+        removed: Any = await self._call(self.client.zremrangebyscore(self._index, "-inf", self._ms(time.time())))
+        return int(removed)
+
+    async def stats(self) -> StoreStats:
+        sessions = int(await self._call(self.client.zcard(self._index)))
+        estimate = sessions * self._record_bytes
+        return StoreStats(sessions=sessions, busy=len(self._held), state_bytes=estimate, approx_bytes=estimate)
+
+    async def check(self) -> None:
+        await self._call(self.client.ping())
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        await self.client.aclose()
