@@ -205,6 +205,8 @@ def plot(runs: list[Run], path_grad: Path, path_curves: Path) -> None:
 
 
 def main() -> None:
+    # One run read top to bottom (arguments, the runs side by side, the table, the results file):
+    # its steps share the run's servers and numbers, so they stay in one function.
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget of every run")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "tinyshakespeare.txt")

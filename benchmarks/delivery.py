@@ -149,6 +149,8 @@ def server_for(spec: str, port: int) -> serving.ServerProcess:
 
 
 def main() -> None:
+    # One run read top to bottom (arguments, the runs side by side, the table, the results file):
+    # its steps share the run's servers and numbers, so they stay in one function.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "settings", nargs="+", help="'default' or NAME=VALUE[,NAME=VALUE] per server (checkout=PATH: other code)"

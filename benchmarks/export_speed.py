@@ -47,6 +47,8 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 def main() -> None:
+    # One run read top to bottom (arguments, the runs side by side, the table, the results file):
+    # its steps share the run's servers and numbers, so they stay in one function.
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=str(REPO / "exports" / "shakespeare-lstm"))
     parser.add_argument("--checkpoint", default=str(REPO / "runs" / "shakespeare-lstm" / "best.pt"))

@@ -35,6 +35,8 @@ def _positions(text: str, needle: str) -> list[int]:
 
 
 def main() -> None:
+    # One run read top to bottom (arguments, the runs side by side, the table, the results file):
+    # its steps share the run's servers and numbers, so they stay in one function.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=300, help="examples per operation")
     args = parser.parse_args()

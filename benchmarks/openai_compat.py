@@ -69,6 +69,8 @@ def run_load(server: ServerProcess, route: str, streams: int, chars: int) -> dic
 
 
 def main() -> None:
+    # One run read top to bottom (arguments, the runs side by side, the table, the results file):
+    # its steps share the run's servers and numbers, so they stay in one function.
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chars", type=int, default=400, help="characters per stream")
     parser.add_argument("--streams", default="1,8,64", help="concurrency levels")

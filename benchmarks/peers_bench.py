@@ -231,6 +231,8 @@ def idle_cpu_pct(server: ServerProcess, seconds: float) -> float:
 
 
 def main() -> None:
+    # One run read top to bottom (arguments, the runs side by side, the table, the results file):
+    # its steps share the run's servers and numbers, so they stay in one function.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", default=str(REPO / "exports"))
     parser.add_argument("--model", default="shakespeare-lstm")

@@ -262,6 +262,8 @@ def idle_memory(server: ServerProcess, sessions: int) -> dict[str, float]:
 
 
 def main() -> None:
+    # One run read top to bottom (arguments, the runs side by side, the table, the results file):
+    # its steps share the run's servers and numbers, so they stay in one function.
     global MODELS_DIR, MODEL, VARIANT
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chars", type=int, default=400, help="characters per stream")
