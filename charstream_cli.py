@@ -7,8 +7,13 @@ Bad input ends in one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from collections.abc import Callable, Sequence
+
+if typing.TYPE_CHECKING:
+    from training.config import TrainConfig
 
 
 def _int(text: str) -> int:
@@ -20,45 +25,61 @@ def _int(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.config import TrainConfig
     from training.train import train
 
-    cfg = TrainConfig(
-        data=args.data,
-        out=args.out,
-        cell=args.cell,
-        layers=args.layers,
-        hidden=args.hidden,
-        embedding=args.embedding,
-        dropout=args.dropout,
-        embedding_dropout=args.embedding_dropout,
-        forget_bias=args.forget_bias,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        schedule=args.schedule,
-        min_lr_ratio=args.min_lr_ratio,
-        lr_decay_steps=args.lr_decay_steps,
-        max_steps=args.max_steps,
-        epochs=args.epochs,
-        max_minutes=args.max_minutes,
-        grad_clip=args.grad_clip,
-        val_fraction=args.val_fraction,
-        eval_interval=args.eval_interval,
-        seed=args.seed,
-        device=args.device,
-        resume=args.resume,
-        progress=not args.no_progress,
-    )
-    result = train(cfg)
+    result = train(_train_config(args))
     if _is_main_process():
         print(
             f"trained {result.step} steps in {result.seconds:.0f}s ({result.chars_per_s:,.0f} chars/s); "
             f"best val loss {result.best_val_loss:.4f} nats/char -> {result.out / 'best.pt'}"
         )
     return 0
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, in field order: `embedding_dropout` is `--embedding-dropout`.
+
+    Type and default come from the field, help and any further argparse keywords from its metadata.
+    """
+    from training.config import TrainConfig
+
+    types = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        keywords = dict(f.metadata)
+        target: argparse._ActionsContainer = parser
+        if "exclusive" in keywords:
+            name = keywords.pop("exclusive")
+            if name not in groups:
+                groups[name] = parser.add_mutually_exclusive_group()
+            target = groups[name]
+        flag = "--" + f.name.replace("_", "-")
+        value_type = _value_type(types[f.name])
+        if value_type is bool:
+            off = f.default is True  # a setting that is on by default is a flag that turns it off
+            flag = "--no-" + flag[2:] if off else flag
+            keywords.update(dest=f.name, action="store_false" if off else "store_true")
+        else:
+            keywords["type"] = _int if value_type is int else value_type
+            if f.default is dataclasses.MISSING:
+                keywords["required"] = True
+            else:
+                keywords["default"] = f.default
+        target.add_argument(flag, **keywords)
+
+
+def _value_type(annotation: object) -> type:
+    """What argparse turns one value into: `float | None` -> float, `list[str]` (nargs) -> str."""
+    inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+    found = inner[0] if inner else annotation
+    assert isinstance(found, type), annotation
+    return found
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    from training.config import TrainConfig
+
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 def _is_main_process() -> bool:
@@ -170,49 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="charstream", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from training.config import default as d
-
     t = sub.add_parser("train", help="train a char model on UTF-8 text (under torchrun: on several processes)")
-    t.add_argument("--data", nargs="+", required=True, help="file(s) or a folder of UTF-8 text")
-    t.add_argument("--out", default=d("out"), help="folder for best.pt, last.pt, metrics")
-    t.add_argument("--cell", default=d("cell"), help="lstm, gru or rnn (vanilla tanh RNN)")
-    t.add_argument("--layers", type=_int, default=d("layers"))
-    t.add_argument("--hidden", type=_int, default=d("hidden"))
-    t.add_argument("--embedding", type=_int, default=d("embedding"))
-    t.add_argument("--dropout", type=float, default=d("dropout"), help="between layers and before the head")
-    t.add_argument("--embedding-dropout", type=float, default=d("embedding_dropout"), help="on the embedded chars")
-    t.add_argument(
-        "--forget-bias",
-        type=float,
-        default=d("forget_bias"),
-        help="initial bias of the LSTM forget gate (GRU update gate), e.g. 1",
-    )
-    t.add_argument("--seq-len", type=_int, default=d("seq_len"))
-    t.add_argument(
-        "--batch-size", type=_int, default=d("batch_size"), help="whole batch, split over torchrun processes"
-    )
-    t.add_argument("--lr", type=float, default=d("lr"))
-    t.add_argument("--weight-decay", type=float, default=d("weight_decay"))
-    t.add_argument("--warmup-steps", type=_int, default=d("warmup_steps"))
-    t.add_argument("--schedule", default=d("schedule"), help="cosine, step or constant")
-    t.add_argument("--min-lr-ratio", type=float, default=d("min_lr_ratio"))
-    t.add_argument("--lr-decay-steps", type=_int, default=d("lr_decay_steps"))
-    stop = t.add_mutually_exclusive_group()
-    stop.add_argument("--max-steps", type=_int, default=d("max_steps"))
-    stop.add_argument("--epochs", type=float, default=d("epochs"))
-    t.add_argument(
-        "--max-minutes",
-        type=float,
-        default=d("max_minutes"),
-        help="wall-time budget; given alone, the run lasts exactly this long",
-    )
-    t.add_argument("--grad-clip", type=float, default=d("grad_clip"))
-    t.add_argument("--val-fraction", type=float, default=d("val_fraction"))
-    t.add_argument("--eval-interval", type=_int, default=d("eval_interval"))
-    t.add_argument("--seed", type=_int, default=d("seed"))
-    t.add_argument("--device", default=d("device"), help="auto, cpu or cuda")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_train_flags(t)
     t.set_defaults(func=_train)
 
     s = sub.add_parser("sample", help="sample text from a checkpoint")

@@ -1,14 +1,15 @@
-"""The training settings and their defaults: the one place they are stated.
+"""The training settings, stated once: each field's default, type and command-line help.
 
-The CLI reads its defaults from here. This module imports no torch, so building the command
-line costs nothing on a machine that only serves.
+`charstream train` has one flag per field, made from these declarations (charstream_cli.py):
+`embedding_dropout` is `--embedding-dropout`, with the field's type and default; the field's
+metadata holds its help and any further argparse keywords. This module imports no torch, so
+building the command line costs nothing on a machine that only serves.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from training.errors import InvalidSetting, check
 from training.schedule import SCHEDULES
@@ -18,39 +19,52 @@ if TYPE_CHECKING:
 
 DEVICES = ("auto", "cpu", "cuda")
 
+T = TypeVar("T")
+
+
+def setting(default: T, help: str, **flag: Any) -> T:
+    """A field with its default, its `--help` line and any further argparse keywords (`nargs`, `choices`).
+
+    `exclusive="<group>"` puts the flag in a mutually exclusive group with the others of that name.
+    A bool that defaults to True is the flag `--no-<name>`; its help says what the flag does.
+    """
+    return field(default=default, metadata={"help": help, **flag})
+
 
 @dataclass
 class TrainConfig:
-    data: list[str]
-    out: str = "runs/default"
-    cell: str = "lstm"
-    layers: int = 2
-    hidden: int = 256
-    embedding: int = 64
-    dropout: float = 0.0
-    embedding_dropout: float = 0.0
-    forget_bias: float | None = None  # initial bias of the forget (LSTM) or update (GRU) gate
-    seq_len: int = 128
-    batch_size: int = 64  # the whole batch; under torchrun each process reads batch_size / world_size lanes
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    lr_decay_steps: int | None = None  # defaults to max_steps, as nanoGPT's lr_decay_iters
-    max_steps: int | None = None
-    epochs: float | None = None
+    data: list[str] = field(metadata={"help": "file(s) or a folder of UTF-8 text", "nargs": "+"})
+    out: str = setting("runs/default", "folder for best.pt, last.pt, metrics")
+    cell: str = setting("lstm", "lstm, gru or rnn (vanilla tanh RNN)")
+    layers: int = setting(2, "stacked recurrent layers")
+    hidden: int = setting(256, "units (state size) per recurrent layer")
+    embedding: int = setting(64, "size of a character's embedding")
+    dropout: float = setting(0.0, "between layers and before the head")
+    embedding_dropout: float = setting(0.0, "on the embedded chars")
+    forget_bias: float | None = setting(None, "initial bias of the LSTM forget gate (GRU update gate), e.g. 1")
+    seq_len: int = setting(128, "characters per window of truncated backpropagation through time")
+    # Under torchrun each process reads batch_size / world_size lanes.
+    batch_size: int = setting(64, "whole batch, split over torchrun processes")
+    lr: float = setting(2e-3, "peak learning rate, reached at the end of the warm-up")
+    weight_decay: float = setting(0.01, "AdamW weight decay of the weight matrices (not of the biases)")
+    warmup_steps: int = setting(100, "steps of linear learning-rate warm-up")
+    schedule: str = setting("cosine", "cosine, step or constant")
+    min_lr_ratio: float = setting(0.1, "the decayed learning rate's floor, as a fraction of --lr")
+    # As nanoGPT's lr_decay_iters.
+    lr_decay_steps: int | None = setting(None, "steps the learning rate decays over (default: the run's steps)")
+    max_steps: int | None = setting(None, "stop after this many steps", exclusive="length")
+    epochs: float | None = setting(None, "stop after this many passes over the training text", exclusive="length")
     # Wall-clock budget: stop, validate and checkpoint when spent. Given alone, the run lasts
     # exactly this long and the learning-rate schedule runs over the time instead of the steps.
-    max_minutes: float | None = None
-    grad_clip: float = 1.0
-    val_fraction: float = 0.1
-    eval_interval: int = 250
-    seed: int = 1337
-    device: str = "auto"
-    resume: bool = False
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    # With none of max_steps, epochs and max_minutes the run is one epoch.
+    max_minutes: float | None = setting(None, "wall-time budget; given alone, the run lasts exactly this long")
+    grad_clip: float = setting(1.0, "largest gradient norm; a larger gradient is scaled down to it")
+    val_fraction: float = setting(0.1, "the end of the text held out for validation, as a fraction")
+    eval_interval: int = setting(250, "validate and checkpoint every this many steps (and at the end)")
+    seed: int = setting(1337, "seed of the initial weights, dropout masks and epoch window shifts")
+    device: str = setting("auto", "auto, cpu or cuda")
+    resume: bool = setting(False, "continue from OUT/last.pt")
+    progress: bool = setting(True, "no progress bar")
 
     def validate(self) -> None:
         check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
@@ -93,9 +107,3 @@ class TrainConfig:
             dropout=self.dropout,
             embedding_dropout=self.embedding_dropout,
         )
-
-
-def default(name: str) -> Any:
-    """The default of one TrainConfig field (for the CLI's help and argparse defaults)."""
-    found = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
-    return found.default
