@@ -1,7 +1,10 @@
 """The training loop: truncated BPTT with carried state, AdamW, clipping, validation, checkpoints.
 
-Reads top to bottom: config, data, model, optimizer, resume, loop, checkpoint. Under torchrun
-the same loop runs in every process with DistributedDataParallel (training/distributed.py).
+Reads top to bottom: setup (data, model, optimizer), resume, the loop, then logging, validation
+and the checkpoint. What a run holds fixed is a `Setup`; what changes from step to step (the
+counters, the carried state, the best loss, the clocks) is one `RunState`, which a checkpoint
+saves and `--resume` restores. Under torchrun the same loop runs in every process with
+DistributedDataParallel (training/distributed.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -28,10 +32,10 @@ from training.checkpoint import (
     save_atomic,
 )
 from training.config import TrainConfig
-from training.corpus import Vocabulary, read_corpus
+from training.corpus import Corpus, Vocabulary, read_corpus
 from training.errors import InvalidSetting, UserError
 from training.evaluate import evaluate_loss
-from training.model import CharRNN, ModelConfig
+from training.model import CharRNN, ModelConfig, State
 from training.plot import plot_losses
 from training.schedule import learning_rate
 
@@ -69,15 +73,91 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict[str, Any]]:
     return [r for r in rows if r["step"] <= upto_step]
 
 
-def _plan(
-    cfg: TrainConfig, model: CharRNN, corpus_name: str, train_chars: int, batcher: LaneBatcher, max_steps: int | None
-) -> str:
+@dataclass
+class Setup:
+    """What a run holds fixed: its settings, data, model and optimizer, and how far it goes."""
+
+    cfg: TrainConfig
+    ranks: distributed.Ranks
+    device: torch.device
+    out: Path
+    corpus: Corpus
+    vocab: Vocabulary
+    train_ids: Tensor
+    val_ids: Tensor
+    batcher: LaneBatcher
+    lanes: slice  # this process's rows of the batch
+    model: CharRNN
+    optimizer: torch.optim.Optimizer
+    max_steps: int | None  # None: the clock ends the run
+    decay_steps: int
+
+    @property
+    def budget_s(self) -> float | None:
+        return None if self.cfg.max_minutes is None else self.cfg.max_minutes * 60
+
+    @property
+    def chars_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def fresh_state(self) -> State:
+        return self.model.init_state(self.lanes.stop - self.lanes.start, self.device)
+
+    def say(self, text: str) -> None:
+        if self.ranks.is_main:
+            print(text, flush=True)
+
+
+@dataclass
+class RunState:
+    """What changes from step to step.
+
+    The fields up to `seconds_before` go into a checkpoint and come back with --resume; the
+    clocks and counters after them belong to this run.
+    """
+
+    carried: State  # carried from window to window: (layers, this process's lanes, hidden) each
+    step: int = 0
+    epoch: int = 0
+    window: int = 0  # the next window of the epoch
+    best_val: float = float("inf")
+    last_val: float = float("nan")
+    seconds_before: float = 0.0  # training time of earlier runs of the same training (resumes)
+    # This run's clocks and counters, and the training loss summed since the last log row.
+    t_start: float = 0.0  # set when the loop starts
+    t_log: float = 0.0
+    steps_this_run: int = 0
+    steps_since_log: int = 0
+    loss_since_log: float = 0.0
+    estimated: bool = False  # the time budget's estimate of the steps left has been said
+
+    def start_clocks(self) -> None:
+        self.t_start = self.t_log = time.perf_counter()
+
+    def training_seconds(self) -> float:
+        """Training time of this training so far, earlier runs included."""
+        return self.seconds_before + time.perf_counter() - self.t_start
+
+
+def _plan(setup: Setup) -> str:
     """How long and how far the run will go, said before the first step."""
-    mc = model.config
-    per_epoch = batcher.batches_per_epoch
+    cfg, mc, max_steps = setup.cfg, setup.model.config, setup.max_steps
+    per_epoch = setup.batcher.batches_per_epoch
     head = (
-        f"training {mc.cell} {mc.num_layers}x{mc.hidden_size} ({model.num_parameters() / 1e6:.2f}M parameters) "
-        f"on {corpus_name}: {train_chars:,} training chars, {per_epoch:,} steps of "
+        f"training {mc.cell} {mc.num_layers}x{mc.hidden_size} ({setup.model.num_parameters() / 1e6:.2f}M parameters) "
+        f"on {setup.corpus.name}: {setup.train_ids.numel():,} training chars, {per_epoch:,} steps of "
         f"{cfg.batch_size} x {cfg.seq_len} chars per epoch"
     )
     budget = f"{cfg.max_minutes:g} min" if cfg.max_minutes is not None else None
@@ -100,14 +180,17 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, ranks: distributed.Ranks) -> TrainResult:
+    setup = _setup(cfg, ranks)
+    run = _resume(setup) if cfg.resume else _start(setup)
+    return _loop(setup, run)
+
+
+def _setup(cfg: TrainConfig, ranks: distributed.Ranks) -> Setup:
+    """The data, the model and its optimizer; every process builds the same initial weights."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InvalidSetting(f"out {out} exists and is not a folder", ("out",))
     device = ranks.device(cfg.device)
-
-    def say(text: str) -> None:
-        if ranks.is_main:
-            print(text, flush=True)
 
     # Data: the vocabulary covers train and validation text, so validation has no unknowns.
     corpus = read_corpus(cfg.data)
@@ -116,21 +199,17 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks) -> TrainResult:
     train_ids = torch.tensor(vocab.encode(train_text), dtype=torch.long)
     val_ids = torch.tensor(vocab.encode(val_text), dtype=torch.long)
     batcher = LaneBatcher(train_ids, cfg.batch_size, cfg.seq_len)
-    my_lanes = ranks.lanes(cfg.batch_size)
-    lanes_here = my_lanes.stop - my_lanes.start
     max_steps: int | None
     if cfg.time_only:
         max_steps = None  # the clock ends the run
     else:
         max_steps = cfg.max_steps or max(1, round((cfg.epochs or 1.0) * batcher.batches_per_epoch))
-    decay_steps = cfg.lr_decay_steps or max_steps or 1
 
     # Model and optimizer: decay matrices only, not biases (nanoGPT's grouping). Every process
     # builds the same initial weights from the same seed; DDP checks and broadcasts them anyway.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model_config = cfg.model_config(len(vocab))
-    model = CharRNN(model_config).to(device)
+    model = CharRNN(cfg.model_config(len(vocab))).to(device)
     if cfg.forget_bias is not None:
         model.set_forget_bias(cfg.forget_bias)
     if ranks.distributed:
@@ -146,199 +225,237 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks) -> TrainResult:
         lr=cfg.lr,
         betas=(0.9, 0.99),
     )
+    return Setup(
+        cfg=cfg,
+        ranks=ranks,
+        device=device,
+        out=out,
+        corpus=corpus,
+        vocab=vocab,
+        train_ids=train_ids,
+        val_ids=val_ids,
+        batcher=batcher,
+        lanes=ranks.lanes(cfg.batch_size),
+        model=model,
+        optimizer=optimizer,
+        max_steps=max_steps,
+        decay_steps=cfg.lr_decay_steps or max_steps or 1,
+    )
 
-    step, epoch, window = 0, 0, 0
-    best_val = float("inf")
-    last_val = float("nan")
-    seconds_before = 0.0  # training time of earlier runs of the same training (resumes)
-    state = model.init_state(lanes_here, device)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    metrics_path = out / "metrics.jsonl"
-    if cfg.resume:
-        if not last_path.exists():
-            raise UserError(f"resume asked for, but {last_path} does not exist")
-        ckpt = load_checkpoint(last_path, map_location=device)
-        if ckpt["vocab"] != vocab.to_json():
-            raise UserError(f"cannot resume: {last_path} was trained on a different vocabulary")
-        if ModelConfig.from_dict(ckpt["model_config"]) != model_config:
-            raise UserError(
-                f"cannot resume: {last_path} has model {ckpt['model_config']}, "
-                f"the settings ask for {model_config.to_dict()}"
-            )
-        carried = ckpt["carried_state"]
-        if carried and carried[0].shape[1] != cfg.batch_size:
-            raise InvalidSetting(
-                f"cannot resume: {last_path} was trained with batch_size {carried[0].shape[1]}, not {cfg.batch_size}",
-                ("batch_size",),
-            )
-        model.load_state_dict(ckpt["model_state"])
-        optimizer.load_state_dict(ckpt["optimizer_state"])
-        step, epoch, window = ckpt["step"], ckpt["epoch"], ckpt["window"]
-        best_val, last_val = ckpt["best_val_loss"], ckpt["val_loss"]
-        seconds_before = float(ckpt.get("train_seconds", 0.0))
-        state = tuple(s[:, my_lanes].to(device) for s in carried)
-        rng_ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
-        if len(rng_ranks) == ranks.world_size:
-            _set_rng_state(rng_ranks[ranks.rank])
-        if ranks.is_main:
-            for stray in remove_stray_temp_files(last_path, best_path):
-                say(f"removed {stray.name}, left by a run stopped while it wrote a checkpoint")
-            metrics = _read_metrics(metrics_path, step)
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in metrics))
-    elif ranks.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
-    if max_steps is not None and step >= max_steps:
-        raise InvalidSetting(f"checkpoint is already at step {step}; raise max_steps to train further", ("max_steps",))
-    budget_s = None if cfg.max_minutes is None else cfg.max_minutes * 60
-    if budget_s is not None and seconds_before >= budget_s:
+
+def _start(setup: Setup) -> RunState:
+    """A new run: an empty metrics log, zero carried state."""
+    if setup.ranks.is_main:
+        setup.out.mkdir(parents=True, exist_ok=True)
+        setup.metrics_path.write_text("")
+    return RunState(carried=setup.fresh_state())
+
+
+def _resume(setup: Setup) -> RunState:
+    """The run as last.pt left it: weights, optimizer, counters, carried state and random generators."""
+    if not setup.last_path.exists():
+        raise UserError(f"resume asked for, but {setup.last_path} does not exist")
+    ckpt = load_checkpoint(setup.last_path, map_location=setup.device)
+    if ckpt["vocab"] != setup.vocab.to_json():
+        raise UserError(f"cannot resume: {setup.last_path} was trained on a different vocabulary")
+    if ModelConfig.from_dict(ckpt["model_config"]) != setup.model.config:
+        raise UserError(
+            f"cannot resume: {setup.last_path} has model {ckpt['model_config']}, "
+            f"the settings ask for {setup.model.config.to_dict()}"
+        )
+    carried = ckpt["carried_state"]  # every lane, (layers, batch_size, hidden) each
+    if carried and carried[0].shape[1] != setup.cfg.batch_size:
         raise InvalidSetting(
-            f"checkpoint has already trained {seconds_before / 60:.1f} min; raise max_minutes to train further",
+            f"cannot resume: {setup.last_path} was trained with batch_size {carried[0].shape[1]}, "
+            f"not {setup.cfg.batch_size}",
+            ("batch_size",),
+        )
+    setup.model.load_state_dict(ckpt["model_state"])
+    setup.optimizer.load_state_dict(ckpt["optimizer_state"])
+    run = RunState(
+        carried=tuple(t[:, setup.lanes].to(setup.device) for t in carried),
+        step=ckpt["step"],
+        epoch=ckpt["epoch"],
+        window=ckpt["window"],
+        best_val=ckpt["best_val_loss"],
+        last_val=ckpt["val_loss"],
+        seconds_before=float(ckpt.get("train_seconds", 0.0)),
+    )
+    rng_ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+    if len(rng_ranks) == setup.ranks.world_size:
+        _set_rng_state(rng_ranks[setup.ranks.rank])
+    if setup.ranks.is_main:
+        for stray in remove_stray_temp_files(setup.last_path, setup.best_path):
+            setup.say(f"removed {stray.name}, left by a run stopped while it wrote a checkpoint")
+        metrics = _read_metrics(setup.metrics_path, run.step)
+        setup.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    if setup.max_steps is not None and run.step >= setup.max_steps:
+        raise InvalidSetting(
+            f"checkpoint is already at step {run.step}; raise max_steps to train further", ("max_steps",)
+        )
+    if setup.budget_s is not None and run.seconds_before >= setup.budget_s:
+        raise InvalidSetting(
+            f"checkpoint has already trained {run.seconds_before / 60:.1f} min; raise max_minutes to train further",
             ("max_minutes",),
         )
+    return run
 
-    net: torch.nn.Module = model
-    if ranks.distributed:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def checkpoint(
-        val_loss: float, carried: tuple[torch.Tensor, ...], rngs: list[Any], seconds: float
-    ) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_VERSION,
-            "model_config": model_config.to_dict(),
-            "model_state": model.state_dict(),
-            "optimizer_state": optimizer.state_dict(),
-            "vocab": vocab.to_json(),
-            "step": step,
-            "epoch": epoch,
-            "window": window,
-            "val_loss": val_loss,
-            "best_val_loss": best_val,
-            "carried_state": [s.detach().cpu() for s in carried],  # every lane, in lane order
-            "rng": rngs[0],
-            "rng_ranks": rngs,
-            "train_seconds": seconds,
-            "world_size": ranks.world_size,
-            "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress")},
-            "corpus": {
-                "name": corpus.name,
-                "chars": len(corpus.text),
-                "sha256": corpus.sha256,
-                "val_fraction": cfg.val_fraction,
-            },
-        }
+def _loop(setup: Setup, run: RunState) -> TrainResult:
+    """Windows of carried-state lanes, epoch after epoch, until the step count or the time budget is reached."""
+    net: torch.nn.Module = setup.model
+    if setup.ranks.distributed:
+        device_ids = [setup.device.index] if setup.device.type == "cuda" else None
+        net = DistributedDataParallel(setup.model, device_ids=device_ids)
 
     from tqdm import tqdm
 
-    say(_plan(cfg, model, corpus.name, train_ids.numel(), batcher, max_steps))
+    setup.say(_plan(setup))
     bar = tqdm(
-        total=max_steps,
-        initial=step,
-        disable=not (cfg.progress and ranks.is_main),
+        total=setup.max_steps,
+        initial=run.step,
+        disable=not (setup.cfg.progress and setup.ranks.is_main),
         unit="step",
         dynamic_ncols=True,
     )
-    chars_per_step = cfg.batch_size * cfg.seq_len
-    t_start = time.perf_counter()
-    steps_this_run = 0
-    estimated = False
-    t_log, steps_since_log, loss_since_log = time.perf_counter(), 0, 0.0
+    run.start_clocks()
     net.train()
     finished = False
-
-    def log_row(row: dict[str, Any]) -> None:
-        if ranks.is_main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            if "val_loss" in row:
-                plot_losses(_read_metrics(metrics_path, step), out / "loss.png")
-
     while not finished:
-        offset = epoch_offset(cfg.seed, epoch, cfg.seq_len)
-        if window == 0:
-            state = model.init_state(lanes_here, device)
-        for x, y in batcher.epoch(offset, start=window, rows=my_lanes):
-            spent = seconds_before + time.perf_counter() - t_start
-            progress = spent / budget_s if cfg.time_only and budget_s else None
-            lr = learning_rate(
-                step, cfg.lr, cfg.warmup_steps, decay_steps, cfg.schedule, cfg.min_lr_ratio, progress=progress
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits, state = net(x, state)
-            # Truncated BPTT: keep the values, cut the graph at the window boundary.
-            state = tuple(s.detach() for s in state)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            window += 1
-            steps_this_run += 1
-            steps_since_log += 1
-            loss_since_log += loss.item()
-            spent = seconds_before + time.perf_counter() - t_start
+        offset = epoch_offset(setup.cfg.seed, run.epoch, setup.cfg.seq_len)
+        if run.window == 0:
+            run.carried = setup.fresh_state()
+        for x, y in setup.batcher.epoch(offset, start=run.window, rows=setup.lanes):
+            lr = _train_step(setup, net, run, x, y)
+            spent = run.training_seconds()
             # Every process stops at the same step: the first to run out of time decides.
-            out_of_time = ranks.any(budget_s is not None and spent >= budget_s, device)
-            finished = out_of_time or (max_steps is not None and step >= max_steps)
-
-            if step % 10 == 0 or finished or step % cfg.eval_interval == 0:
-                now = time.perf_counter()
-                cps = steps_since_log * chars_per_step / max(now - t_log, 1e-9)
-                row: dict[str, Any] = {
-                    "step": step,
-                    "epoch": epoch,
-                    "train_loss": round(ranks.mean(loss_since_log / steps_since_log, device), 5),
-                    "lr": lr,
-                    "chars_per_s": round(cps, 1),
-                    "elapsed_s": round(spent, 2),
-                }
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", chars_s=f"{cps:,.0f}")
-                bar.update(steps_since_log)
-                t_log, steps_since_log, loss_since_log = now, 0, 0.0
-                if not estimated and budget_s is not None and steps_this_run >= 20:
-                    estimated = True
-                    left = max(0.0, budget_s - spent)
-                    steps_left = int(left * steps_this_run / max(now - t_start, 1e-9))
-                    say(
-                        f"  at {cps:,.0f} chars/s the time budget allows about {steps_left:,} more steps "
-                        f"(~{(step + steps_left) / batcher.batches_per_epoch:.1f} epochs in all)"
-                    )
-                if step % cfg.eval_interval == 0 or finished:
-                    carried = ranks.gather_lanes(state)
-                    rngs = ranks.gather_objects(_rng_state())
-                    if ranks.is_main:
-                        last_val = evaluate_loss(model, val_ids)
-                        row["val_loss"] = round(last_val, 5)
-                        improved = last_val < best_val
-                        best_val = min(best_val, last_val)
-                        ckpt = checkpoint(last_val, carried, rngs, spent)
-                        save_atomic(ckpt, last_path)
-                        if improved:
-                            save_atomic(ckpt, best_path)
-                        bar.write(
-                            f"step {step}: train {row['train_loss']:.4f}  val {last_val:.4f}"
-                            f"  best {best_val:.4f}  {cps:,.0f} chars/s"
-                        )
-                    last_val = ranks.from_main(last_val, device)
-                    best_val = ranks.from_main(best_val, device)
-                log_row(row)
+            out_of_time = setup.ranks.any(setup.budget_s is not None and spent >= setup.budget_s, setup.device)
+            finished = out_of_time or (setup.max_steps is not None and run.step >= setup.max_steps)
+            validate = finished or run.step % setup.cfg.eval_interval == 0
+            if validate or run.step % 10 == 0:
+                _log(setup, run, bar, lr, spent, validate)
             if finished:
                 break
         else:
-            epoch += 1
-            window = 0
+            run.epoch += 1
+            run.window = 0
     bar.close()
-    seconds = time.perf_counter() - t_start
+    seconds = time.perf_counter() - run.t_start
     return TrainResult(
-        step=step,
-        best_val_loss=best_val if math.isfinite(best_val) else float("nan"),
-        last_val_loss=last_val,
-        out=out,
-        chars_per_s=steps_this_run * chars_per_step / max(seconds, 1e-9),
+        step=run.step,
+        best_val_loss=run.best_val if math.isfinite(run.best_val) else float("nan"),
+        last_val_loss=run.last_val,
+        out=setup.out,
+        chars_per_s=run.steps_this_run * setup.chars_per_step / max(seconds, 1e-9),
         seconds=seconds,
     )
+
+
+def _train_step(setup: Setup, net: torch.nn.Module, run: RunState, x: Tensor, y: Tensor) -> float:
+    """One optimizer step on one window of every lane; returns the learning rate it used."""
+    cfg = setup.cfg
+    progress = run.training_seconds() / setup.budget_s if cfg.time_only and setup.budget_s else None
+    lr = learning_rate(
+        run.step, cfg.lr, cfg.warmup_steps, setup.decay_steps, cfg.schedule, cfg.min_lr_ratio, progress=progress
+    )
+    for group in setup.optimizer.param_groups:
+        group["lr"] = lr
+    x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
+    logits, carried = net(x, run.carried)
+    # Truncated BPTT: keep the values, cut the graph at the window boundary.
+    run.carried = tuple(t.detach() for t in carried)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    setup.optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    torch.nn.utils.clip_grad_norm_(setup.model.parameters(), cfg.grad_clip)
+    setup.optimizer.step()
+    run.step += 1
+    run.window += 1
+    run.steps_this_run += 1
+    run.steps_since_log += 1
+    run.loss_since_log += loss.item()
+    return lr
+
+
+def _log(setup: Setup, run: RunState, bar: Any, lr: float, spent: float, validate: bool) -> None:
+    """A metrics row for the steps since the last one; with `validate`, the validation loss and a checkpoint."""
+    now = time.perf_counter()
+    cps = run.steps_since_log * setup.chars_per_step / max(now - run.t_log, 1e-9)
+    row: dict[str, Any] = {
+        "step": run.step,
+        "epoch": run.epoch,
+        "train_loss": round(setup.ranks.mean(run.loss_since_log / run.steps_since_log, setup.device), 5),
+        "lr": lr,
+        "chars_per_s": round(cps, 1),
+        "elapsed_s": round(spent, 2),
+    }
+    bar.set_postfix(loss=f"{row['train_loss']:.3f}", chars_s=f"{cps:,.0f}")
+    bar.update(run.steps_since_log)
+    run.t_log, run.steps_since_log, run.loss_since_log = now, 0, 0.0
+    if not run.estimated and setup.budget_s is not None and run.steps_this_run >= 20:
+        run.estimated = True
+        left = max(0.0, setup.budget_s - spent)
+        steps_left = int(left * run.steps_this_run / max(now - run.t_start, 1e-9))
+        setup.say(
+            f"  at {cps:,.0f} chars/s the time budget allows about {steps_left:,} more steps "
+            f"(~{(run.step + steps_left) / setup.batcher.batches_per_epoch:.1f} epochs in all)"
+        )
+    if validate:
+        _validate(setup, run, row, spent)
+        if setup.ranks.is_main:
+            bar.write(
+                f"step {run.step}: train {row['train_loss']:.4f}  val {run.last_val:.4f}"
+                f"  best {run.best_val:.4f}  {cps:,.0f} chars/s"
+            )
+    if setup.ranks.is_main:
+        with setup.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if "val_loss" in row:
+            plot_losses(_read_metrics(setup.metrics_path, run.step), setup.out / "loss.png")
+
+
+def _validate(setup: Setup, run: RunState, row: dict[str, Any], spent: float) -> None:
+    """Process 0 measures the validation loss and writes last.pt (and best.pt when it improved)."""
+    every_lane = setup.ranks.gather_lanes(run.carried)
+    rngs = setup.ranks.gather_objects(_rng_state())
+    if setup.ranks.is_main:
+        run.last_val = evaluate_loss(setup.model, setup.val_ids)
+        row["val_loss"] = round(run.last_val, 5)
+        improved = run.last_val < run.best_val
+        run.best_val = min(run.best_val, run.last_val)
+        ckpt = _checkpoint(setup, run, every_lane, rngs, spent)
+        save_atomic(ckpt, setup.last_path)
+        if improved:
+            save_atomic(ckpt, setup.best_path)
+    run.last_val = setup.ranks.from_main(run.last_val, setup.device)
+    run.best_val = setup.ranks.from_main(run.best_val, setup.device)
+
+
+def _checkpoint(setup: Setup, run: RunState, every_lane: State, rngs: list[Any], seconds: float) -> dict[str, Any]:
+    """One self-describing dict: enough to resume this run exactly, or to sample and export."""
+    cfg = setup.cfg
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "model_config": setup.model.config.to_dict(),
+        "model_state": setup.model.state_dict(),
+        "optimizer_state": setup.optimizer.state_dict(),
+        "vocab": setup.vocab.to_json(),
+        "step": run.step,
+        "epoch": run.epoch,
+        "window": run.window,
+        "val_loss": run.last_val,
+        "best_val_loss": run.best_val,
+        "carried_state": [t.detach().cpu() for t in every_lane],  # every lane, in lane order
+        "rng": rngs[0],
+        "rng_ranks": rngs,
+        "train_seconds": seconds,
+        "world_size": setup.ranks.world_size,
+        "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress")},
+        "corpus": {
+            "name": setup.corpus.name,
+            "chars": len(setup.corpus.text),
+            "sha256": setup.corpus.sha256,
+            "val_fraction": cfg.val_fraction,
+        },
+    }
