@@ -30,7 +30,7 @@ from training.errors import ExportError
 from training.export.graph import OPSET, PARITY_TOLERANCE, export_fp32, open_session, verify_parity
 from training.export.measure import ort_lanes_eval, step_latency_us
 from training.export.variants import convert_fp16, convert_ort, quantize_int8
-from training.model import CharRNN
+from training.model import CharRNN, ModelConfig
 
 
 @dataclass
@@ -102,54 +102,82 @@ def _build(
     metadata: dict[str, str],
     folder: Path,
 ) -> dict[str, Any]:
-    cfg = model.config
+    """Write the graph and its variants into `folder`, measure each, and return the manifest."""
     fp32 = folder / contract.VARIANT_FILES["fp32"]
     export_fp32(model, fp32, metadata)
     parity = verify_parity(model, fp32, request.tolerance)
+    files = _write_variants(fp32, request.variants, folder)
+    eval_ids = _held_out_ids(request.eval_corpus, vocab, ckpt)
+    variants = _measure_variants(files, model.config, eval_ids, parity, request.ort)
+    return _manifest(request, model, ckpt, eval_ids, parity, variants)
 
+
+def _write_variants(fp32: Path, variants: tuple[str, ...], folder: Path) -> dict[str, Path]:
+    """The fp32 file and the variants made from it, fp32 first: it is the reference of the others."""
     files = {"fp32": fp32}
-    if "int8" in request.variants:
+    if "int8" in variants:
         files["int8"] = folder / contract.VARIANT_FILES["int8"]
         quantize_int8(fp32, files["int8"])
-    if "fp16" in request.variants:
+    if "fp16" in variants:
         files["fp16"] = folder / contract.VARIANT_FILES["fp16"]
         convert_fp16(fp32, files["fp16"])
+    return files
 
-    eval_ids = None
-    if request.eval_corpus is not None:
-        # The same split the checkpoint was validated on.
-        _, held_out = request.eval_corpus.split(ckpt.get("corpus", {}).get("val_fraction") or 0.1)
-        eval_ids = np.asarray(vocab.encode(held_out), dtype=np.int64)
-    reference_argmax: np.ndarray | None = None
-    reference_loss: float | None = None
+
+def _held_out_ids(eval_corpus: Corpus | None, vocab: Vocabulary, ckpt: dict[str, Any]) -> np.ndarray | None:
+    """The ids of the split the checkpoint was validated on, when a corpus is given."""
+    if eval_corpus is None:
+        return None
+    _, held_out = eval_corpus.split(ckpt.get("corpus", {}).get("val_fraction") or 0.1)
+    return np.asarray(vocab.encode(held_out), dtype=np.int64)
+
+
+def _measure_variants(
+    files: dict[str, Path],
+    cfg: ModelConfig,
+    eval_ids: np.ndarray | None,
+    parity: dict[str, float],
+    ort: bool,
+) -> dict[str, Any]:
+    """One manifest entry per variant: its file, latency and, on `eval_ids`, its loss and agreement with fp32."""
+    reference: tuple[float, np.ndarray] | None = None  # fp32's loss and argmax
     variants: dict[str, Any] = {}
     for variant, path in files.items():
         session = open_session(path, variant=variant)
         entry: dict[str, Any] = {
-            "file": path.name,
-            "sha256": contract.file_sha256(path),
-            "bytes": path.stat().st_size,
+            **_file_entry(path),
             "step_latency_us_batch1": round(step_latency_us(session, cfg.cell, cfg.num_layers, cfg.hidden_size), 1),
         }
         if eval_ids is not None:
             loss, argmax = ort_lanes_eval(session, cfg.cell, cfg.num_layers, cfg.hidden_size, eval_ids)
-            if reference_argmax is None:
-                reference_argmax, reference_loss = argmax, loss
+            if reference is None:
+                reference = (loss, argmax)
             entry["val_loss"] = round(loss, 5)
-            entry["val_loss_change"] = round(loss - (reference_loss or loss), 5)
-            entry["top1_agreement"] = round(float((argmax == reference_argmax).mean()), 5)
+            entry["val_loss_change"] = round(loss - reference[0], 5)
+            entry["top1_agreement"] = round(float((argmax == reference[1]).mean()), 5)
         if variant == "fp32":
             entry["parity_max_abs_error"] = max(parity.values())
-        if request.ort:
+        if ort:
             ort_path = path.with_suffix(".ort")
             convert_ort(path, ort_path)
-            entry["ort"] = {
-                "file": ort_path.name,
-                "sha256": contract.file_sha256(ort_path),
-                "bytes": ort_path.stat().st_size,
-            }
+            entry["ort"] = _file_entry(ort_path)
         variants[variant] = entry
+    return variants
 
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"file": path.name, "sha256": contract.file_sha256(path), "bytes": path.stat().st_size}
+
+
+def _manifest(
+    request: ExportRequest,
+    model: CharRNN,
+    ckpt: dict[str, Any],
+    eval_ids: np.ndarray | None,
+    parity: dict[str, float],
+    variants: dict[str, Any],
+) -> dict[str, Any]:
+    cfg = model.config
     corpus = ckpt.get("corpus", {})
     return {
         "format_version": contract.FORMAT_VERSION,
