@@ -61,9 +61,6 @@ class LaneBatcher:
             sl = slice(i * self.seq_len, (i + 1) * self.seq_len)
             yield x[:, sl], y[:, sl]
 
-    def windows_in_epoch(self, offset: int) -> int:
-        return (self.lane_len - offset) // self.seq_len
-
 
 def epoch_offset(seed: int, epoch: int, seq_len: int) -> int:
     """A reproducible window shift for an epoch: the same on a resumed run as on a straight one."""
