@@ -1,4 +1,4 @@
-"""The `charstream` command: train, sample, eval, export (torch side), cells and serve (onnxruntime side).
+"""The `charstream` command: train, sample, eval, export (torch side), cells, serve and generate (onnxruntime side).
 
 Each subcommand imports its side lazily, so `charstream serve` runs where torch is absent.
 Bad input ends in one line on stderr and exit code 2, never a traceback.
@@ -187,6 +187,70 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(models=args.models, host=args.host, port=args.port, workers=args.workers)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    i, slash, n = text.partition("/")
+    if not slash or not i.isdigit() or not n.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not i/N (e.g. 0/4)")
+    return int(i), int(n)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from typing import Any
+
+    from service.batch.run import BatchError, GenerateConfig, Summary, generate
+
+    config = GenerateConfig(
+        model=Path(args.model),
+        n=args.n,
+        variant=args.variant,
+        prompt=args.prompt,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        until=args.until,
+        stop=tuple(args.stop),
+        max_chars=args.max_chars,
+        unique=args.unique,
+        novel=Path(args.novel) if args.novel else None,
+        out=Path(args.out) if args.out else None,
+        resume=args.resume,
+        shard=args.shard,
+        batch=args.batch,
+        threads=args.threads,
+        max_attempts=args.max_attempts,
+    )
+    bars: list[Any] = []  # the progress bar, opened by the first sample: a bad setting prints no bar
+
+    def progress(summary: Summary) -> None:
+        if not bars:
+            from tqdm import tqdm
+
+            bars.append(tqdm(total=summary.wanted, initial=summary.resumed, unit="sample", file=sys.stderr))
+        bars[0].update(summary.samples - bars[0].n)
+
+    try:
+        summary = generate(config, on_sample=None if args.no_progress else progress)
+    except (BatchError, OSError) as exc:
+        print(f"charstream generate: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    finally:
+        for bar in bars:
+            bar.close()
+    if summary.index:
+        print(f"novelty index: {summary.index}", file=sys.stderr)
+    print(summary.line(), file=sys.stderr)
+    if summary.samples < summary.wanted:
+        print(
+            f"charstream generate: only {summary.samples:,} of {summary.wanted:,} samples after "
+            f"{summary.attempts:,} attempts (raise --max-attempts)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="charstream", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,6 +307,29 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=_int, default=None)
     v.add_argument("--workers", type=_int, default=None, help="server processes on the port (needs a shared store)")
     v.set_defaults(func=_serve)
+
+    g = sub.add_parser("generate", help="many samples from an exported model, written as JSONL (no torch)")
+    g.add_argument("model", help="an exported model folder or .onnx file")
+    g.add_argument("--n", type=_int, required=True, help="samples to write")
+    g.add_argument("--variant", default="fp32", help="the file of a model folder: fp32, int8 or fp16")
+    g.add_argument("--prompt", default="", help="text every sample continues (default: a line start)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=_int, default=0, help="0: off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    g.add_argument("--seed", type=_int, default=0, help="the same command and seed write the same samples")
+    g.add_argument("--until", default=None, help="a string that ends a sample, e.g. $'\\n' for one per line")
+    g.add_argument("--stop", action="append", default=[], help="another string that ends a sample (repeatable)")
+    g.add_argument("--max-chars", type=_int, default=200, help="a sample ends here without --until")
+    g.add_argument("--unique", action="store_true", help="never write the same text twice")
+    g.add_argument("--novel", default=None, metavar="CORPUS", help="reject samples that are samples of this corpus")
+    g.add_argument("--out", default=None, help="JSONL file (text, nll, finish_reason, sample); default stdout")
+    g.add_argument("--resume", action="store_true", help="continue the --out file of a killed run")
+    g.add_argument("--shard", type=_shard, default=(0, 1), help="i/N: this process's part of an N-way split")
+    g.add_argument("--batch", type=_int, default=256, help="samples stepped together")
+    g.add_argument("--threads", type=_int, default=1, help="onnxruntime intra-op threads")
+    g.add_argument("--max-attempts", type=_int, default=None, help="give up after this many (default 10 x n)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    g.set_defaults(func=_generate)
     return parser
 
 

@@ -119,3 +119,29 @@ def test_export_bad_inputs(tmp_path: Path, checkpoints: dict[str, Path]) -> None
         "corrupt or not a checkpoint",
     )
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_generate_writes_samples_with_a_bar_and_a_summary(tmp_path: Path, models_dir: Path) -> None:
+    out = tmp_path / "s.jsonl"
+    args = ["generate", str(models_dir / "tiny-gru"), "--n", "50", "--until", "\n", "--unique", "--seed", "2"]
+    result = charstream(*args, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "50/50" in result.stderr  # the progress bar
+    assert "50 samples, 50 unique" in result.stderr.splitlines()[-1] and "chars/s" in result.stderr
+    assert len(out.read_text().splitlines()) == 50
+    to_stdout = charstream(*args, "--no-progress")
+    assert to_stdout.stdout == out.read_text()
+
+
+def test_generate_bad_inputs(tmp_path: Path, models_dir: Path) -> None:
+    model = str(models_dir / "tiny-lstm")
+    assert_one_line_error(charstream("generate", model, "--n", "0"), "--n must be at least 1")
+    assert_one_line_error(charstream("generate", model, "--n", "5", "--top-p", "0"), "--top-p")
+    assert_one_line_error(charstream("generate", str(tmp_path), "--n", "5"), "MODEL")
+    assert_one_line_error(charstream("generate", model, "--n", "5", "--prompt", "\u2603"), "--prompt")
+    assert_one_line_error(charstream("generate", model, "--n", "5", "--shard", "2/2"), "--shard")
+    out = tmp_path / "s.jsonl"
+    assert charstream("generate", model, "--n", "5", "--out", str(out), "--no-progress").returncode == 0
+    assert_one_line_error(charstream("generate", model, "--n", "5", "--out", str(out)), "--resume")
+    bad_shard = charstream("generate", model, "--n", "5", "--shard", "half")
+    assert bad_shard.returncode == 2 and "i/N" in bad_shard.stderr and "Traceback" not in bad_shard.stderr

@@ -1,0 +1,143 @@
+"""The step loop of batch generation: one onnxruntime call per character for a whole batch of samples.
+
+Every row of the batch is one sample attempt. A row starts from the state after the prompt (less
+its last character, which the row's first step reads) and samples with its own RNG, seeded by the
+attempt's number alone, so an attempt's text does not depend on which row or batch it ran in. A
+row that finishes (a terminator sampled, or the length reached) is handed back at once and takes
+the next attempt in the same step: the batch stays full and the graph's shape never changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.core.draws import RowDraws
+from service.core.engine import Engine, StepBinding
+from service.core.sampling import BatchSampler
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The per-sample settings the loop needs: sampling parameters, terminators and a length bound."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    terminators: tuple[tuple[int, ...], ...] = ()  # id sequences that end a sample (not part of its text)
+    max_chars: int = 200  # a sample that reaches this many characters without a terminator ends here
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One attempt's outcome: its number, its character ids (terminator cut), the model's nll of them."""
+
+    attempt: int
+    ids: np.ndarray
+    nll: float  # nats: minus the model's own log-probability (no temperature) of every character drawn
+    finish_reason: str  # "stop": a terminator; "length": max_chars reached
+    drawn: int  # characters sampled, the terminator included
+
+
+def attempt_rng(seed: int, attempt: int) -> np.random.Generator:
+    """The RNG of one attempt: its own stream, the same whichever row, batch, run or shard draws it."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence((seed, attempt))))
+
+
+class StepLoop:
+    """Runs attempts through the model at a fixed batch size and yields each as it finishes."""
+
+    def __init__(self, engine: Engine, prompt: list[int], sampling: Sampling, batch: int) -> None:
+        if not prompt:
+            raise ValueError("the prompt needs at least one character")
+        self.engine = engine
+        self.sampling = sampling
+        self.batch = batch
+        info = engine.info
+        self._last = prompt[-1]
+        # The state before the prompt's last character: a fresh row reads that character in its first
+        # step, which gives its first logits, so a row never needs a separate call to start.
+        if len(prompt) > 1:
+            _, self._start = engine.run(np.array([prompt[:-1]], np.int64), engine.zero_state(1))
+        else:
+            self._start = engine.zero_state(1)
+        temperature = np.full(batch, sampling.temperature)
+        self._sampler = BatchSampler(
+            temperature, np.full(batch, sampling.top_k), np.full(batch, sampling.top_p), info.vocab_size
+        )
+        self.steps = 0
+
+    def run(self, attempts: Iterator[int], seed: int) -> Iterator[Finished]:
+        """Attempts in, finished attempts out (in the order they finish), until `attempts` runs dry."""
+        b = self.batch
+        sampling = self.sampling
+        binding = self.engine.binding(b)
+        draws = RowDraws()
+        draws.grow(b)
+        rows = np.arange(b)
+        attempt = np.full(b, -1, np.int64)  # the attempt each row runs; -1: idle (no attempts left)
+        length = np.zeros(b, np.intp)
+        nll = np.zeros(b)
+        ids = np.zeros((b, sampling.max_chars), np.int64)
+        stops = [(np.array(t, np.int64), len(t)) for t in sampling.terminators]
+        for row in range(b):
+            self._start_row(row, next(attempts, -1), binding, draws, attempt, length, nll, seed)
+        tokens = binding.tokens[:, 0]
+        idle = bool((attempt < 0).any())
+        while not idle or (attempt >= 0).any():
+            binding.run()
+            binding.carry()
+            self.steps += 1
+            logits = binding.logits[:, 0, :]
+            drawn = self._sampler.sample(logits, draws.next(rows))
+            # The model's own log-probability of the drawn character: logit minus log-sum-exp of the row.
+            top = logits.max(axis=1)
+            lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+            nll -= logits[rows, drawn] - lse
+            ids[rows, length] = drawn
+            length += 1
+            cut = np.zeros(b, np.intp)  # characters of a terminator to cut from each finished row's text
+            for stop, size in stops:
+                hit = np.flatnonzero((drawn == stop[-1]) & (length >= size) & (cut == 0))
+                if size > 1 and hit.size:
+                    tails = ids[hit[:, None], length[hit, None] - size + np.arange(size)]
+                    hit = hit[(tails == stop).all(axis=1)]
+                cut[hit] = size
+            stopped = cut > 0
+            done = np.flatnonzero((stopped | (length >= sampling.max_chars)) & (attempt >= 0))
+            tokens[:] = drawn
+            if idle:
+                length[attempt < 0] = 0  # an idle row's characters are never read
+            for row in done.tolist():
+                yield Finished(
+                    int(attempt[row]),
+                    ids[row, : length[row] - cut[row]].copy(),
+                    float(nll[row]),
+                    "stop" if stopped[row] else "length",
+                    int(length[row]),
+                )
+                self._start_row(row, next(attempts, -1), binding, draws, attempt, length, nll, seed)
+                idle = idle or bool(attempt[row] < 0)
+
+    def _start_row(
+        self,
+        row: int,
+        number: int,
+        binding: StepBinding,
+        draws: RowDraws,
+        attempt: np.ndarray,
+        length: np.ndarray,
+        nll: np.ndarray,
+        seed: int,
+    ) -> None:
+        """Put attempt `number` in `row` (idle when it is -1): the prompt's state and its last character."""
+        attempt[row] = number
+        length[row] = 0
+        nll[row] = 0.0
+        for state, start in zip(binding.state_in, self._start, strict=True):
+            state[:, row, :] = start[:, 0, :]
+        binding.tokens[row, 0] = self._last
+        # An idle row still steps (the batch keeps its shape) and draws from a throwaway stream.
+        draws.attach(row, attempt_rng(seed, number) if number >= 0 else np.random.Generator(np.random.PCG64(row)))

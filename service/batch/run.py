@@ -1,0 +1,286 @@
+"""One batch-generation job: settings checked, samples kept or rejected in order, JSONL written, resumable.
+
+Attempts are numbered 0, 1, 2, ... and attempt k samples with the RNG seeded by (seed, k). Shard i
+of N runs attempts i, i + N, i + 2N, ..., so shards never share a seed. Attempts finish out of
+order in the batch, but they are judged and written in their own order: the samples are the first
+n attempts that pass `--unique` and `--novel`, whatever the batch size, and the output file is
+always a prefix of that sequence. `--resume` reads the file back (a line cut short by a kill is
+dropped), takes its texts as already seen and continues after its last attempt: nothing is written
+twice and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from exports import contract
+from service.batch.loop import Sampling, StepLoop
+from service.batch.novelty import NoveltyIndex
+from service.core.engine import Engine
+
+# What a sample starts from when there is no prompt: the start of a line, as the service does.
+DEFAULT_START = "\n"
+RUN_SUFFIX = ".run.json"  # beside the output: the settings a --resume must match
+
+
+class BatchError(ValueError):
+    """A setting or file the job cannot run with; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: Path  # an exported model folder or one .onnx file
+    n: int
+    variant: str = "fp32"  # which file of a model folder
+    prompt: str = ""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    until: str | None = None  # ends a sample, cut from its text (and cuts the --novel corpus into samples)
+    stop: tuple[str, ...] = ()
+    max_chars: int = 200
+    unique: bool = False
+    novel: Path | None = None
+    out: Path | None = None  # None: JSONL on stdout
+    resume: bool = False
+    shard: tuple[int, int] = (0, 1)  # (i, N): this process runs attempts i, i + N, ...
+    batch: int = 256
+    threads: int = 1
+    max_attempts: int | None = None  # None: 10 x n, then the job ends with what it has
+
+    def identity(self, sha256: str) -> dict[str, object]:
+        """What must match for --resume to continue a file: the model's bytes and every sampling setting.
+
+        n may grow (a resume that asks for more continues the same sequence); how the job is run
+        (batch, threads, attempt bound) does not change which samples it writes."""
+        ignored = ("out", "resume", "batch", "threads", "model", "n", "max_attempts")
+        keep = {k: v for k, v in asdict(self).items() if k not in ignored}
+        keep["novel"] = None if self.novel is None else str(self.novel)
+        keep["stop"] = list(self.stop)
+        keep["shard"] = list(self.shard)
+        return {"model_sha256": sha256, **keep}
+
+
+@dataclass
+class Summary:
+    samples: int = 0  # in the output, earlier runs' included
+    resumed: int = 0  # of them, read back from an earlier run
+    unique: int = 0  # distinct texts among the samples
+    novel: int | None = None  # samples not in the --novel corpus (None without --novel)
+    duplicates: int = 0  # rejected by --unique
+    in_corpus: int = 0  # rejected by --novel
+    attempts: int = 0  # attempts judged in this run
+    chars: int = 0  # characters sampled in this run, rejected attempts included
+    seconds: float = 0.0
+    wanted: int = 0
+    index: str = ""  # where the --novel index was read or built
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rejected(self) -> int:
+        return self.duplicates + self.in_corpus
+
+    @property
+    def chars_per_s(self) -> float:
+        return self.chars / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        novel = "" if self.novel is None else f", {self.novel:,} novel"
+        resumed = f" ({self.resumed:,} from before)" if self.resumed else ""
+        return (
+            f"{self.samples:,} samples{resumed}, {self.unique:,} unique{novel}, {self.rejected:,} rejected "
+            f"({self.duplicates:,} duplicate, {self.in_corpus:,} in corpus); {self.chars:,} chars in "
+            f"{self.seconds:.1f}s = {self.chars_per_s:,.0f} chars/s"
+        )
+
+
+def model_file(model: Path, variant: str) -> Path:
+    """The .onnx file a model argument names: the file itself, or the variant's file in a folder."""
+    if model.is_dir():
+        path = model / contract.VARIANT_FILES[variant]
+        if not path.exists():
+            raise BatchError(f"MODEL: {model} has no {path.name} (--variant {variant})")
+        return path
+    if model.suffix != ".onnx" or not model.is_file():
+        raise BatchError(f"MODEL: {model} is neither an exported model folder nor an .onnx file")
+    return model
+
+
+def check(config: GenerateConfig) -> None:
+    """Settings that are wrong whatever the model: one message naming the flag."""
+    i, shards = config.shard
+    rules = [
+        (config.n >= 1, f"--n must be at least 1, got {config.n}"),
+        (config.temperature >= 0, f"--temperature must be at least 0, got {config.temperature}"),
+        (config.top_k >= 0, f"--top-k must be at least 0, got {config.top_k}"),
+        (0 < config.top_p <= 1, f"--top-p must be in (0, 1], got {config.top_p}"),
+        (config.max_chars >= 1, f"--max-chars must be at least 1, got {config.max_chars}"),
+        (config.until != "", "--until must not be empty"),
+        (all(config.stop), "--stop must not be empty"),
+        (shards >= 1 and 0 <= i < shards, f"--shard must be i/N with 0 <= i < N, got {i}/{shards}"),
+        (1 <= config.batch <= 65_536, f"--batch must be in 1..65536, got {config.batch}"),
+        (1 <= config.threads <= 256, f"--threads must be in 1..256, got {config.threads}"),
+        (config.seed >= 0, f"--seed must be at least 0, got {config.seed}"),
+        (config.max_attempts is None or config.max_attempts >= 1, "--max-attempts must be at least 1"),
+        (config.variant in contract.VARIANT_FILES, f"--variant must be one of {', '.join(contract.VARIANTS)}"),
+        (config.novel is None or config.novel.is_file(), f"--novel: {config.novel} is not a file"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise BatchError(message)
+
+
+def shard_share(n: int, shard: tuple[int, int]) -> int:
+    """How many of the job's n samples shard i of N writes: n split as evenly as it goes."""
+    i, shards = shard
+    return n // shards + (1 if i < n % shards else 0)
+
+
+def generate(
+    config: GenerateConfig,
+    on_sample: Callable[[Summary], None] | None = None,
+    stdout: IO[str] | None = None,
+) -> Summary:
+    """Run the job to its n samples (or its attempt bound) and return what it did."""
+    check(config)
+    path = model_file(config.model, config.variant)
+    try:
+        engine = Engine(path, config.threads)
+    except Exception as exc:  # onnxruntime's own classes for a damaged file; a contract error
+        raise BatchError(f"MODEL: cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
+    info = engine.info
+    prompt = _encode(info, config.prompt or DEFAULT_START, "--prompt")
+    terminators = tuple(tuple(_encode(info, t, "--until" if t == config.until else "--stop")) for t in _ends(config))
+    if config.top_k > info.vocab_size:
+        raise BatchError(f"--top-k is {config.top_k}; the model has {info.vocab_size} characters")
+    identity = config.identity(contract.file_sha256(path))
+
+    summary = Summary(wanted=shard_share(config.n, config.shard))
+    seen: set[str] = set()
+    start = 0
+    if config.out is not None:
+        start = _prepare_output(config, identity, seen, summary)
+    index = None
+    if config.novel is not None:
+        index = NoveltyIndex.open(config.novel, config.until or "\n", path.parent)
+        summary.index = f"{index.path or 'kept in memory (model folder not writable)'}, {index.size:,} samples"
+        summary.novel = summary.samples  # what was written passed --novel
+    if summary.samples >= summary.wanted:
+        return summary
+
+    i, shards = config.shard
+    sampling = Sampling(config.temperature, config.top_k, config.top_p, terminators, config.max_chars)
+    batch = min(config.batch, summary.wanted - summary.samples)
+    loop = StepLoop(engine, prompt, sampling, batch)
+    limit = config.max_attempts if config.max_attempts is not None else 10 * summary.wanted
+    local = itertools.islice(itertools.count(start), limit)
+    attempts: Iterator[int] = (j * shards + i for j in local)
+    vocab = np.array(info.vocab)
+    pending: dict[int, tuple[str, float, str]] = {}
+    following = start * shards + i  # the next attempt to judge, in order
+    out = stdout or sys.stdout
+    sink = config.out.open("a", encoding="utf-8") if config.out is not None else None
+    began = time.perf_counter()
+    try:
+        for done in loop.run(attempts, config.seed):
+            summary.chars += done.drawn
+            pending[done.attempt] = ("".join(vocab[done.ids].tolist()), done.nll, done.finish_reason)
+            while following in pending:
+                text, nll, reason = pending.pop(following)
+                summary.attempts += 1
+                if config.unique and text in seen:
+                    summary.duplicates += 1
+                elif index is not None and text in index:
+                    summary.in_corpus += 1
+                else:
+                    record = {"text": text, "nll": round(nll, 4), "finish_reason": reason, "sample": following}
+                    line = json.dumps(record, ensure_ascii=False) + "\n"
+                    if sink is not None:
+                        sink.write(line)
+                        sink.flush()  # a kill loses at most the line being written, which --resume drops
+                    else:
+                        out.write(line)
+                    summary.samples += 1
+                    summary.unique += text not in seen
+                    seen.add(text)
+                    if summary.novel is not None:
+                        summary.novel += 1
+                following += shards
+                if on_sample is not None:
+                    on_sample(summary)
+                if summary.samples >= summary.wanted:
+                    return summary
+    finally:
+        summary.seconds = time.perf_counter() - began
+        summary.extra = {"steps": loop.steps, "batch": batch}
+        if sink is not None:
+            sink.close()
+    return summary
+
+
+def _ends(config: GenerateConfig) -> list[str]:
+    return ([config.until] if config.until else []) + list(config.stop)
+
+
+def _encode(info: contract.ModelInfo, text: str, flag: str) -> list[int]:
+    index = info.vocab_index
+    missing = sorted({ch for ch in text if ch not in index})
+    if missing:
+        shown = ", ".join(repr(ch) for ch in missing[:10])
+        raise BatchError(f"{flag} has {len(missing)} character(s) outside the model's vocabulary: {shown}")
+    return [index[ch] for ch in text]
+
+
+def _prepare_output(config: GenerateConfig, identity: dict[str, object], seen: set[str], summary: Summary) -> int:
+    """Check (or start) the output file; on --resume read it back. The first attempt left to run."""
+    assert config.out is not None
+    out = config.out
+    run_file = out.with_name(out.name + RUN_SUFFIX)
+    has_lines = out.exists() and out.stat().st_size > 0
+    if has_lines and not config.resume:
+        raise BatchError(f"--out: {out} exists; pass --resume to continue it, or remove it")
+    if has_lines:
+        if not run_file.exists():
+            raise BatchError(f"--resume: {run_file} is missing, so {out} cannot be continued")
+        before = json.loads(run_file.read_text(encoding="utf-8"))
+        changed = sorted(k for k in identity.keys() | before.keys() if identity.get(k) != before.get(k))
+        if changed:
+            raise BatchError(f"--resume: {out} was made with other settings (changed: {', '.join(changed)})")
+        return _read_back(out, config.shard, seen, summary)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("", encoding="utf-8")
+    run_file.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _read_back(out: Path, shard: tuple[int, int], seen: set[str], summary: Summary) -> int:
+    """Read the samples a killed run wrote; drop a last line cut short. The first attempt after them."""
+    data = out.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        with out.open("r+b") as f:
+            f.truncate(len(whole))
+    last = -1
+    for n, line in enumerate(whole.decode("utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+            text, attempt = record["text"], int(record["sample"])
+        except (ValueError, KeyError, TypeError):
+            raise BatchError(f"--resume: line {n} of {out} is not a sample this command wrote") from None
+        summary.samples += 1
+        summary.unique += text not in seen
+        seen.add(text)
+        last = max(last, attempt)
+    summary.resumed = summary.samples
+    i, shards = shard
+    return 0 if last < 0 else (last - i) // shards + 1
