@@ -19,8 +19,9 @@ from service.api.limits import MAX_INT
 from service.core.sampling import SamplingParams
 from service.errors import InvalidInput
 
-MAX_N = 16  # choices per prompt
-MAX_PROMPTS = 16  # prompts per request: at most MAX_N * MAX_PROMPTS generations in one batch
+MAX_N = 1000  # choices per prompt: a library of samples in one request
+MAX_PROMPTS = 16  # prompts per request
+MAX_CHOICES = 1000  # choices per request, over all its prompts
 MAX_LOGPROBS = 20
 MAX_STOP = 8
 MAX_STOP_CHARS = 64
@@ -77,7 +78,17 @@ class CompletionRequest(BaseModel):
     top_k: int | None = Field(
         default=None, ge=-1, le=MAX_INT, description="the k most likely characters; 0 or -1 = off"
     )
-    n: int | None = Field(default=None, ge=1, le=MAX_N, description="choices per prompt, each with its own state")
+    n: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_N,
+        description=f"choices per prompt, each with its own state; n x prompts at most {MAX_CHOICES}",
+    )
+    unique: bool | None = Field(
+        default=False,
+        description="charstream's extension: no two choices of a prompt have the same text (a repeat is sampled "
+        "again with the next seed; fewer than n choices come back when the model cannot make n distinct texts)",
+    )
     stream: bool | None = Field(default=False, description="answer as Server-Sent Events, ending in `data: [DONE]`")
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = Field(
@@ -159,6 +170,13 @@ class CompletionRequest(BaseModel):
                 )
             if len(prompt) > MAX_PROMPTS:
                 raise InvalidInput(f"prompt has {len(prompt)} entries; at most {MAX_PROMPTS}", field="prompt")
+        choices = len(self.prompts) * self.choices_per_prompt
+        if choices > MAX_CHOICES:
+            raise InvalidInput(f"n x prompts is {choices} choices; at most {MAX_CHOICES} per request", field="n")
+        if self.unique and self.stream:
+            raise InvalidInput(
+                "unique needs each choice's whole text before it is sent: use stream false", field="unique"
+            )
         if self.suffix:
             raise InvalidInput(
                 "suffix is not supported: a character model continues text left to right and cannot fill in "

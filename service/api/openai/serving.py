@@ -6,7 +6,8 @@ RNG: the first choice of a prompt takes the request's seed as it is (so it sampl
 native `/v1/generate` samples with that seed) and choice j > 0 a seed derived from (seed, j),
 so one seed reproduces every choice. With `session_id` the completion continues that session
 exactly as the native session routes do, and keeps its new state; a session holds one history,
-so it takes one prompt and one choice.
+so it takes one prompt and one choice. With charstream's `unique`, a prompt's choices have
+distinct texts: a repeat is sampled again with the next choice index's seed.
 
 Buildable in one line: `CompletionServing(GenerationService.create(registry, settings))`.
 """
@@ -35,11 +36,14 @@ from service.api.openai.protocol import (
 from service.api.sse import SSE_DONE
 from service.core.events import Completed, Failed, PromptEvent, StreamEvent, TextEvent, TopLogprobs
 from service.core.generation import Generation, GenerationResult
+from service.core.sampling import is_greedy
 from service.errors import ApiError, InternalError, InvalidInput
 from service.serving.service import GenerationService
 
 log = logging.getLogger("charstream.openai")
 
+# With `unique`, a prompt's choices are sampled at most this many times n before fewer come back.
+UNIQUE_ATTEMPTS = 4
 # charstream's finish reasons in OpenAI's words: a read-only generation (max_tokens 0) hit its length.
 FINISH_REASONS = {"length": "length", "fed": "length", "stop": "stop", "cancelled": "stop"}
 UINT64_MASK = 2**64 - 1
@@ -160,13 +164,16 @@ class CompletionServing:
             writer = ChunkWriter(completion_id, created, model, request.session_id, request.include_usage)
             return self._stream(request, prompts, generations, writer)
         results = await self._collect(generations)
+        completed = [r.completed for r in results]
+        if request.unique:
+            prompts, results, completed = await self._unique(request, model, results)
         choices = [self._choice(request, i, p, r) for i, (p, r) in enumerate(zip(prompts, results, strict=True))]
         return CompletionResponse(
             id=completion_id,
             created=created,
             model=model,
             choices=choices,
-            usage=self._usage(request, [r.completed for r in results]),
+            usage=self._usage(request, completed),
             session_id=request.session_id,
         )
 
@@ -201,6 +208,49 @@ class CompletionServing:
                 generation.cancel()
             raise
         return choice_prompts, generations
+
+    async def _unique(
+        self, request: CompletionRequest, model: str, results: list[GenerationResult]
+    ) -> tuple[list[str], list[GenerationResult], list[Completed]]:
+        """Each prompt's first n distinct texts, in seed order, with what every attempt generated.
+
+        A repeat is sampled again with the seed of the next choice index (n, n + 1, ...), so one
+        seed still reproduces the answer. A greedy request makes one text however often it runs,
+        and any request gives up after UNIQUE_ATTEMPTS x n attempts with the distinct texts it has.
+        """
+        n = request.choices_per_prompt
+        params = request.to_sampling_params()
+        retries = 0 if is_greedy(params.temperature) else (UNIQUE_ATTEMPTS - 1) * n
+
+        async def one_prompt(prompt: str, first: list[GenerationResult]) -> list[GenerationResult]:
+            kept: dict[str, GenerationResult] = {}
+            attempts, batch = n, first
+            while True:
+                for result in batch:
+                    if len(kept) < n:
+                        kept.setdefault(result.text, result)
+                missing = min(n - len(kept), n + retries - attempts)
+                if missing <= 0:
+                    return list(kept.values())
+                more: list[Generation] = []
+                try:
+                    for k in range(missing):
+                        seed = choice_seed(request.seed, attempts + k)
+                        more.append(await self.service.generate(params, prompt, model, seed))
+                except BaseException:
+                    for generation in more:
+                        generation.cancel()
+                    raise
+                attempts += missing
+                batch = await self._collect(more)
+                extra.extend(r.completed for r in batch)
+
+        extra: list[Completed] = []
+        per_prompt = await asyncio.gather(
+            *(one_prompt(p, results[i * n : (i + 1) * n]) for i, p in enumerate(request.prompts))
+        )
+        prompts = [p for p, kept in zip(request.prompts, per_prompt, strict=True) for _ in kept]
+        return prompts, [r for kept in per_prompt for r in kept], [r.completed for r in results] + extra
 
     @staticmethod
     async def _collect(generations: list[Generation]) -> list[GenerationResult]:

@@ -287,6 +287,36 @@ def test_a_busy_session_is_a_conflict(client: OpenAI, server: Server) -> None:
             time.sleep(0.05)
 
 
+# -- many choices ----------------------------------------------------------------------------------
+
+
+def test_a_thousand_choices_in_one_request(client: OpenAI) -> None:
+    answer = client.completions.create(model=MODEL, prompt="ROMEO:", n=1000, max_tokens=4, seed=8)
+    assert [c.index for c in answer.choices] == list(range(1000))
+    assert all(len(c.text) == 4 for c in answer.choices)
+    assert answer.usage is not None and answer.usage.completion_tokens == 4000
+    assert len({c.text for c in answer.choices}) > 1
+
+
+def test_unique_choices_are_distinct_and_reproducible(client: OpenAI) -> None:
+    body = {"model": MODEL, "prompt": "ROMEO:", "n": 150, "max_tokens": 2, "temperature": 0.6, "seed": 4}
+    plain = [c.text for c in client.completions.create(**body).choices]  # type: ignore[call-overload]
+    assert len(set(plain)) < len(plain)  # two characters, 150 times: repeats are certain
+    unique = client.completions.create(**body, extra_body={"unique": True})  # type: ignore[call-overload]
+    texts = [c.text for c in unique.choices]
+    assert len(texts) == len(set(texts)) and [c.index for c in unique.choices] == list(range(len(texts)))
+    # The first distinct texts of the same seeds come first, in order; repeats were sampled again.
+    first = list(dict.fromkeys(plain))
+    assert texts[: len(first)] == first and len(texts) > len(first)
+    again = client.completions.create(**body, extra_body={"unique": True})  # type: ignore[call-overload]
+    assert [c.text for c in again.choices] == texts
+    assert unique.usage is not None and unique.usage.completion_tokens > 2 * len(texts)  # retries counted
+    greedy = client.completions.create(
+        model=MODEL, prompt="ROMEO:", n=5, max_tokens=8, temperature=0, extra_body={"unique": True}
+    )
+    assert len(greedy.choices) == 1  # greedy makes one text however often it runs
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
@@ -305,6 +335,10 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"temperature": -1}, "temperature"),
     ({"logprobs": 21}, "logprobs"),
     ({"n": 0}, "n"),
+    ({"n": 1001}, "n"),
+    ({"n": 100, "prompt": ["A"] * 11}, "n"),
+    ({"unique": "maybe"}, "unique"),
+    ({"unique": True, "stream": True}, "unique"),
     ({"stop": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}, "stop"),
 ]
 
