@@ -13,6 +13,7 @@ from service.core.jobs import STREAM_INTERVAL
 from service.core.scheduler import PREFILL_CHUNK
 from service.errors import ServiceConfigError
 from service.sessions import REDIS_SCHEMES
+from service.sessions.sentinel import SENTINEL_SCHEME, parse_sentinel_url
 
 SECRET_SETTINGS = ("api_key", "session_store")  # never echoed: a key, a URL with a password
 # How long a thread may hold the GIL while another waits for it, set at start-up. Python's default,
@@ -45,7 +46,11 @@ class Settings(BaseSettings):
     max_sessions: int = Field(default=10_000, ge=1, description="sessions held at most (across replicas for Redis)")
     session_store: str = Field(
         default="memory",
-        description="where sessions live: memory (this process) or a redis://, rediss:// or unix:// URL",
+        description="where sessions live: memory (this process), a redis://, rediss:// or unix:// URL, or "
+        "redis+sentinel://host:port[,host:port...]/SERVICE[/DB]",
+    )
+    redis_wait_replicas: int = Field(
+        default=0, ge=0, le=16, description="each session write waits until this many Redis replicas confirm it"
     )
     lease_ttl_s: float = Field(
         default=10.0, gt=0, le=3600, description="a session's lease outlives a crashed holder by at most this"
@@ -80,6 +85,8 @@ class Settings(BaseSettings):
     def _known_store(cls, value: str) -> str:
         if value != "memory" and not value.startswith(REDIS_SCHEMES):
             raise ValueError(f"use memory or a URL starting with {', '.join(REDIS_SCHEMES)}")
+        if value.startswith(SENTINEL_SCHEME):
+            parse_sentinel_url(value)  # a ValueError says what is wrong with it
         return value
 
     @model_validator(mode="after")
@@ -87,6 +94,11 @@ class Settings(BaseSettings):
         # Each worker has its own memory: a session made through one would be unknown to the others.
         if self.workers > 1 and self.port == 0:
             raise ValueError(f"CHARSTREAM_WORKERS={self.workers} needs a fixed CHARSTREAM_PORT, not 0")
+        if self.redis_wait_replicas and self.session_store == "memory":
+            raise ValueError(
+                f"CHARSTREAM_REDIS_WAIT_REPLICAS={self.redis_wait_replicas} needs a Redis session store "
+                "(CHARSTREAM_SESSION_STORE=redis://... or redis+sentinel://...)"
+            )
         if self.workers > 1 and self.session_store == "memory":
             raise ValueError(
                 f"CHARSTREAM_WORKERS={self.workers} needs a shared session store: "

@@ -90,6 +90,7 @@ class GenerationService:
             max_sessions=settings.max_sessions,
             lease_ttl_s=settings.lease_ttl_s,
             models={m.id: m.sha256 for m in registry.models.values()},
+            wait_replicas=settings.redis_wait_replicas,
         )
         return cls(registry, store, schedulers, settings, metrics)
 

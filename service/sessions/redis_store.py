@@ -5,13 +5,21 @@ Keys, all with the session id as a hash tag so that one session's keys share a c
     {prefix}:{<id>}:rec     the session record (service/session_record.py), expiring after the TTL
     {prefix}:{<id>}:lease   the fencing token of the request holding the session, expiring after
                             the lease TTL unless renewed (every lease TTL / 3 while it runs)
-    {prefix}:{<id>}:fence   the last token handed out for the session (INCR)
+    {prefix}:{<id>}:fence   the last token handed out for the session
     {prefix}:index          a sorted set of session ids by expiry time: the cap across replicas
 
 Every step that must not interleave with another replica's runs as one Lua script: taking a
 lease reads the record in the same round trip, and a save only lands while the saver's token is
 the current one (or nobody has leased the session since), so a replica that lost its lease can
 never overwrite newer state.
+
+A token is the primary's clock in microseconds (or the last token plus one, whichever is
+larger), not a counter: after a failover to a replica that missed the last writes, a counter
+would start again below tokens the old primary already gave, and a holder fenced out there
+could write again. The clock of the promoted server is past every token the old one gave as long
+as the servers' clocks differ by less than a failover takes (seconds). With `wait_replicas`,
+every lease, create and save is confirmed by Redis's WAIT on that many replicas before it
+counts, so a promoted replica has it (Sentinel promotes the replica that is furthest along).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,6 +39,7 @@ from redis.exceptions import RedisError
 
 from service.errors import NotFound, StoreUnavailable
 from service.sessions.record import decode, encode
+from service.sessions.sentinel import SENTINEL_SCHEME, parse_sentinel_url
 from service.sessions.store import (
     Lease,
     Session,
@@ -44,12 +53,20 @@ from service.sessions.store import (
 log = logging.getLogger("charstream.redis")
 T = TypeVar("T")
 
+# How long a write waits for its replicas (CHARSTREAM_REDIS_WAIT_REPLICAS) before it fails as
+# 503: well inside the socket timeout, long enough for a replica on a busy host.
+WAIT_TIMEOUT_MS = 1000
+
 LEASE = """
 local rec = redis.call('GET', KEYS[1])
 if not rec then return {0} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {-1, redis.call('PTTL', KEYS[2])} end
-local token = redis.call('INCR', KEYS[3])
-redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[2]) * 2)
+local now = redis.call('TIME')
+local token = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local last = tonumber(redis.call('GET', KEYS[3]))
+if last and last >= token then token = last + 1 end
+token = string.format('%.0f', token)
+redis.call('SET', KEYS[3], token, 'PX', tonumber(ARGV[2]) * 2)
 redis.call('SET', KEYS[2], token, 'PX', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {token, rec}
@@ -86,6 +103,13 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then
 end
 return 0
 """
+PUT = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+READ = """
+return redis.call('GETEX', KEYS[1], 'PX', ARGV[1])
+"""
 ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
@@ -107,6 +131,31 @@ def redacted(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def connect(url: str, timeout_s: float) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
+    """A client of the server `url` names, and the sentinels' clients when it names sentinels.
+
+    Through sentinels, every new connection asks them for the primary: after a failover the
+    next connection (the retry of a dropped one included) reaches the promoted server."""
+    # A dead server answers within ~timeout x 2: one retry covers a dropped connection.
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        "health_check_interval": 15,
+    }
+    if not url.startswith(SENTINEL_SCHEME):
+        return aioredis.from_url(url, **options), []
+    from redis.asyncio.sentinel import Sentinel
+
+    address = parse_sentinel_url(url)
+    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(
+        address.service, db=address.db, username=address.username, password=address.password, **options
+    )
+    return client, list(sentinel.sentinels)
+
+
 class RedisSessionStore(SessionStore):
     def __init__(
         self,
@@ -117,27 +166,24 @@ class RedisSessionStore(SessionStore):
         models: dict[str, str],
         prefix: str = "charstream",
         timeout_s: float = 2.0,
+        wait_replicas: int = 0,
     ) -> None:
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
         self.lease_ttl_s = lease_ttl_s
         self.models = models  # model id -> sha256 of the file this process serves
         self.prefix = prefix
-        self.url = redacted(url)
-        # A dead server answers within ~timeout x 2: one retry covers a dropped connection.
-        self.client = aioredis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
-            health_check_interval=15,
-        )
+        self.wait_replicas = wait_replicas
+        self.url = parse_sentinel_url(url).describe() if url.startswith(SENTINEL_SCHEME) else redacted(url)
+        self.client, self._sentinels = connect(url, timeout_s)
         self._lease = self.client.register_script(LEASE)
         self._save = self.client.register_script(SAVE)
         self._release = self.client.register_script(RELEASE)
         self._renew = self.client.register_script(RENEW)
         self._delete = self.client.register_script(DELETE)
         self._admit = self.client.register_script(ADMIT)
+        self._put = self.client.register_script(PUT)
+        self._read = self.client.register_script(READ)
         self._held: dict[str, Lease] = {}  # leases this process holds, renewed in the background
         self._renewer: asyncio.Task[None] | None = None
         self._record_bytes = 0  # size of the last record written, for the metrics' estimate
@@ -163,6 +209,35 @@ class RedisSessionStore(SessionStore):
             raise StoreUnavailable(f"the session store {self.url} is unavailable: {exc}") from None
         except OSError as exc:
             raise StoreUnavailable(f"the session store {self.url} is unreachable: {exc}") from None
+
+    async def _confirmed(
+        self, script: Any, keys: list[str], args: list[Any], undo: Callable[[Any], Awaitable[None]] | None = None
+    ) -> Any:
+        """Run a script; with `wait_replicas`, return only once that many replicas have what it wrote
+        and read (else StoreUnavailable, after `undo` of the script's result).
+
+        WAIT counts the replicas that acknowledged the replication stream up to its connection's
+        last write, so it goes in one pipeline with the script (one connection, one round trip).
+        A read that touches the key (GETEX) is such a write: a state read under WAIT is one that
+        a failover keeps, never a save that the replicas have not seen yet."""
+        if not self.wait_replicas:
+            return await self._call(script(keys=keys, args=args))
+
+        async def confirmed() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                await script(keys=keys, args=args, client=pipe)
+                pipe.wait(self.wait_replicas, WAIT_TIMEOUT_MS)
+                return list(await pipe.execute())
+
+        result, replicas = await self._call(confirmed())
+        if int(replicas) < self.wait_replicas:
+            if undo is not None:
+                await undo(result)
+            raise StoreUnavailable(
+                f"the session store {self.url} confirmed the write on {int(replicas)} of "
+                f"{self.wait_replicas} replicas within {WAIT_TIMEOUT_MS} ms"
+            )
+        return result
 
     def _start_renewing(self) -> None:
         if self._renewer is None or self._renewer.done():
@@ -207,7 +282,7 @@ class RedisSessionStore(SessionStore):
             raise too_many_sessions(self.max_sessions, retry, "the servers hold their maximum of")
         session.expires_at = expiry
         record = self._encode(session)
-        await self._call(self.client.set(self._keys(session.id)[0], record, px=self._ms(self.ttl_s)))
+        await self._confirmed(self._put, [self._keys(session.id)[0]], [record, self._ms(self.ttl_s)])
 
     def _encode(self, session: Session) -> bytes:
         record = encode(session, self.models.get(session.model, ""))
@@ -224,7 +299,7 @@ class RedisSessionStore(SessionStore):
         return expiry
 
     async def get(self, session_id: str) -> Session:
-        data = await self._call(self.client.getex(self._keys(session_id)[0], px=self._ms(self.ttl_s)))
+        data = await self._confirmed(self._read, [self._keys(session_id)[0]], [self._ms(self.ttl_s)])
         if data is None:
             raise self._not_found(session_id)
         session = decode(data if isinstance(data, bytes) else data.encode(), self.models)
@@ -232,8 +307,15 @@ class RedisSessionStore(SessionStore):
         return session
 
     async def lease(self, session_id: str) -> tuple[Session, Lease]:
-        result = await self._call(
-            self._lease(keys=self._keys(session_id), args=[self._ms(self.lease_ttl_s), self._ms(self.ttl_s)])
+        keys = self._keys(session_id)
+
+        async def unconfirmed(result: Any) -> None:  # a lease the replicas may not know: give it back
+            if int(result[0]) > 0:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._release(keys=keys, args=[int(result[0]), self._ms(self.ttl_s)])
+
+        result = await self._confirmed(
+            self._lease, keys, [self._ms(self.lease_ttl_s), self._ms(self.ttl_s)], undo=unconfirmed
         )
         if result[0] == 0:
             raise self._not_found(session_id)
@@ -254,11 +336,10 @@ class RedisSessionStore(SessionStore):
     async def save(self, session: Session, lease: Lease, release: bool = True) -> bool:
         if release:
             self._held.pop(lease.session_id, None)
-        saved = await self._call(
-            self._save(
-                keys=self._keys(lease.session_id),
-                args=[lease.token, self._encode(session), self._ms(self.ttl_s), "1" if release else "0"],
-            )
+        saved = await self._confirmed(
+            self._save,
+            self._keys(lease.session_id),
+            [lease.token, self._encode(session), self._ms(self.ttl_s), "1" if release else "0"],
         )
         if not saved:
             log.warning("save refused: the lease was lost", extra={"session": lease.session_id})
@@ -295,3 +376,5 @@ class RedisSessionStore(SessionStore):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
         await self.client.aclose()
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
