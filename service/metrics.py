@@ -57,6 +57,24 @@ class Metrics:
         self.websockets = Gauge("charstream_websocket_connections", "Open WebSocket connections", registry=r)
         self.evicted = Counter("charstream_sessions_evicted", "Sessions dropped after their TTL", registry=r)
         self.errors = Counter("charstream_generation_errors", "Generations ended by an error", ["code"], registry=r)
+        self.prompt_cache_hits = Counter(
+            "charstream_prompt_cache_hits",
+            "Stateless prompts started from a cached prefix state",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_cache_misses = Counter(
+            "charstream_prompt_cache_misses", "Stateless prompts with no cached prefix state", ["model"], registry=r
+        )
+        self.prompt_cache_chars = Counter(
+            "charstream_prompt_cache_chars_not_read",
+            "Prompt characters not read thanks to a cached prefix state",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_cache_bytes = Gauge(
+            "charstream_prompt_cache_bytes", "Bytes of prompt-prefix states held by this process", registry=r
+        )
 
     def calls(self, model: str, kind: str) -> CallMetrics:
         """Latency and batch size of one model's onnxruntime calls of one kind ("step" or "prime")."""

@@ -20,6 +20,9 @@ SECRET_SETTINGS = ("api_key", "session_store")  # never echoed: a key, a URL wit
 # 5 ms, lets the event loop keep it through a whole step's worth of sends after onnxruntime returns,
 # so the step thread idles instead of starting the next step (docs/performance.md measures both).
 SWITCH_INTERVAL_US = 100
+# 64 MiB holds ~8,000 states of the bundled 2 x 512 LSTM (8 KiB each): every chunk boundary of
+# 2,000,000 characters of distinct prompt prefixes at the default 256-character chunk.
+PROMPT_CACHE_BYTES = 64 * 2**20
 
 
 def bundled_models_dir() -> Path:
@@ -71,6 +74,12 @@ class Settings(BaseSettings):
     )
     prefill_chunk: int = Field(
         default=PREFILL_CHUNK, ge=1, le=10_000_000, description="prompt positions read between two decode steps"
+    )
+    prompt_cache_bytes: int = Field(
+        default=PROMPT_CACHE_BYTES,
+        ge=0,
+        le=2**40,
+        description="bytes of prompt-prefix states kept per process for stateless requests; 0 turns the cache off",
     )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, le=3600, description="on SIGTERM, running generations get this long to finish"

@@ -157,6 +157,9 @@ class Job:
     rng: np.random.Generator
     wants_state: bool = True  # False for stateless requests: the last character need not be read
     on_complete: Callable[[Job], None] | None = None
+    # Called on the step thread after each prompt chunk is read: (prompt characters read, state per
+    # tensor (layers, hidden), next-character logits), views that the callee copies if it keeps them.
+    on_chunk: Callable[[int, list[np.ndarray], np.ndarray], None] | None = None
     events: Mailbox = field(default_factory=Mailbox)
     phase: Phase = Phase.JOINING
     ending: Phase = Phase.LENGTH  # the finished phase a FINISHING job will take

@@ -314,9 +314,11 @@ class Scheduler:
         self._prime_metrics.observe(time.perf_counter() - t0, len(jobs))
         slots.scatter(rows, state)
         slots.logits[rows] = logits[:, -1]
-        for job in jobs:
+        for i, job in enumerate(jobs):
             job.read += n
             job.absorbed += n
+            if job.on_chunk is not None:  # the prompt-state cache keeps the state at chunk boundaries
+                job.on_chunk(job.read, [s[:, i] for s in state], logits[i, -1])
             if job.read == len(job.prompt):
                 self._prompt_read(job)
 

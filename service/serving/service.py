@@ -6,7 +6,8 @@ A request's path through `generate`:
    vocabulary and the settings' limits. Everything a request can get wrong fails here, before a
    stream starts, so a bad request is an HTTP error and never a broken stream.
 2. Lease: a session request takes its session from the store, leased to it alone (one request per
-   session at a time across every replica); a stateless one gets a throwaway session.
+   session at a time across every replica); a stateless one gets a throwaway session, which starts
+   from the prompt-state cache's state after the longest prefix of its prompt read before.
 3. Job: the prompt's ids, the session's state, logits and RNG become a `Job`, submitted to the
    model's scheduler, which reads the prompt in chunks and steps it with every other job.
 4. Stream: the caller consumes the returned `Generation`, events as the scheduler emits them.
@@ -27,18 +28,23 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
+import numpy as np
+
 from service.core.generation import Generation
 from service.core.jobs import Job, Mailbox, Phase
 from service.core.sampling import SamplingParams
 from service.core.scheduler import Scheduler
 from service.errors import ApiError, InternalError, InvalidInput, LeaseLost, ShuttingDown, TooLarge
 from service.metrics import Metrics
+from service.serving.prompt_cache import PromptCache
 from service.serving.registry import LoadedModel, ModelRegistry
 from service.sessions import open_store
 from service.sessions.store import Lease, Session, SessionStore, rng_state_of
 from service.settings import Settings
 
 log = logging.getLogger("charstream.serving")
+
+ChunkKeeper = Callable[[int, list[np.ndarray], np.ndarray], None]  # a job's `on_chunk`
 
 # What a session with no history reads first when the request brings no prompt.
 DEFAULT_START = "\n"
@@ -57,8 +63,11 @@ class GenerationService:
         schedulers: dict[str, Scheduler],
         settings: Settings,
         metrics: Metrics,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self.registry = registry
+        # States after prompt prefixes, for stateless requests (bounded by CHARSTREAM_PROMPT_CACHE_BYTES).
+        self.prompt_cache = prompt_cache or PromptCache(settings.prompt_cache_bytes)
         self.store = store
         self.schedulers = schedulers
         self.settings = settings
@@ -283,7 +292,8 @@ class GenerationService:
             self._check_params(model, params, len(prompt))
             session = self._new_session(model, seed)
             ids = self._start_ids(model, session, prompt)
-            job, saved = self._job(session, None, model, ids, params)
+            ids, keeper = self._from_prompt_cache(model, session, ids, params)
+            job, saved = self._job(session, None, model, ids, params, on_chunk=keeper)
         else:
             async with self._leased(session_id) as (session, lease):
                 if model_id is not None and model_id != session.model:
@@ -320,8 +330,38 @@ class GenerationService:
             ids = [model.engine.info.vocab_index[DEFAULT_START]]
         return ids
 
+    def _from_prompt_cache(
+        self, model: LoadedModel, session: Session, ids: list[int], params: SamplingParams
+    ) -> tuple[list[int], ChunkKeeper | None]:
+        """The part of a stateless prompt left to read, from the state after its longest cached prefix.
+
+        Only prompts of at least one prefill chunk take part: shorter ones cost little to read, and
+        would crowd the longer prefixes out of the cache. Prompts read one character per step (their
+        characters annotated) and penalised requests (the repetition penalty counts the prompt's
+        characters as seen) always read the whole prompt. What the job reads, it keeps at chunk boundaries.
+        """
+        chunk, cache = self.settings.prefill_chunk, self.prompt_cache
+        penalised = bool(getattr(params, "penalised", False))
+        if cache.max_bytes == 0 or len(ids) < chunk or params.annotates_prompt or penalised:
+            return ids, None
+        plan = cache.plan(model.sha256, ids, chunk)
+        if plan.hit is None:
+            self.metrics.prompt_cache_misses.labels(model.id).inc()
+        else:
+            self.metrics.prompt_cache_hits.labels(model.id).inc()
+            self.metrics.prompt_cache_chars.labels(model.id).inc(plan.start)
+            session.state = list(plan.hit.state)  # the scheduler copies it into its slot table
+            session.logits = plan.hit.logits
+        return ids[plan.start :], cache.keeper(plan)
+
     def _job(
-        self, session: Session, lease: Lease | None, model: LoadedModel, ids: list[int], params: SamplingParams
+        self,
+        session: Session,
+        lease: Lease | None,
+        model: LoadedModel,
+        ids: list[int],
+        params: SamplingParams,
+        on_chunk: ChunkKeeper | None = None,
     ) -> tuple[Job, asyncio.Future[ApiError | None] | None]:
         """Submit the job; with a lease, its end writes the session back (the future says how that went)."""
         rng = session.rng()
@@ -350,6 +390,7 @@ class GenerationService:
             rng=rng,
             wants_state=lease is not None,
             on_complete=on_complete,
+            on_chunk=on_chunk,
             events=Mailbox(self.settings.stream_interval),
         )
         self.schedulers[model.id].submit(job)
@@ -394,5 +435,6 @@ class GenerationService:
         self.metrics.busy_sessions.set(stats.busy)
         self.metrics.session_state_bytes.set(stats.state_bytes)
         self.metrics.session_memory_bytes.set(stats.approx_bytes)
+        self.metrics.prompt_cache_bytes.set(self.prompt_cache.bytes)
         for name, scheduler in self.schedulers.items():
             self.metrics.active_generations.labels(name).set(scheduler.active)
