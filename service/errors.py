@@ -149,6 +149,7 @@ FAILURES: dict[str, type[ApiError]] = {
     EngineFailed.code: EngineFailed,
     InternalError.code: InternalError,
     ShuttingDown.code: ShuttingDown,
+    InvalidInput.code: InvalidInput,  # a constraint that reached a dead end mid-generation
 }
 
 

@@ -78,6 +78,12 @@ def apply_limits(schema: dict[str, Any], settings: Settings, registry: ModelRegi
         activation["units"]["items"]["maximum"] = min(i.hidden_size for i in infos) - 1
         if any(len(i.state_names) < 2 for i in infos):
             activation["state"] = {"const": "h", "default": "h", "type": "string", "title": "State"}
+    steer = components.get("SteerRequest", {}).get("properties", {})
+    if steer:  # the same units as activations
+        steer["layer"]["maximum"] = min(i.num_layers for i in infos) - 1
+        steer["unit"]["maximum"] = min(i.hidden_size for i in infos) - 1
+        if any(len(i.state_names) < 2 for i in infos):
+            steer["state"] = {"const": "h", "default": "h", "type": "string", "title": "State"}
     completion = components.get("CompletionRequest", {}).get("properties", {})
     if completion:  # OpenAI's completions: the same limits under OpenAI's names
         text = {"maxLength": settings.max_prompt_chars, "pattern": char_class(default.vocab)}

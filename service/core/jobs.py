@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.core.constraints import CharMatcher
 from service.core.events import FINAL_EVENTS, Event, PromptEvent, TextEvent, TopLogprobs
 from service.core.sampling import SamplingParams, StopMatcher
 
@@ -160,6 +161,7 @@ class Job:
     # Called on the step thread after each prompt chunk is read: (prompt characters read, state per
     # tensor (layers, hidden), next-character logits), views that the callee copies if it keeps them.
     on_chunk: Callable[[int, list[np.ndarray], np.ndarray], None] | None = None
+    matcher: CharMatcher | None = None  # the constraint every generated text must meet (params.constraint)
     events: Mailbox = field(default_factory=Mailbox)
     phase: Phase = Phase.JOINING
     ending: Phase = Phase.LENGTH  # the finished phase a FINISHING job will take
@@ -169,10 +171,24 @@ class Job:
     absorbed: int = 0  # characters the state has read during this job
     stop: StopMatcher = field(init=False)
     notes: Notes | None = field(init=False)
+    # For penalties only: which characters this request's prompt and output hold, and the output's counts.
+    seen: np.ndarray | None = field(init=False, default=None)
+    counts: np.ndarray | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.stop = StopMatcher(self.params.stop)
         self.notes = Notes(self.params) if self.params.annotated else None
+
+    def start_penalties(self, vocab_size: int) -> None:
+        """Count characters from here on (the prompt counts as seen for repetition_penalty)."""
+        self.seen = np.zeros(vocab_size, bool)
+        self.seen[self.prompt] = True
+        self.counts = np.zeros(vocab_size, np.int64)
+
+    def note_sampled(self, char: int) -> None:
+        if self.counts is not None and self.seen is not None:
+            self.counts[char] += 1
+            self.seen[char] = True
 
     @property
     def reads_last_char(self) -> bool:

@@ -30,6 +30,27 @@ class ActivationSpec:
 
 
 @dataclass(frozen=True)
+class ConstraintSpec:
+    """What every generated text must match: `kind` is regex, choice, json or grammar (Lark), `source` its text
+    (the choices and the JSON Schema as JSON). Hashable: compiled constraints are cached by it."""
+
+    kind: str
+    source: str
+    field: str = "structured_outputs"  # the request field named when the constraint is refused
+
+
+@dataclass(frozen=True)
+class SteerSpec:
+    """A unit written after every step: set to `value`, or offset by `add` (exactly one is set)."""
+
+    layer: int
+    tensor: int  # h = 0, c = 1
+    unit: int
+    value: float | None = None
+    add: float | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -41,6 +62,17 @@ class SamplingParams:
     activations: ActivationSpec | None = None
     prompt_logprobs: bool = False  # the prompt's own logprobs (and top_logprobs), as OpenAI's echo gives
     logit_bias: tuple[tuple[int, float], ...] = ()  # (character id, bias added to its logit), OpenAI's logit_bias
+    min_p: float = 0.0  # keep characters at least min_p times as likely as the most likely one; 0 = off
+    repetition_penalty: float = 1.0  # vLLM's: logits of characters already seen divided (or, < 0, multiplied)
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the character's count in the output
+    presence_penalty: float = 0.0  # OpenAI's: minus this once the character is in the output
+    constraint: ConstraintSpec | None = None
+    steer: tuple[SteerSpec, ...] = ()
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the row's logits depend on the characters it has seen."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     @property
     def annotated(self) -> bool:
@@ -64,15 +96,25 @@ class BatchSampler:
     with the same sampler, and the common all-default batch skips those operations every step.
     """
 
-    def __init__(self, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, vocab: int) -> None:
+    def __init__(
+        self,
+        temperature: np.ndarray,
+        top_k: np.ndarray,
+        top_p: np.ndarray,
+        vocab: int,
+        min_p: np.ndarray | None = None,
+    ) -> None:
         self.greedy = temperature < GREEDY_BELOW
         self.all_greedy = bool(self.greedy.all())
         self.any_greedy = bool(self.greedy.any())
         scaled = (temperature != 1.0) & ~self.greedy
         self._scale = np.where(self.greedy, 1.0, temperature)[:, None] if scaled.any() else None
-        filtered = (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)) & ~self.greedy
+        if min_p is None:
+            min_p = np.zeros(len(temperature))
+        filtered = (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0) | (min_p > 0.0)) & ~self.greedy
         self._filtered = np.flatnonzero(filtered)
         self._top_k, self._top_p = top_k[self._filtered], top_p[self._filtered]
+        self._min_p = min_p[self._filtered]
 
     def sample(self, logits: np.ndarray, uniform: np.ndarray) -> np.ndarray:
         """Token ids (batch,) from logits (batch, vocab) and one uniform draw per row (ignored when greedy)."""
@@ -86,7 +128,7 @@ class BatchSampler:
         p = np.exp(z, out=z)  # unnormalised: the draw below scales by each row's total
         if self._filtered.size:
             rows = self._filtered
-            p[rows] = _keep_top(p[rows], self._top_k, self._top_p)
+            p[rows] = _keep_top(p[rows], self._top_k, self._top_p, self._min_p)
         cdf = np.cumsum(p, axis=1)
         total = cdf[:, -1]
         # Kept below the total even when uniform * total rounds up, so some token always passes.
@@ -96,14 +138,17 @@ class BatchSampler:
         return drawn if best is None else np.where(self.greedy, best, drawn)
 
 
-def _keep_top(p: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
-    """Zero every probability below the row's cut-off: the k most likely tokens, then the nucleus.
+def _keep_top(p: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray) -> np.ndarray:
+    """Zero every probability below the row's cut-off: min-p, then the k most likely tokens, then the nucleus.
 
-    The nucleus keeps a token while the mass of the tokens before it is still under top_p, so
-    the most likely token is always kept. Tokens tied with the last one kept are kept too, as
-    Hugging Face's top-k does.
+    min-p (vLLM's and llama.cpp's) drops tokens less likely than min_p times the most likely one,
+    after temperature. The nucleus keeps a token while the mass of the tokens before it is still
+    under top_p, so the most likely token is always kept. Tokens tied with the last one kept are
+    kept too, as Hugging Face's top-k does.
     """
     rows, vocab = p.shape
+    if min_p.any():
+        p = np.where(p >= min_p[:, None] * p.max(axis=1, keepdims=True), p, 0.0)
     ranked = -np.sort(-p, axis=1)  # each row's (unnormalised) probabilities, largest first
     cum = np.cumsum(ranked, axis=1)
     before = (cum - ranked) / cum[:, -1:]
@@ -112,6 +157,21 @@ def _keep_top(p: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray
     cutoff = ranked[np.arange(rows), kept - 1]
     out: np.ndarray = np.where(p >= cutoff[:, None], p, 0.0)
     return out
+
+
+def penalise(logits: np.ndarray, seen: np.ndarray, counts: np.ndarray, params: SamplingParams) -> None:
+    """Apply a row's penalties in place to its logits (vocab,), as vLLM does.
+
+    repetition_penalty (vLLM's and Hugging Face's): a character seen in the prompt or the output
+    has a positive logit divided by the penalty and a negative one multiplied by it.
+    frequency_penalty and presence_penalty (OpenAI's): the logit minus frequency_penalty times the
+    character's count in the output, minus presence_penalty if it is there at all.
+    """
+    if params.repetition_penalty != 1.0:
+        r = params.repetition_penalty
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / r, logits[seen] * r)
+    if params.frequency_penalty or params.presence_penalty:
+        logits -= (params.frequency_penalty * counts + params.presence_penalty * (counts > 0)).astype(logits.dtype)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

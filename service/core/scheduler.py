@@ -7,8 +7,10 @@ One scheduler per model owns a step thread. Each iteration of that thread:
      positions per iteration, prompts of equal chunk length sharing one seq=T call), so a
      100,000-character prompt is read between decode steps instead of stalling them;
   3. runs one batched onnxruntime step over every decoding job (its last sampled character,
-     or for a job that annotates its prompt, its next prompt character), then samples each
-     row's next character with its own parameters and RNG and checks stops and lengths;
+     or for a job that annotates its prompt, its next prompt character), writes the units a job
+     steers into its state row, then samples each row's next character with its own parameters
+     and RNG (a constrained row only among the characters its constraint allows, a penalised row
+     from its penalised logits) and checks constraints, stops and lengths;
   4. hands the step's events to the event loop in one `call_soon_threadsafe`.
 
 A job's lifecycle is `jobs.Phase`. Every phase transition runs inside a guard that fails
@@ -30,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from service.core.constraints import ConstraintCompiler, advance_all
 from service.core.engine import Engine
 from service.core.events import FINAL_EVENTS, DoneEvent, ErrorEvent, Event, TextEvent
 from service.core.jobs import Job, Phase
-from service.core.sampling import log_softmax, top_alternatives
+from service.core.sampling import log_softmax, penalise, top_alternatives
 from service.core.slots import SlotTable
 from service.core.step_plan import StepPlan
 from service.metrics import Metrics
@@ -69,6 +72,7 @@ class Scheduler:
         self.max_wait_s = max_wait_us / 1e6
         self.prefill_chunk = prefill_chunk
         self.vocab = engine.info.vocab
+        self.constraints = ConstraintCompiler(self.vocab)  # this model's compiled constraints, cached
         self._lock = threading.Condition()
         # Guarded by _lock: what the event loop hands the step thread.
         self._joining: list[Job] = []
@@ -216,6 +220,8 @@ class Scheduler:
     def _admit(self, job: Job) -> None:
         """JOINING -> PREFILL (a prompt to read in chunks) or DECODING (nothing to read, or annotated)."""
         self._slots.take(job)
+        if job.params.penalised:
+            job.start_penalties(len(self.vocab))
         if job.prompt and job.params.annotates_prompt:
             job.phase = Phase.DECODING  # reads its prompt one character per step, to annotate each
             self._running[job] = None
@@ -374,6 +380,8 @@ class Scheduler:
         for i, job in enumerate(jobs):
             job.next_input = None
             job.absorbed += 1
+            if job.params.steer:
+                _steer(state, i, job)
             if job.notes is not None and job.params.activations is not None:
                 spec = job.params.activations
                 # Four decimals: plenty to colour text by, and a third of the JSON to write and send.
@@ -408,11 +416,19 @@ class Scheduler:
         logits = self._slots.logits[plan.rows]
         lps = log_softmax(logits) if plan.annotated else None  # the model's own
         drawn_from = logits
-        if plan.biases:  # rare: a copy only when some row asks for it
+        if plan.adjusts:  # rare: a copy only when some row asks for it
             drawn_from = logits.copy()
             for i, ids_, bias in plan.biases:
                 drawn_from[i, ids_] += bias
+            for i, job in plan.penalised:
+                assert job.seen is not None and job.counts is not None
+                penalise(drawn_from[i], job.seen, job.counts, job.params)
+            if plan.matchers:
+                rows = plan.constrained
+                drawn_from[rows] = np.where(plan.allowed(), drawn_from[rows], -np.inf)
         ids = plan.sampler.sample(drawn_from, plan.uniform()).tolist()
+        if plan.matchers:  # each constrained row reads its character and works out its next mask
+            advance_all(plan.matchers, [ids[i] for i in plan.constrained.tolist()], self.constraints.executor)
         if lps is None:
             for job, char in zip(plan.jobs, ids, strict=True):
                 self._emit(job, char, None)
@@ -424,6 +440,8 @@ class Scheduler:
         job.generated += 1
         job.next_input = char  # the model reads it at the next step
         self._emitted += 1
+        if job.seen is not None:
+            job.note_sampled(char)
         ending = None
         if job.stop.stops:
             text, stopped = job.stop.push(self.vocab[char])
@@ -431,9 +449,16 @@ class Scheduler:
             text, stopped = self.vocab[char], False
         if stopped:
             ending = Phase.STOP
+        elif job.matcher is not None and job.matcher.complete:  # the text matches and nothing may follow
+            text += job.stop.flush()
+            ending = Phase.STOP
         elif job.generated >= job.params.max_new_chars:
             text += job.stop.flush()
             ending = Phase.LENGTH
+        elif job.matcher is not None and job.matcher.dead_end:
+            # Rare: llguidance prunes characters that lead nowhere, except across some grammar rules.
+            self._fail(job, "invalid_input", "structured_outputs: no character of this model can continue the text")
+            return
         notes = job.notes
         if notes is None:
             if text:
@@ -505,3 +530,12 @@ class Scheduler:
             job.on_complete(job)
         except Exception:
             log.exception("completing a job failed", extra={"model": self.name})
+
+
+def _steer(state: list[np.ndarray], i: int, job: Job) -> None:
+    """Write the job's steered units into its row i of a step's new state, (layer, batch, hidden) per tensor."""
+    for s in job.params.steer:
+        if s.value is not None:
+            state[s.tensor][s.layer, i, s.unit] = s.value
+        elif s.add is not None:
+            state[s.tensor][s.layer, i, s.unit] += s.add

@@ -1,4 +1,4 @@
-"""What a batch of sampling jobs works out once: its rows, its sampler, its RNG draws, its biases.
+"""What a batch of sampling jobs works out once: its rows, its sampler, its RNG draws, what changes its logits.
 
 While nobody joins, leaves or ends, a step's batch is the same jobs in the same order from one
 step to the next (the steady state of many streams), so the scheduler keeps the plan and a step
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.core.constraints import CharMatcher
 from service.core.jobs import Job
 from service.core.sampling import BatchSampler
 from service.core.slots import SlotTable
@@ -20,7 +21,11 @@ class StepPlan:
         self.rows = rows
         self.epoch = epoch  # the scheduler's count of endings when the plan was made
         self.sampler = BatchSampler(
-            slots.temperature[rows], slots.top_k[rows], slots.top_p[rows], slots.logits.shape[1]
+            slots.temperature[rows],
+            slots.top_k[rows],
+            slots.top_p[rows],
+            slots.logits.shape[1],
+            np.array([j.params.min_p for j in jobs]),
         )
         drawing = np.flatnonzero(~self.sampler.greedy)  # greedy rows draw nothing from their RNG
         self._draws = slots.draws
@@ -28,6 +33,15 @@ class StepPlan:
         self._drawing = None if len(drawing) == len(jobs) else drawing
         self.annotated = any(j.notes is not None for j in jobs)
         self.biases = [_bias_of(i, j) for i, j in enumerate(jobs) if j.params.logit_bias]
+        self.penalised = [(i, j) for i, j in enumerate(jobs) if j.seen is not None]
+        # Constrained rows: their positions in the batch and their matchers, in the same order.
+        self.constrained = np.array([i for i, j in enumerate(jobs) if j.matcher is not None], np.intp)
+        self.matchers: list[CharMatcher] = [j.matcher for j in jobs if j.matcher is not None]
+        self.adjusts = bool(self.biases or self.penalised or self.matchers)  # the logits are copied and changed
+
+    def allowed(self) -> np.ndarray:
+        """(constrained rows, vocab): the characters each constrained row may sample now."""
+        return np.stack([m.allowed for m in self.matchers])
 
     def uniform(self) -> np.ndarray:
         """One draw per row from the row's own RNG (0 for greedy rows): a session's text never

@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from service.core.constraints import CharMatcher, ConstraintError
 from service.core.generation import Generation
 from service.core.jobs import Job, Mailbox, Phase
-from service.core.sampling import SamplingParams
+from service.core.sampling import SamplingParams, SteerSpec
 from service.core.scheduler import Scheduler
 from service.errors import ApiError, InternalError, InvalidInput, LeaseLost, ShuttingDown, TooLarge
 from service.metrics import Metrics
@@ -51,6 +52,8 @@ DEFAULT_START = "\n"
 # Per-character annotations of a prompt are read one character per step and sent as one event:
 # bounded so that the answer stays a reasonable size (32 units x 10,000 characters ~ 3 MB of JSON).
 MAX_ANNOTATED_PROMPT = 10_000
+# How long a request waits for its constraint to compile (llguidance's own limits bound the work).
+COMPILE_TIMEOUT_S = 5.0
 # How long a drain waits, after ending what was left, for streams to send their final frames.
 FINAL_FRAMES_WAIT_S = 3.0
 
@@ -196,12 +199,52 @@ class GenerationService:
                     f"activations.units has {max(spec.units)}; model {model.id!r} has units 0..{info.hidden_size - 1}",
                     field="activations.units",
                 )
+        for i, steer in enumerate(params.steer):
+            self._check_steer(model, steer, f"steer.{i}")
         if params.annotates_prompt and prompt_chars > MAX_ANNOTATED_PROMPT:
             raise TooLarge(
                 f"prompt has {prompt_chars} characters; per-character annotations of a prompt are limited to "
                 f"{MAX_ANNOTATED_PROMPT}",
                 field="prompt",
             )
+
+    @staticmethod
+    def _check_steer(model: LoadedModel, steer: SteerSpec, field: str) -> None:
+        info = model.engine.info
+        if steer.layer >= info.num_layers:
+            raise InvalidInput(
+                f"{field}.layer is {steer.layer}; model {model.id!r} has layers 0..{info.num_layers - 1}",
+                field=f"{field}.layer",
+            )
+        if steer.tensor >= len(info.state_names):
+            raise InvalidInput(
+                f"{field}.state 'c' exists only for LSTM models; {model.id!r} is a {info.cell}: use 'h'",
+                field=f"{field}.state",
+            )
+        if steer.unit >= info.hidden_size:
+            raise InvalidInput(
+                f"{field}.unit is {steer.unit}; model {model.id!r} has units 0..{info.hidden_size - 1}",
+                field=f"{field}.unit",
+            )
+
+    async def _matcher(self, model: LoadedModel, params: SamplingParams) -> CharMatcher | None:
+        """The job's compiled constraint (cached per model), or a 422 naming the field, before any step.
+
+        Compiled off the event loop, and waited for at most COMPILE_TIMEOUT_S (llguidance's limits end
+        a costly compile soon after; its verdict is cached)."""
+        spec = params.constraint
+        if spec is None:
+            return None
+        compiler = self.schedulers[model.id].constraints
+        try:
+            compiling = asyncio.get_running_loop().run_in_executor(None, compiler.matcher, spec)
+            return await asyncio.wait_for(compiling, COMPILE_TIMEOUT_S)
+        except ConstraintError as exc:
+            raise InvalidInput(f"{spec.field} cannot be used with model {model.id!r}: {exc}", field=spec.field) from exc
+        except TimeoutError as exc:
+            raise InvalidInput(
+                f"{spec.field} took longer than {COMPILE_TIMEOUT_S:.0f} s to compile: simplify it", field=spec.field
+            ) from exc
 
     # -- sessions ----------------------------------------------------------------------------------
 
@@ -290,10 +333,11 @@ class GenerationService:
         if session_id is None:
             model = self.registry.get(model_id)
             self._check_params(model, params, len(prompt))
+            matcher = await self._matcher(model, params)
             session = self._new_session(model, seed)
             ids = self._start_ids(model, session, prompt)
             ids, keeper = self._from_prompt_cache(model, session, ids, params)
-            job, saved = self._job(session, None, model, ids, params, on_chunk=keeper)
+            job, saved = self._job(session, None, model, ids, params, matcher, on_chunk=keeper)
         else:
             async with self._leased(session_id) as (session, lease):
                 if model_id is not None and model_id != session.model:
@@ -303,11 +347,12 @@ class GenerationService:
                     )
                 model = self.registry.get(session.model)
                 self._check_params(model, params, len(prompt))
+                matcher = await self._matcher(model, params)
                 ids = self._start_ids(model, session, prompt)
                 if seed is not None:
                     session.reseed(seed)
                 # Inside the block: if starting the job raises, the lease is given back.
-                job, saved = self._job(session, lease, model, ids, params)
+                job, saved = self._job(session, lease, model, ids, params, matcher)
         return Generation(
             job,
             self.schedulers[model.id],
@@ -361,6 +406,7 @@ class GenerationService:
         model: LoadedModel,
         ids: list[int],
         params: SamplingParams,
+        matcher: CharMatcher | None = None,
         on_chunk: ChunkKeeper | None = None,
     ) -> tuple[Job, asyncio.Future[ApiError | None] | None]:
         """Submit the job; with a lease, its end writes the session back (the future says how that went)."""
@@ -391,6 +437,7 @@ class GenerationService:
             wants_state=lease is not None,
             on_complete=on_complete,
             on_chunk=on_chunk,
+            matcher=matcher,
             events=Mailbox(self.settings.stream_interval),
         )
         self.schedulers[model.id].submit(job)

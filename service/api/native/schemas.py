@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.api.limits import MAX_INT
-from service.core.sampling import ActivationSpec, SamplingParams
+from service.core.sampling import ActivationSpec, ConstraintSpec, SamplingParams, SteerSpec
 from service.sessions.store import Session
 
 # Bounds every number must meet before it reaches numpy (an int64 array, a uint64 seed). The
@@ -15,6 +17,11 @@ from service.sessions.store import Session
 # are checked by the serving layer, and limits.py writes them into the OpenAPI schema.
 MAX_UNITS = 32
 MAX_TOP_LOGPROBS = 20
+MAX_STEER = 32
+MAX_STEER_VALUE = 100.0  # an LSTM's cell state reaches tens; h stays within [-1, 1]
+MAX_CONSTRAINT_CHARS = 16_384  # a regex, grammar or JSON Schema (as JSON) at most this long
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 1_000
 
 # Any uint64 is accepted; the schema states the largest one a JSON double holds exactly, so that a
 # client writing the number as a float never rounds it past the limit (schemathesis did).
@@ -59,6 +66,99 @@ class ActivationRequest(BaseModel):
         return ActivationSpec(self.layer, 0 if self.state == "h" else 1, tuple(self.units), self.prompt)
 
 
+def _exactly_one_of(*names: str) -> Callable[[dict[str, Any]], None]:
+    """A schema whose fields `names` are optional, never null, and exactly one of them is present."""
+
+    def edit(schema: dict[str, Any]) -> None:
+        for prop in schema.get("properties", {}).values():
+            branches = prop.pop("anyOf", None)
+            if branches is not None:
+                prop.update(next(b for b in branches if b.get("type") != "null"))
+                prop.pop("default", None)
+        schema["oneOf"] = [{"required": [name]} for name in names]
+
+    return edit
+
+
+def _one_given(model: BaseModel, names: tuple[str, ...], message: str) -> None:
+    """Exactly one of the fields was sent, and not as null."""
+    given = [n for n in names if n in model.model_fields_set]
+    if len(given) != 1 or getattr(model, given[0]) is None:
+        raise ValueError(message)
+
+
+class StructuredOutputs(BaseModel):
+    """What every generated text must match: exactly one of regex, choice, json or grammar (vLLM's names)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra=_exactly_one_of("regex", "choice", "json", "grammar"),
+    )
+
+    regex: str | None = Field(
+        default=None, min_length=1, max_length=MAX_CONSTRAINT_CHARS, description="the whole output matches this regex"
+    )
+    choice: list[Annotated[str, Field(min_length=1, max_length=MAX_CHOICE_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_CHOICES, description="the output is one of these strings"
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None, alias="json", description="the output is JSON valid under this JSON Schema"
+    )
+    grammar: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_CONSTRAINT_CHARS,
+        description="the output is a sentence of this context-free grammar (Lark syntax, as llguidance reads it)",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        _one_given(
+            self, ("regex", "choice", "json_schema", "grammar"), "give exactly one of regex, choice, json or grammar"
+        )
+        if self.json_schema is not None and len(json.dumps(self.json_schema)) > MAX_CONSTRAINT_CHARS:
+            raise ValueError(f"json is longer than {MAX_CONSTRAINT_CHARS} characters as JSON")
+        return self
+
+    def to_spec(self, field: str = "structured_outputs") -> ConstraintSpec:
+        if self.regex is not None:
+            return ConstraintSpec("regex", self.regex, f"{field}.regex")
+        if self.choice is not None:
+            return ConstraintSpec("choice", json.dumps(self.choice), f"{field}.choice")
+        if self.json_schema is not None:
+            return ConstraintSpec("json", json.dumps(self.json_schema, sort_keys=True), f"{field}.json")
+        assert self.grammar is not None
+        return ConstraintSpec("grammar", self.grammar, f"{field}.grammar")
+
+
+class SteerRequest(BaseModel):
+    """A unit written after every step: clamped to `value`, or offset by `add` (exactly one)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=_exactly_one_of("value", "add"))
+
+    layer: int = Field(ge=0, le=MAX_INT, description="layer, from 0")
+    state: Literal["h", "c"] = Field(default="h", description="h (hidden state) or c (LSTM cell state)")
+    unit: int = Field(ge=0, le=MAX_INT, description="unit index")
+    value: float | None = Field(
+        default=None, ge=-MAX_STEER_VALUE, le=MAX_STEER_VALUE, description="clamp the unit to this value"
+    )
+    add: float | None = Field(default=None, ge=-MAX_STEER_VALUE, le=MAX_STEER_VALUE, description="offset the unit")
+
+    @model_validator(mode="after")
+    def _value_or_add(self) -> SteerRequest:
+        _one_given(self, ("value", "add"), "give exactly one of value or add")
+        return self
+
+    def to_spec(self) -> SteerSpec:
+        return SteerSpec(self.layer, 0 if self.state == "h" else 1, self.unit, self.value, self.add)
+
+
+def steer_specs(entries: list[SteerRequest]) -> tuple[SteerSpec, ...]:
+    # An offset of 0 changes nothing: dropped, so that `add: 0` is exactly no steering.
+    return tuple(e.to_spec() for e in entries if e.add != 0.0)
+
+
 class SamplingFields(BaseModel):
     """Sampling parameters; unset fields take the server's defaults."""
 
@@ -74,6 +174,22 @@ class SamplingFields(BaseModel):
         default=0, ge=0, le=MAX_TOP_LOGPROBS, description="the N most likely characters at each position; 0 = off"
     )
     activations: ActivationRequest | None = Field(default=None, description="unit values to return per character")
+    min_p: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="drop characters under min_p times the likeliest one; 0 = off"
+    )
+    repetition_penalty: float = Field(
+        default=1.0,
+        ge=0.01,
+        le=10.0,
+        description="vLLM's: divides positive (multiplies negative) logits of characters already in the prompt or "
+        "output; 1 = off",
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None, description="constrain the output: exactly one of regex, choice, json or grammar"
+    )
+    steer: list[SteerRequest] = Field(
+        default_factory=list, max_length=MAX_STEER, description=f"units written after every step, at most {MAX_STEER}"
+    )
 
     def to_sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -85,6 +201,10 @@ class SamplingFields(BaseModel):
             logprobs=self.logprobs,
             top_logprobs=self.top_logprobs,
             activations=None if self.activations is None else self.activations.to_spec(),
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            constraint=None if self.structured_outputs is None else self.structured_outputs.to_spec(),
+            steer=steer_specs(self.steer),
         )
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from service.api.limits import MAX_INT
-from service.core.sampling import SamplingParams
+from service.api.native.schemas import StructuredOutputs
+from service.core.sampling import ConstraintSpec, SamplingParams
 from service.errors import InvalidInput
 
 MAX_N = 1000  # choices per prompt: a library of samples in one request
@@ -58,6 +59,41 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     include_usage: bool | None = Field(default=False, description="a last chunk with `usage` and no choices")
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`: a named JSON Schema."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(default="response", max_length=64)
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema", description="the JSON Schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text (no constraint), any JSON object, or JSON valid under a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def to_structured(self) -> StructuredOutputs | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputs.model_validate({"json": {"type": "object"}})
+        if self.json_schema is None:
+            raise InvalidInput(
+                "response_format.json_schema is required when type is json_schema", field="response_format.json_schema"
+            )
+        try:
+            return StructuredOutputs.model_validate({"json": self.json_schema.json_schema})
+        except ValidationError as exc:
+            message = exc.errors()[0]["msg"]
+            raise InvalidInput(f"response_format.json_schema: {message}", field="response_format.json_schema") from exc
 
 
 class CompletionRequest(BaseModel):
@@ -126,8 +162,34 @@ class CompletionRequest(BaseModel):
         description="character id (its vocabulary position, as a string) -> a bias from -100 to 100 added to its "
         "logit before sampling; -100 bans the character, 100 all but forces it",
     )
-    frequency_penalty: Annotated[float | None, _only(0, "not supported: must be 0 or null")] = None
-    presence_penalty: Annotated[float | None, _only(0, "not supported: must be 0 or null")] = None
+    frequency_penalty: float | None = Field(
+        default=None,
+        ge=-2.0,
+        le=2.0,
+        description="OpenAI's: minus this times a character's count in the output so far, from its logit; 0 = off",
+    )
+    presence_penalty: float | None = Field(
+        default=None,
+        ge=-2.0,
+        le=2.0,
+        description="OpenAI's: minus this from the logit of a character already in the output; 0 = off",
+    )
+    # vLLM's extensions (the `openai` client's extra_body).
+    min_p: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="drop characters under min_p times the likeliest one; 0 = off"
+    )
+    repetition_penalty: float | None = Field(
+        default=None,
+        ge=0.01,
+        le=10.0,
+        description="vLLM's: divides positive (multiplies negative) logits of characters already seen; 1 = off",
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None, description="constrain the output (vLLM's name): exactly one of regex, choice, json or grammar"
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None, description="OpenAI's: json_object or json_schema constrain the output to JSON"
+    )
 
     @property
     def prompts(self) -> list[str]:
@@ -189,12 +251,12 @@ class CompletionRequest(BaseModel):
                 "choice generated is returned); leave best_of out or set it equal to n",
                 field="best_of",
             )
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise InvalidInput(
-                    f"{name} is not supported by charstream's sampler; use temperature, top_k or top_p",
-                    field=name,
-                )
+        if (
+            self.structured_outputs is not None
+            and self.response_format is not None
+            and self.response_format.type != "text"
+        ):
+            raise InvalidInput("give structured_outputs or response_format, not both", field="response_format")
         for key in self.logit_bias or {}:
             if not (key.isdecimal() and int(key) < vocab_size):
                 raise InvalidInput(
@@ -215,7 +277,21 @@ class CompletionRequest(BaseModel):
             top_logprobs=self.logprobs or 0,
             prompt_logprobs=bool(self.echo) and self.logprobs is not None,
             logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
+            min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            constraint=self.constraint(),
         )
+
+    def constraint(self) -> ConstraintSpec | None:
+        if self.structured_outputs is not None:
+            return self.structured_outputs.to_spec()
+        if self.response_format is not None:
+            structured = self.response_format.to_structured()
+            if structured is not None:
+                return structured.to_spec("response_format")
+        return None
 
 
 class CompletionLogprobs(BaseModel):

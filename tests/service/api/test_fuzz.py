@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.utils import Server, leased_sessions, run_server
 
@@ -40,9 +41,21 @@ def test_the_api_keeps_its_schema(fuzzed_server: Server) -> None:
             database=None,
         )
         def fuzz(case: schemathesis.Case) -> None:
-            case.call_and_validate(timeout=30)
+            excluded = [positive_data_acceptance] if _constrains(case.body) else []
+            case.call_and_validate(timeout=30, excluded_checks=excluded)
 
         fuzz()
+
+
+def _constrains(body: object) -> bool:
+    """A constraint's validity (does the regex compile, can the model's characters meet it) is more than a
+    schema can state: such requests must still never fail with a 5xx or leave the schema, but may get a 4xx."""
+    if not isinstance(body, dict):
+        return False
+    response_format = body.get("response_format")
+    return body.get("structured_outputs") is not None or (
+        isinstance(response_format, dict) and response_format.get("type") != "text"
+    )
 
 
 def test_nothing_left_running_or_leased_after_the_fuzzing(fuzzed_server: Server) -> None:

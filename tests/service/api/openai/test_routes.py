@@ -213,9 +213,21 @@ def test_echo_returns_the_prompt_and_scores_it(client: OpenAI) -> None:
 def test_unknown_fields_are_ignored_and_logged(client: OpenAI, caplog: pytest.LogCaptureFixture) -> None:
     kwargs: dict[str, Any] = dict(model=MODEL, prompt="ROMEO:", max_tokens=20, seed=4, user="someone")
     with caplog.at_level(logging.WARNING, logger="charstream.openai"):
-        odd = client.completions.create(extra_body={"repetition_penalty": 1.3, "min_tokens": 2}, **kwargs)
+        odd = client.completions.create(extra_body={"length_penalty": 1.3, "min_tokens": 2}, **kwargs)
     assert odd.choices[0].text == client.completions.create(**kwargs).choices[0].text
-    assert any("min_tokens, repetition_penalty" in r.getMessage() for r in caplog.records)
+    assert any("length_penalty, min_tokens" in r.getMessage() for r in caplog.records)
+
+
+def test_penalties_are_served_not_refused(client: OpenAI) -> None:
+    """frequency_penalty and presence_penalty (OpenAI's), min_p and repetition_penalty (vLLM's extra_body)."""
+    kwargs: dict[str, Any] = dict(model=MODEL, prompt="ROMEO:", max_tokens=60, temperature=0)
+    plain = client.completions.create(**kwargs).choices[0].text
+    for extra_fields in ({"frequency_penalty": 1.5}, {"presence_penalty": 2.0}, {"repetition_penalty": 2.0}):
+        text = client.completions.create(extra_body=extra_fields, **kwargs).choices[0].text
+        assert len(text) == 60 and text != plain, extra_fields
+    assert (
+        client.completions.create(extra_body={"min_p": 0.5}, **kwargs).choices[0].text == plain
+    )  # greedy keeps the top
 
 
 def test_leaving_a_stream_early_stops_every_choice(client: OpenAI, server: Server) -> None:
@@ -325,8 +337,16 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"logit_bias": {"100000": 5}}, "logit_bias"),
     ({"logit_bias": {"3": -101}}, "logit_bias"),
     ({"logit_bias": {"x": 1}}, "logit_bias"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"presence_penalty": -1}, "presence_penalty"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty"),
+    ({"min_p": 2}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"structured_outputs": {"regex": "(a|b"}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs"),
+    ({"response_format": {"type": "json_object"}}, "response_format.json"),  # tiny-lstm has no braces
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "response_format"),
     ({"prompt": [1, 2, 3]}, "prompt"),
     ({"prompt": [[1, 2], [3]]}, "prompt"),
     ({"prompt": "ROMEO: \u2603"}, "prompt"),
