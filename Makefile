@@ -109,6 +109,8 @@ bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m benchmarks.sessions
 	$(PY) -m benchmarks.openai_compat
 	$(PY) -m benchmarks.activations_cost
+	$(PY) -m benchmarks.generate
+	$(PY) -m benchmarks.prompt_cache
 	$(PY) -m benchmarks.fuzz
 	$(PY) -m benchmarks.browser
 
