@@ -102,6 +102,16 @@ class TooManySessions(ApiError):
     code = "too_many_sessions"
 
 
+class TooManyConnections(ApiError):
+    """The process holds CHARSTREAM_MAX_CONNECTIONS open requests and WebSockets: retry shortly."""
+
+    status = 429
+    code = "too_many_connections"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message, field, headers={"Retry-After": "1"})
+
+
 class Unauthorized(ApiError):
     status = 401
     code = "unauthorized"

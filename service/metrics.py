@@ -55,6 +55,16 @@ class Metrics:
             registry=r,
         )
         self.websockets = Gauge("charstream_websocket_connections", "Open WebSocket connections", registry=r)
+        self.open_connections = Gauge(
+            "charstream_open_connections",
+            "Open /v1 requests and WebSockets (CHARSTREAM_MAX_CONNECTIONS bounds it)",
+            registry=r,
+        )
+        self.refused_connections = Counter(
+            "charstream_refused_connections",
+            "Requests and WebSockets refused past CHARSTREAM_MAX_CONNECTIONS",
+            registry=r,
+        )
         self.evicted = Counter("charstream_sessions_evicted", "Sessions dropped after their TTL", registry=r)
         self.errors = Counter("charstream_generation_errors", "Generations ended by an error", ["code"], registry=r)
         self.prompt_cache_hits = Counter(

@@ -10,6 +10,8 @@ close what is left, by which time nothing is running.
 
 from __future__ import annotations
 
+import logging
+import resource
 import socket
 from pathlib import Path
 
@@ -18,6 +20,29 @@ from fastapi import FastAPI
 
 from service.logs import configure, log_config
 from service.settings import load_settings
+
+log = logging.getLogger("charstream.server")
+
+# File descriptors beyond the connections: the models, the log, Redis's pool, the listening socket.
+SPARE_FDS = 256
+
+
+def fit_file_limit(connections: int) -> int:
+    """Raise this process's soft file-descriptor limit (up to the hard one) so that `connections`
+    fit: the usual soft default, 1,024, would end accepting far below CHARSTREAM_MAX_CONNECTIONS.
+    Returns the limit now in force, with a warning when the hard limit keeps it too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + SPARE_FDS
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "the file-descriptor limit is below CHARSTREAM_MAX_CONNECTIONS",
+            extra={"limit": soft, "max_connections": connections},
+        )
+    return soft
 
 
 class GracefulServer(uvicorn.Server):
@@ -52,6 +77,7 @@ def serve(
         overrides["workers"] = workers
     settings = load_settings(**overrides)
     configure(settings.log_level, settings.log_json)
+    fit_file_limit(settings.max_connections)
     if settings.workers > 1:
         from service.workers import Supervisor, worker_command
 

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=3600, description="a session's lease outlives a crashed holder by at most this"
     )
     workers: int = Field(default=1, ge=1, le=256, description="server processes sharing the port")
+    max_connections: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="open /v1 requests and WebSockets per process; past it HTTP gets 429, a WebSocket close 1013",
+    )
     reuse_port: bool = Field(default=False, description="bind with SO_REUSEPORT (set for each worker)")
     max_prompt_chars: int = Field(default=100_000, ge=1)
     max_new_chars: int = Field(default=4096, ge=1)

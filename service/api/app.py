@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from service.api import ops
 from service.api.errors import install_error_handlers, register_error_style
 from service.api.limits import with_model_limits
-from service.api.middleware import Gate, RequestMetrics
+from service.api.middleware import ConnectionLimit, Gate, RequestMetrics
 from service.api.native import routes as native
 from service.api.native import ws
 from service.api.openai import routes as openai
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     install_error_handlers(app)
     # Added last, so it runs first: the key and the drain are checked before anything else.
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(ConnectionLimit, limit=settings.max_connections, metrics=metrics)
     app.add_middleware(Gate, api_key=settings.api_key, draining=lambda: service is not None and service.draining)
     app.include_router(ops.router)
     app.include_router(native.router)

@@ -1,4 +1,5 @@
-"""What every request meets before a route: the API key and the drain (the gate), and request metrics.
+"""What every request meets before a route: the API key and the drain (the gate), the connection
+limit, and request metrics.
 
 Both are pure ASGI, so a request that fails the gate is answered without reading its body (a client
 without the key cannot make the server parse megabytes), and streaming responses pass through
@@ -16,10 +17,11 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_response
-from service.errors import ApiError, ShuttingDown, Unauthorized
+from service.errors import ApiError, ShuttingDown, TooManyConnections, Unauthorized
 from service.metrics import Metrics
 
 PROTECTED_PREFIX = "/v1/"
+WS_TRY_AGAIN_LATER = 1013
 
 
 def verify_api_key(conn: HTTPConnection, expected: SecretStr | None) -> None:
@@ -55,6 +57,49 @@ class Gate:
             await error_response(exc, scope["path"])(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class ConnectionLimit:
+    """At most `limit` /v1 requests and WebSockets open at once in this process.
+
+    Past it, before anything is read, an HTTP request gets 429 `too_many_connections` with
+    Retry-After, and a WebSocket is accepted and closed at once with 1013 (try again later), the
+    code a client can tell from a refusal. Health, readiness and metrics stay reachable, so a full
+    replica is not restarted by its probes. The bound keeps a flood of connections from exhausting
+    the process's file descriptors and memory while the streams it already has keep flowing.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
+        self.app = app
+        self.limit = limit
+        self.metrics = metrics
+        self.open = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or not scope["path"].startswith(PROTECTED_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        if self.open >= self.limit:
+            self.metrics.refused_connections.inc()
+            await self._refuse(scope, receive, send)
+            return
+        self.open += 1
+        self.metrics.open_connections.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open -= 1
+            self.metrics.open_connections.dec()
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the server holds its maximum of {self.limit} open connections; retry shortly"
+        if scope["type"] == "http":
+            await error_response(TooManyConnections(message), scope["path"])(scope, receive, send)
+            return
+        if (await receive())["type"] != "websocket.connect":
+            return  # the client left before its handshake
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": WS_TRY_AGAIN_LATER, "reason": message[:120]})
 
 
 class RequestMetrics:
