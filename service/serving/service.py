@@ -375,6 +375,28 @@ class GenerationService:
             ids = [model.engine.info.vocab_index[DEFAULT_START]]
         return ids
 
+    async def read_prompt_once(self, params: SamplingParams, prompt: str, model_id: str | None) -> None:
+        """Before several stateless generations of one prompt start, read it once into the prompt-state
+        cache, so that each of them starts from the state after it instead of reading it again.
+
+        Does nothing when the cache would not serve them (a short prompt, annotations, penalties) or
+        already holds the whole prompt. Their text is the same as without it.
+        """
+        self._refuse_when_draining()
+        model = self.registry.get(model_id)
+        self._check_params(model, params, len(prompt))
+        session = self._new_session(model, None)
+        ids, keeper = self._from_prompt_cache(model, session, self._start_ids(model, session, prompt), params)
+        if keeper is None or not ids:
+            return
+        job, _ = self._job(session, None, model, ids, SamplingParams(max_new_chars=0), on_chunk=keeper)
+        reading = Generation(job, self.schedulers[model.id], model.id, None, len(ids))
+        try:
+            await reading.result()
+        except BaseException:
+            reading.cancel()
+            raise
+
     def _from_prompt_cache(
         self, model: LoadedModel, session: Session, ids: list[int], params: SamplingParams
     ) -> tuple[list[int], ChunkKeeper | None]:
@@ -386,8 +408,7 @@ class GenerationService:
         characters as seen) always read the whole prompt. What the job reads, it keeps at chunk boundaries.
         """
         chunk, cache = self.settings.prefill_chunk, self.prompt_cache
-        penalised = bool(getattr(params, "penalised", False))
-        if cache.max_bytes == 0 or len(ids) < chunk or params.annotates_prompt or penalised:
+        if cache.max_bytes == 0 or len(ids) < chunk or params.annotates_prompt or params.penalised:
             return ids, None
         plan = cache.plan(model.sha256, ids, chunk)
         if plan.hit is None:

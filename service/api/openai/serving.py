@@ -194,6 +194,9 @@ class CompletionServing:
                     field="n" if n > 1 else "prompt",
                 )
         params = request.to_sampling_params()
+        if n > 1 and request.session_id is None:
+            # Each prompt read once, into the prompt-state cache, rather than once per choice.
+            await asyncio.gather(*(self.service.read_prompt_once(params, p, model.id) for p in dict.fromkeys(prompts)))
         choice_prompts: list[str] = []
         generations: list[Generation] = []
         try:

@@ -88,3 +88,20 @@ def test_cached_prefixes_give_the_same_text_and_are_counted(models_dir: Path) ->
     assert metric(page, "charstream_prompt_cache_hits_total") == 3
     assert metric(page, "charstream_prompt_cache_chars_not_read_total") == 960 + 640 + 1000
     assert metric(page, "charstream_prompt_cache_bytes") > 0
+
+
+@pytest.mark.slow
+def test_many_choices_read_their_prompt_once(models_dir: Path) -> None:
+    prompt = SHAKESPEARE.read_text(encoding="utf-8")[2000:2700]
+    settings = dict(models_dir=models_dir, default_model="tiny-lstm", prefill_chunk=64, max_prompt_chars=5000)
+    body = {"model": "tiny-lstm", "prompt": prompt, "n": 30, "max_tokens": 20, "seed": 5}
+    with run_server(**settings, prompt_cache_bytes=0) as off, off.client() as c:
+        expected = [choice["text"] for choice in c.post("/v1/completions", json=body).json()["choices"]]
+    with run_server(**settings) as on, on.client() as c:
+        got = [choice["text"] for choice in c.post("/v1/completions", json=body).json()["choices"]]
+        page = c.get("/metrics").text
+    assert got == expected and len(set(got)) > 1
+    # The prompt read once (a miss), then every choice started from the state after all of it.
+    assert metric(page, "charstream_prompt_cache_misses_total") == 1
+    assert metric(page, "charstream_prompt_cache_hits_total") == 30
+    assert metric(page, "charstream_prompt_cache_chars_not_read_total") == 30 * 700
