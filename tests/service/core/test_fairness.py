@@ -1,4 +1,5 @@
-"""A long prompt is read in chunks between decode steps: the streams beside it keep flowing.
+"""Fairness between jobs: a long prompt is read in chunks between decode steps, so the streams beside
+it keep flowing; and past max_batch_size every running job is still stepped at every iteration.
 
 Counted, not timed: while a 20,000-character prompt is read, a stream that was already running
 must receive many characters (one per scheduler iteration). Read in one call, it would receive
@@ -6,12 +7,20 @@ none until the prompt was done."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from pathlib import Path
 
 from websockets.sync.client import connect
 
+from service.core.engine import Engine
+from service.core.events import DoneEvent
+from service.core.jobs import Job
+from service.core.sampling import SamplingParams
+from service.core.scheduler import Scheduler
+from service.metrics import Metrics
+from tests.service.core.test_scheduler import Outcome, drain, make_job
 from tests.utils import run_server
 
 PROMPT_CHARS = 20_000
@@ -62,3 +71,35 @@ def test_other_streams_flow_while_a_long_prompt_is_read(models_dir: Path) -> Non
         arrivals = [len(e) for e in window]
         # ~PROMPT_CHARS / CHUNK = 312 iterations, one character each for the running stream.
         assert sum(arrivals) >= 50, sum(arrivals)
+
+
+def test_past_max_batch_size_no_job_waits_for_another_to_end(models_dir: Path) -> None:
+    """Twelve long jobs fill three batches of four; a short one submitted after them is stepped at
+    every iteration too (the batches are cut from all running jobs), so it ends long before them."""
+    engine = Engine(models_dir / "tiny-lstm" / "model.onnx")
+    finished: list[int] = []
+
+    async def scenario() -> list[Outcome]:
+        scheduler = Scheduler("m", engine, Metrics(), max_batch_size=4)
+        scheduler.start()
+        lengths = [200] * 12 + [5]
+        jobs = [
+            make_job(engine, "ROMEO:", SamplingParams(max_new_chars=n, temperature=0.0), seed)
+            for seed, n in enumerate(lengths)
+        ]
+
+        async def follow(index: int, job: Job) -> Outcome:
+            outcome = await drain(job)
+            finished.append(index)
+            return outcome
+
+        for job in jobs:
+            scheduler.submit(job)
+        outcomes = await asyncio.gather(*(follow(i, job) for i, job in enumerate(jobs)))
+        await scheduler.stop()
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o.final, DoneEvent) for o in outcomes)
+    assert [len(o.text) for o in outcomes] == [200] * 12 + [5]
+    assert finished[0] == 12  # the last one submitted, beyond three full batches, ended first
