@@ -208,6 +208,7 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        min_p=args.min_p,
         seed=args.seed,
         until=args.until,
         stop=tuple(args.stop),
@@ -316,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=_int, default=0, help="0: off")
     g.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop characters under min-p times the likeliest; 0: off")
     g.add_argument("--seed", type=_int, default=0, help="the same command and seed write the same samples")
     g.add_argument("--until", default=None, help="a string that ends a sample, e.g. $'\\n' for one per line")
     g.add_argument("--stop", action="append", default=[], help="another string that ends a sample (repeatable)")

@@ -25,6 +25,7 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     terminators: tuple[tuple[int, ...], ...] = ()  # id sequences that end a sample (not part of its text)
     max_chars: int = 200  # a sample that reaches this many characters without a terminator ends here
 
@@ -91,7 +92,11 @@ class StepLoop:
             self._start = engine.zero_state(1)
         temperature = np.full(batch, sampling.temperature)
         self._sampler = BatchSampler(
-            temperature, np.full(batch, sampling.top_k), np.full(batch, sampling.top_p), info.vocab_size
+            temperature,
+            np.full(batch, sampling.top_k),
+            np.full(batch, sampling.top_p),
+            info.vocab_size,
+            min_p=np.full(batch, sampling.min_p),
         )
         self.steps = 0
 

@@ -45,6 +45,7 @@ class GenerateConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     seed: int = 0
     until: str | None = None  # ends a sample, cut from its text (and cuts the --novel corpus into samples)
     stop: tuple[str, ...] = ()
@@ -124,6 +125,7 @@ def check(config: GenerateConfig) -> None:
         (config.temperature >= 0, f"--temperature must be at least 0, got {config.temperature}"),
         (config.top_k >= 0, f"--top-k must be at least 0, got {config.top_k}"),
         (0 < config.top_p <= 1, f"--top-p must be in (0, 1], got {config.top_p}"),
+        (0 <= config.min_p <= 1, f"--min-p must be in [0, 1], got {config.min_p}"),
         (config.max_chars >= 1, f"--max-chars must be at least 1, got {config.max_chars}"),
         (config.until != "", "--until must not be empty"),
         (all(config.stop), "--stop must not be empty"),
@@ -179,7 +181,14 @@ def generate(
         return summary
 
     i, shards = config.shard
-    sampling = Sampling(config.temperature, config.top_k, config.top_p, terminators, config.max_chars)
+    sampling = Sampling(
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        min_p=config.min_p,
+        terminators=terminators,
+        max_chars=config.max_chars,
+    )
     batch = min(config.batch, summary.wanted - summary.samples)
     loop = StepLoop(engine, prompt, sampling, batch)
     limit = config.max_attempts if config.max_attempts is not None else 10 * summary.wanted

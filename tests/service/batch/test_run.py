@@ -158,3 +158,14 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_files(config: G
 def test_bad_settings_name_their_flag(config: GenerateConfig, change: dict[str, object], fragment: str) -> None:
     with pytest.raises(BatchError, match=fragment):
         generate(replace(config, **change))  # type: ignore[arg-type]
+
+
+def test_min_p_of_one_keeps_only_the_likeliest_character(config: GenerateConfig, tmp_path: Path) -> None:
+    generate(replace(config, n=20, temperature=0.0))
+    greedy = texts(tmp_path / "a.jsonl")
+    generate(replace(config, n=20, min_p=1.0, out=tmp_path / "m.jsonl"))
+    assert texts(tmp_path / "m.jsonl") == greedy and len(set(greedy)) == 1
+    generate(replace(config, n=20, min_p=0.05, out=tmp_path / "s.jsonl"))
+    assert len(set(texts(tmp_path / "s.jsonl"))) > 1
+    with pytest.raises(BatchError, match="--min-p"):
+        generate(replace(config, min_p=1.5))
