@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from service.api import ops
+from service.api import ops, tracing
 from service.api.errors import install_error_handlers, register_error_style
 from service.api.limits import with_model_limits
 from service.api.middleware import ConnectionLimit, Gate, RequestMetrics
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             await service.stop()
+            tracing.shutdown(app)
             log.info("charstream stopped")
 
     app = FastAPI(
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    tracing.instrument(app)  # off unless OTEL_* variables turn it on
     # Added last, so it runs first: the key and the drain are checked before anything else.
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(ConnectionLimit, limit=settings.max_connections, metrics=metrics)

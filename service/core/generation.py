@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from service.core.events import (
@@ -69,16 +70,19 @@ class Generation:
         self.session_id = session_id
         self.prompt_chars = prompt_chars
         self._on_stream = on_stream  # told when a stream opens (True) and ends (False)
+        self.first_char_at = 0.0  # perf_counter() when the first characters were handed on
 
     def _final(self, event: DoneEvent | ErrorEvent) -> Completed | Failed:
         if isinstance(event, DoneEvent):
             return Completed(event.finish_reason, self.prompt_chars, event.generated_chars, self.model, self.session_id)
         return Failed(failure(event.code, event.message))
 
-    async def stream(self) -> AsyncIterator[StreamEvent]:
+    async def stream(self) -> AsyncGenerator[StreamEvent, None]:
         """Text (merged when several wait), the prompt's annotations if asked, then Completed or Failed."""
         if self._on_stream is not None:
             self._on_stream(self, True)
+        timing, submitted = self.scheduler.request_metrics, self.job.submitted_at
+        last: float | None = None  # when the last characters were handed on
         try:
             while True:
                 texts: list[TextEvent] = []
@@ -91,12 +95,17 @@ class Generation:
                     else:
                         final = self._final(event)
                 if texts:
-                    yield merge_text(texts)
+                    merged = merge_text(texts)
+                    if merged.text:
+                        last = timing.chars(submitted, last, len(merged.text))
+                        self.first_char_at = self.first_char_at or last
+                    yield merged
                 if final is not None:
                     if self.saved is not None:
                         not_saved = await asyncio.shield(self.saved)
                         if not_saved is not None and isinstance(final, Completed):
                             final = Failed(not_saved)
+                    timing.finished(submitted, self.job.admitted_at)
                     yield final
                     return
         finally:
@@ -112,22 +121,24 @@ class Generation:
         """The whole generation; raises the ApiError a failed one ended with."""
         texts: list[TextEvent] = []
         prompt: PromptEvent | None = None
-        async for event in self.stream():
-            if isinstance(event, TextEvent):
-                texts.append(event)
-            elif isinstance(event, PromptEvent):
-                prompt = event
-            elif isinstance(event, Failed):
-                raise event.error
-            else:
-                whole = merge_text(texts) if texts else TextEvent("")
-                params = self.job.params
-                return GenerationResult(
-                    whole.text,
-                    event,
-                    logprobs=(whole.logprobs or []) if params.logprobs else None,
-                    top_logprobs=(whole.top_logprobs or []) if params.top_logprobs else None,
-                    activations=(whole.activations or []) if params.activations is not None else None,
-                    prompt=prompt,
-                )
+        # Closed before returning: the stream's end (its hooks included) runs now, not when collected.
+        async with contextlib.aclosing(self.stream()) as events:
+            async for event in events:
+                if isinstance(event, TextEvent):
+                    texts.append(event)
+                elif isinstance(event, PromptEvent):
+                    prompt = event
+                elif isinstance(event, Failed):
+                    raise event.error
+                else:
+                    whole = merge_text(texts) if texts else TextEvent("")
+                    params = self.job.params
+                    return GenerationResult(
+                        whole.text,
+                        event,
+                        logprobs=(whole.logprobs or []) if params.logprobs else None,
+                        top_logprobs=(whole.top_logprobs or []) if params.top_logprobs else None,
+                        activations=(whole.activations or []) if params.activations is not None else None,
+                        prompt=prompt,
+                    )
         raise ApiError("the generation ended without a final event")  # unreachable: every job gets one

@@ -171,6 +171,8 @@ class Job:
     absorbed: int = 0  # characters the state has read during this job
     stop: StopMatcher = field(init=False)
     notes: Notes | None = field(init=False)
+    submitted_at: float = 0.0  # perf_counter() when submitted to the scheduler, and when it took the job
+    admitted_at: float = 0.0
     # For penalties only: which characters this request's prompt and output hold, and the output's counts.
     seen: np.ndarray | None = field(init=False, default=None)
     counts: np.ndarray | None = field(init=False, default=None)

@@ -94,6 +94,10 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._generated_chars = metrics.generated_chars.labels(name)
         self._step_metrics = metrics.calls(name, "step")
+        self.request_metrics = metrics.requests_of(name)
+        # Read at scrape time, without the thread's cooperation (approximate, as `active`).
+        metrics.running.labels(name).set_function(lambda: len(self._prefill) + len(self._running))
+        metrics.waiting.labels(name).set_function(lambda: len(self._joining) + len(self._intake))
         self._prime_metrics = metrics.calls(name, "prime")
 
     # -- public API (event loop) -------------------------------------------------------------------
@@ -117,6 +121,7 @@ class Scheduler:
         self._deliver(batch)
 
     def submit(self, job: Job) -> None:
+        job.submitted_at = time.perf_counter()
         with self._lock:
             self._joining.append(job)
             self._lock.notify()
@@ -219,6 +224,7 @@ class Scheduler:
 
     def _admit(self, job: Job) -> None:
         """JOINING -> PREFILL (a prompt to read in chunks) or DECODING (nothing to read, or annotated)."""
+        job.admitted_at = time.perf_counter()
         self._slots.take(job)
         if job.params.penalised:
             job.start_penalties(len(self.vocab))

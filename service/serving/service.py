@@ -38,6 +38,7 @@ from service.core.scheduler import Scheduler
 from service.errors import ApiError, InternalError, InvalidInput, LeaseLost, ShuttingDown, TooLarge
 from service.metrics import Metrics
 from service.serving.prompt_cache import PromptCache
+from service.serving import spans
 from service.serving.registry import LoadedModel, ModelRegistry
 from service.sessions import open_store
 from service.sessions.store import Lease, Session, SessionStore, rng_state_of
@@ -359,7 +360,7 @@ class GenerationService:
             model.id,
             session_id,
             len(prompt),
-            on_stream=self._track_stream,
+            on_stream=spans.traced(self._track_stream, model.id, session_id),
             saved=saved,
         )
 
