@@ -84,6 +84,13 @@ def apply_limits(schema: dict[str, Any], settings: Settings, registry: ModelRegi
         steer["unit"]["maximum"] = min(i.hidden_size for i in infos) - 1
         if any(len(i.state_names) < 2 for i in infos):
             steer["state"] = {"const": "h", "default": "h", "type": "string", "title": "State"}
+    score = components.get("ScoreRequest", {}).get("properties", {})
+    if score:  # each text and the context: the default model's characters, as prompts
+        text = {"maxLength": settings.max_prompt_chars, "pattern": char_class(default.vocab)}
+        score["texts"]["items"].update(text)
+        score["context"].update(text)
+        score["model"] = {"anyOf": [{"enum": sorted(registry.models)}, {"type": "null"}], "title": "Model"}
+        score["top_logprobs"]["maximum"] = min(score["top_logprobs"]["maximum"], default.vocab_size)
     completion = components.get("CompletionRequest", {}).get("properties", {})
     if completion:  # OpenAI's completions: the same limits under OpenAI's names
         text = {"maxLength": settings.max_prompt_chars, "pattern": char_class(default.vocab)}

@@ -42,6 +42,7 @@ class PromptEvent:
     logprobs: list[float | None] | None = None  # None for a first character with nothing before it
     top_logprobs: list[TopLogprobs | None] | None = None
     activations: list[list[float]] | None = None
+    ranks: list[int | None] | None = None  # each character's rank among the model's predictions (0 = likeliest)
 
     def payload(self) -> dict[str, Any]:
         return _with_annotations({"prompt": self.text}, self)

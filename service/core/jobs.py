@@ -114,6 +114,7 @@ class Notes:
         # The prompt's own entries, sent as one PromptEvent once the prompt is read.
         self.prompt_logprobs: list[float | None] = []
         self.prompt_top: list[TopLogprobs | None] = []
+        self.prompt_ranks: list[int | None] = []
         self.prompt_activations: list[list[float]] = []
 
     def ready(self) -> int:
@@ -140,6 +141,7 @@ class Notes:
             logprobs=self.prompt_logprobs if p.prompt_logprobs else None,
             top_logprobs=self.prompt_top if p.prompt_logprobs and p.top_logprobs else None,
             activations=self.prompt_activations if p.activations is not None and p.activations.prompt else None,
+            ranks=self.prompt_ranks if p.prompt_ranks else None,
         )
 
 

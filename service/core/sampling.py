@@ -61,6 +61,7 @@ class SamplingParams:
     top_logprobs: int = 0  # the N most likely characters at each position, with their logprobs
     activations: ActivationSpec | None = None
     prompt_logprobs: bool = False  # the prompt's own logprobs (and top_logprobs), as OpenAI's echo gives
+    prompt_ranks: bool = False  # each prompt character's rank among the model's predictions (0 = the most likely)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (character id, bias added to its logit), OpenAI's logit_bias
     min_p: float = 0.0  # keep characters at least min_p times as likely as the most likely one; 0 = off
     repetition_penalty: float = 1.0  # vLLM's: logits of characters already seen divided (or, < 0, multiplied)
@@ -81,7 +82,12 @@ class SamplingParams:
 
     @property
     def annotates_prompt(self) -> bool:
-        return self.prompt_logprobs or (self.activations is not None and self.activations.prompt)
+        return self.prompt_logprobs or self.prompt_ranks or self.steps_prompt
+
+    @property
+    def steps_prompt(self) -> bool:
+        """The prompt is read one character per step (to report unit values after each), not in chunks."""
+        return self.activations is not None and self.activations.prompt
 
 
 class BatchSampler:

@@ -34,7 +34,7 @@ import numpy as np
 
 from service.core.constraints import ConstraintCompiler, advance_all
 from service.core.engine import Engine
-from service.core.events import FINAL_EVENTS, DoneEvent, ErrorEvent, Event, TextEvent
+from service.core.events import FINAL_EVENTS, DoneEvent, ErrorEvent, Event, TextEvent, TopLogprobs
 from service.core.jobs import Job, Phase
 from service.core.sampling import log_softmax, penalise, top_alternatives
 from service.core.slots import SlotTable
@@ -228,7 +228,7 @@ class Scheduler:
         self._slots.take(job)
         if job.params.penalised:
             job.start_penalties(len(self.vocab))
-        if job.prompt and job.params.annotates_prompt:
+        if job.prompt and job.params.steps_prompt:
             job.phase = Phase.DECODING  # reads its prompt one character per step, to annotate each
             self._running[job] = None
         elif job.prompt:
@@ -245,6 +245,8 @@ class Scheduler:
     def _prompt_read(self, job: Job) -> None:
         """PREFILL -> DECODING, or FED for a job that only reads."""
         self._prefill.pop(job, None)
+        if job.notes is not None and (job.params.prompt_logprobs or job.params.prompt_ranks):
+            self._outbox.append((job, job.notes.prompt_event("".join(self.vocab[c] for c in job.prompt))))
         if job.params.max_new_chars == 0:
             self._finish(job, Phase.FED)
         else:
@@ -318,11 +320,16 @@ class Scheduler:
         rows = slots.rows(jobs)
         tokens = np.array([j.prompt[j.read : j.read + n] for j in jobs], np.int64)
         state = slots.gather(rows)
+        scoring = [b for b, j in enumerate(jobs) if j.params.prompt_logprobs or j.params.prompt_ranks]
+        before = slots.logits[rows[scoring]] if scoring else None  # what predicted each chunk's first character
         t0 = time.perf_counter()
         try:
             logits, state = self.engine.run(tokens, state)
         except Exception as exc:
             raise RuntimeCallFailed(f"the model failed to read the prompt: {exc}") from exc
+        if before is not None:
+            for b, first in zip(scoring, before, strict=True):
+                self._note_prompt_chunk(jobs[b], first, logits[b], n)
         self._prime_metrics.observe(time.perf_counter() - t0, len(jobs))
         slots.scatter(rows, state)
         slots.logits[rows] = logits[:, -1]
@@ -402,6 +409,33 @@ class Scheduler:
             job.read += 1
             if job.read == len(job.prompt) and job.notes is not None:
                 self._outbox.append((job, job.notes.prompt_event("".join(self.vocab[c] for c in job.prompt))))
+
+    def _note_prompt_chunk(self, job: Job, first: np.ndarray, logits: np.ndarray, n: int) -> None:
+        """A chunk of a prompt read teacher-forced: how likely the model found each of its n characters.
+
+        `first` (vocab,) predicted the chunk's first character, `logits` (n, vocab) the rest: one
+        log-softmax over the chunk, as scoring a text needs (no per-character step)."""
+        notes, params = job.notes, job.params
+        assert notes is not None
+        ids = job.prompt[job.read : job.read + n]
+        lps = log_softmax(np.concatenate([first[None], logits[: n - 1]]))  # (n, vocab)
+        chosen = lps[np.arange(n), ids]
+        unpredicted = job.read == 0 and job.logits is None  # nothing read before the first character
+        if params.prompt_logprobs:
+            values: list[float | None] = list(chosen.tolist())
+            tops: list[TopLogprobs | None] = []
+            if params.top_logprobs:
+                tops = list(top_alternatives(lps, params.top_logprobs, self.vocab))
+            if unpredicted:
+                values[0] = None
+                tops[:1] = [None] if tops else []
+            notes.prompt_logprobs.extend(values)
+            notes.prompt_top.extend(tops)
+        if params.prompt_ranks:
+            ranks: list[int | None] = list((lps > chosen[:, None]).sum(axis=1).tolist())
+            if unpredicted:
+                ranks[0] = None
+            notes.prompt_ranks.extend(ranks)
 
     def _note_prompt_logprobs(self, jobs: list[Job], rows: np.ndarray) -> None:
         """Before reading a prompt character: how likely the model found it (OpenAI's echo logprobs)."""

@@ -31,14 +31,15 @@ from typing import Any
 import numpy as np
 
 from service.core.constraints import CharMatcher, ConstraintError
+from service.core.events import PromptEvent
 from service.core.generation import Generation
 from service.core.jobs import Job, Mailbox, Phase
 from service.core.sampling import SamplingParams, SteerSpec
 from service.core.scheduler import Scheduler
 from service.errors import ApiError, InternalError, InvalidInput, LeaseLost, ShuttingDown, TooLarge
 from service.metrics import Metrics
-from service.serving.prompt_cache import PromptCache
 from service.serving import spans
+from service.serving.prompt_cache import PromptCache
 from service.serving.registry import LoadedModel, ModelRegistry
 from service.sessions import open_store
 from service.sessions.store import Lease, Session, SessionStore, rng_state_of
@@ -306,18 +307,90 @@ class GenerationService:
             )
 
     async def feed(self, session_id: str, text: str) -> tuple[Session, int]:
+        session, n, _ = await self.feed_scored(session_id, text, SamplingParams(max_new_chars=0))
+        return session, n
+
+    async def feed_scored(
+        self, session_id: str, text: str, params: SamplingParams
+    ) -> tuple[Session, int, PromptEvent | None]:
+        """Feed a session, with the fed text's logprobs or ranks when `params` asks (read in chunks, batched)."""
         self._refuse_when_draining()
         async with self._leased(session_id) as (session, lease):
             model = self.registry.get(session.model)
             ids = self._prompt_ids(model, text, "text")
-            feeding = self._feed_job(session, lease, model, ids)
-        await feeding.result()
-        return session, len(ids)
+            if params.annotates_prompt and len(ids) > MAX_ANNOTATED_PROMPT:
+                raise TooLarge(
+                    f"text has {len(ids)} characters; per-character logprobs of a text are limited to "
+                    f"{MAX_ANNOTATED_PROMPT}",
+                    field="text",
+                )
+            feeding = self._feed_job(session, lease, model, ids, params)
+        result = await feeding.result()
+        return session, len(ids), result.prompt
 
-    def _feed_job(self, session: Session, lease: Lease, model: LoadedModel, ids: list[int]) -> Generation:
+    def _feed_job(
+        self,
+        session: Session,
+        lease: Lease,
+        model: LoadedModel,
+        ids: list[int],
+        params: SamplingParams | None = None,
+    ) -> Generation:
         """Start reading `ids` into a leased session; its end saves the session and ends the lease."""
-        job, saved = self._job(session, lease, model, ids, SamplingParams(max_new_chars=0))
+        job, saved = self._job(session, lease, model, ids, params or SamplingParams(max_new_chars=0))
         return Generation(job, self.schedulers[model.id], model.id, session.id, len(ids), saved=saved)
+
+    # -- scoring -----------------------------------------------------------------------------------
+
+    async def score(
+        self, texts: list[str], context: str | None = None, model_id: str | None = None, top_logprobs: int = 0
+    ) -> tuple[str, list[PromptEvent]]:
+        """Each text read teacher-forced after `context` (or after the line break a generation starts
+        from): the model's log-probability of each of its characters, with the top alternatives when asked.
+
+        Texts are stateless jobs that only read: the scheduler reads them in chunks of at most
+        `prefill_chunk` positions, texts of the same chunk length in one seq=T call, between the steps
+        of running streams. Every text is checked before any is read."""
+        self._refuse_when_draining()
+        model = self.registry.get(model_id)
+        info = model.engine.info
+        if top_logprobs > info.vocab_size:
+            raise InvalidInput(
+                f"top_logprobs is {top_logprobs}; model {model.id!r} has {info.vocab_size} characters",
+                field="top_logprobs",
+            )
+        if context:
+            start = self._prompt_ids(model, context, "context")
+        elif DEFAULT_START in info.vocab_index:
+            start = [info.vocab_index[DEFAULT_START]]
+        else:
+            raise InvalidInput("context is required: the model has no line break to start from", field="context")
+        each = [self._prompt_ids(model, text, f"texts.{i}") for i, text in enumerate(texts)]
+        params = SamplingParams(max_new_chars=0, prompt_logprobs=True, top_logprobs=top_logprobs)
+        scheduler = self.schedulers[model.id]
+        readings: list[Generation] = []
+        try:
+            for ids in each:
+                job, _ = self._job(self._new_session(model, None), None, model, start + ids, params)
+                readings.append(Generation(job, scheduler, model.id, None, len(ids)))
+            results = await asyncio.gather(*(r.result() for r in readings))
+        except BaseException:
+            for reading in readings:
+                reading.cancel()
+            raise
+        scored = []
+        for result in results:
+            assert result.prompt is not None  # asked for: sent once the text is read
+            read = result.prompt
+            skip = len(start)
+            scored.append(
+                PromptEvent(
+                    read.text[skip:],
+                    logprobs=None if read.logprobs is None else read.logprobs[skip:],
+                    top_logprobs=None if read.top_logprobs is None else read.top_logprobs[skip:],
+                )
+            )
+        return model.id, scored
 
     # -- generation --------------------------------------------------------------------------------
 

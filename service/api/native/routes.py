@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Response, status
@@ -18,13 +19,17 @@ from service.api.native.schemas import (
     ForkRequest,
     GenerateRequest,
     GenerateResponse,
+    ScoreRequest,
+    ScoreResponse,
     SessionGenerateRequest,
     SessionInfo,
+    TextScore,
     Usage,
 )
 from service.api.sse import SSE_DONE, SSE_HEADERS, STREAMING, sse_frame
 from service.core.events import Failed, TextEvent
 from service.core.generation import Generation
+from service.core.sampling import SamplingParams
 from service.errors import InternalError
 
 router = APIRouter(prefix="/v1", responses=NATIVE_ERRORS)
@@ -108,9 +113,39 @@ async def session_generate(
 
 @router.post("/sessions/{session_id}/feed", response_model=FeedResponse)
 async def feed(session_id: str, request: FeedRequest, service: ServiceDep) -> FeedResponse:
-    """Advance a session's state over text without generating."""
-    session, chars = await service.feed(session_id, request.text)
-    return FeedResponse(session=SessionInfo.of(session), usage=Usage(prompt_chars=chars, generated_chars=0))
+    """Advance a session's state over text without generating; with its logprobs or top-g outliers if asked."""
+    params = SamplingParams(max_new_chars=0, prompt_logprobs=request.logprobs, prompt_ranks=request.top_g is not None)
+    session, chars, read = await service.feed_scored(session_id, request.text, params)
+    outside = None
+    if request.top_g is not None and read is not None and read.ranks is not None:
+        outside = [i for i, rank in enumerate(read.ranks) if rank is not None and rank >= request.top_g]
+    return FeedResponse(
+        session=SessionInfo.of(session),
+        usage=Usage(prompt_chars=chars, generated_chars=0),
+        logprobs=read.logprobs if request.logprobs and read is not None else None,
+        outside_top_g=outside,
+    )
+
+
+@router.post("/score", response_model=ScoreResponse)
+async def score(request: ScoreRequest, service: ServiceDep) -> ScoreResponse:
+    """Score texts by the model's likelihood: nll, nats and bits per character, per-character logprobs if asked."""
+    model, read = await service.score(request.texts, request.context, request.model, request.top_logprobs)
+    scores = []
+    for text in read:
+        lps = [lp for lp in text.logprobs or () if lp is not None]  # every character follows the context
+        nll = -math.fsum(lps)
+        scores.append(
+            TextScore(
+                nll=nll,
+                chars=len(lps),
+                nats_per_char=nll / len(lps),
+                bits_per_char=nll / len(lps) / math.log(2),
+                logprobs=lps if request.logprobs else None,
+                top_logprobs=[t for t in text.top_logprobs or () if t is not None] if request.top_logprobs else None,
+            )
+        )
+    return ScoreResponse(model=model, scores=scores)
 
 
 @router.post("/sessions/{session_id}/fork", response_model=SessionInfo, status_code=status.HTTP_201_CREATED)

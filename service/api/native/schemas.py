@@ -256,6 +256,14 @@ class FeedRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str = Field(min_length=1, description="text the session reads without generating")
+    logprobs: bool = Field(default=False, description="return the model's log-probability of each fed character")
+    top_g: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_INT,
+        description="return the positions of the fed characters that fell outside the model's g most likely "
+        "(DeepLog's anomaly test)",
+    )
 
 
 class SessionInfo(BaseModel):
@@ -284,6 +292,47 @@ class SessionInfo(BaseModel):
 class FeedResponse(BaseModel):
     session: SessionInfo
     usage: Usage
+    logprobs: list[float | None] | None = Field(
+        default=None, description="per fed character; null for a first character that nothing predicted"
+    )
+    outside_top_g: list[int] | None = Field(
+        default=None, description="positions (from 0) of fed characters outside the model's top_g predictions"
+    )
+
+
+MAX_SCORE_TEXTS = 1_000
+
+
+class ScoreRequest(BaseModel):
+    """Texts to score: each read teacher-forced after `context`, its characters' log-probabilities summed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelId | None = None
+    texts: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, max_length=MAX_SCORE_TEXTS, description=f"texts to score, at most {MAX_SCORE_TEXTS}"
+    )
+    context: str = Field(
+        default="", description="text read before each text (unscored); a line break when empty, as generation starts"
+    )
+    logprobs: bool = Field(default=False, description="also return each character's log-probability")
+    top_logprobs: int = Field(
+        default=0, ge=0, le=MAX_TOP_LOGPROBS, description="the N most likely characters at each position; 0 = off"
+    )
+
+
+class TextScore(BaseModel):
+    nll: float = Field(description="negative log-likelihood of the text, in nats, summed over its characters")
+    chars: int
+    nats_per_char: float
+    bits_per_char: float
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[str, float]] | None = None
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    scores: list[TextScore]
 
 
 # WebSocket messages from the client (the server's messages are documented in docs/api.md).

@@ -127,6 +127,9 @@ def test_session_routes_reject(server: Server) -> None:
             ("POST", f"/v1/sessions/{sid}/feed", {"text": ""}, 422, "invalid_input"),
             ("POST", f"/v1/sessions/{sid}/feed", {"text": "€"}, 422, "invalid_input"),
             ("POST", f"/v1/sessions/{sid}/feed", "[" * 50_000, 400, "invalid_json"),
+            ("POST", f"/v1/sessions/{sid}/feed", {"text": "a", "top_g": 0}, 422, "invalid_input"),
+            ("POST", f"/v1/sessions/{sid}/feed", {"text": "a", "logprobs": [1]}, 422, "invalid_input"),
+            ("POST", f"/v1/sessions/{sid}/feed", {"text": "a" * 10_001, "logprobs": True}, 413, "too_large"),
             ("POST", "/v1/sessions/nope/feed", {"text": "a"}, 404, "not_found"),
             ("POST", f"/v1/sessions/{sid}/fork", {"seed": -5}, 422, "invalid_input"),
             ("POST", f"/v1/sessions/{sid}/generate", {"top_k": 10**40}, 422, "invalid_input"),
@@ -142,6 +145,32 @@ def test_session_routes_reject(server: Server) -> None:
         # The session took none of it and is free.
         assert c.get(f"/v1/sessions/{sid}").json()["history_chars"] == 0
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+SCORE_CASES: list[tuple[Any, int, str, str | None]] = [
+    ("not json", 400, "invalid_json", None),
+    ({}, 422, "invalid_input", "texts"),
+    ({"texts": []}, 422, "invalid_input", "texts"),
+    ({"texts": "ROMEO"}, 422, "invalid_input", "texts"),
+    ({"texts": [""]}, 422, "invalid_input", "texts.0"),
+    ({"texts": ["a", "€"]}, 422, "invalid_input", "texts.1"),
+    ({"texts": ["a"] * 1001}, 422, "invalid_input", "texts"),
+    ({"texts": ["a", "x" * 20_001]}, 413, "too_large", "texts.1"),
+    ({"texts": ["a"], "context": "€"}, 422, "invalid_input", "context"),
+    ({"texts": ["a"], "top_logprobs": 21}, 422, "invalid_input", "top_logprobs"),
+    ({"texts": ["a"], "top_logprobs": -1}, 422, "invalid_input", "top_logprobs"),
+    ({"texts": ["a"], "model": "nope"}, 404, "not_found", "model"),
+    ({"texts": ["a"], "seed": 1}, 422, "invalid_input", "seed"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "code", "field"), SCORE_CASES)
+def test_score_rejects(server: Server, body: Any, status: int, code: str, field: str | None) -> None:
+    with server.client() as c:
+        r = post(c, "/v1/score", body)
+        assert r.status_code == status, (body, r.text)
+        error = r.json()["error"]
+        assert error["code"] == code and error.get("field") == field, error
 
 
 WS_CASES: list[tuple[str, str, str]] = [
