@@ -194,12 +194,40 @@ def _shard(text: str) -> tuple[int, int]:
     return int(i), int(n)
 
 
+def _constraint(args: argparse.Namespace) -> tuple[str, str] | None:
+    """generate's structured-output flag as (kind, source); `@FILE` reads --json and --grammar from a file."""
+    import json
+    from pathlib import Path
+
+    def text(value: str) -> str:
+        return Path(value[1:]).read_text(encoding="utf-8") if value.startswith("@") else value
+
+    if args.regex is not None:
+        return "regex", args.regex
+    if args.choice:
+        return "choice", json.dumps(args.choice)
+    if args.json is not None:
+        try:
+            schema = json.loads(text(args.json))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--json is not a JSON Schema: {exc}") from None
+        return "json", json.dumps(schema, sort_keys=True)
+    if args.grammar is not None:
+        return "grammar", text(args.grammar)
+    return None
+
+
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
     from typing import Any
 
     from service.batch.run import BatchError, GenerateConfig, Summary, generate
 
+    try:
+        constraint = _constraint(args)
+    except (ValueError, OSError) as exc:
+        print(f"charstream generate: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
     config = GenerateConfig(
         model=Path(args.model),
         n=args.n,
@@ -221,6 +249,7 @@ def _generate(args: argparse.Namespace) -> int:
         batch=args.batch,
         threads=args.threads,
         max_attempts=args.max_attempts,
+        constraint=constraint,
     )
     bars: list[Any] = []  # the progress bar, opened by the first sample: a bad setting prints no bar
 
@@ -331,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=_int, default=1, help="onnxruntime intra-op threads")
     g.add_argument("--max-attempts", type=_int, default=None, help="give up after this many (default 10 x n)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    shape = g.add_mutually_exclusive_group()
+    shape.add_argument("--regex", default=None, help="every sample matches this regular expression")
+    shape.add_argument("--choice", action="append", default=None, help="every sample is one of these (repeatable)")
+    shape.add_argument("--json", default=None, help="every sample is JSON valid under this schema (or @FILE)")
+    shape.add_argument("--grammar", default=None, help="every sample is a sentence of this Lark grammar (or @FILE)")
     g.set_defaults(func=_generate)
     return parser
 

@@ -145,3 +145,20 @@ def test_generate_bad_inputs(tmp_path: Path, models_dir: Path) -> None:
     assert_one_line_error(charstream("generate", model, "--n", "5", "--out", str(out)), "--resume")
     bad_shard = charstream("generate", model, "--n", "5", "--shard", "half")
     assert bad_shard.returncode == 2 and "i/N" in bad_shard.stderr and "Traceback" not in bad_shard.stderr
+    assert_one_line_error(charstream("generate", model, "--n", "5", "--json", "{not json"), "--json")
+    assert_one_line_error(charstream("generate", model, "--n", "5", "--grammar", "@/nonexistent.lark"), "nonexistent")
+    assert_one_line_error(charstream("generate", model, "--n", "5", "--regex", "(a|b"), "--regex")
+
+
+def test_generate_structured_outputs(tmp_path: Path, models_dir: Path) -> None:
+    import json
+    import re
+
+    out = tmp_path / "names.jsonl"
+    result = charstream(
+        "generate", str(models_dir / "tiny-lstm"), "--n", "20", "--regex", "[A-Z][a-z]{3,8}", "--unique",
+        "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert len(set(texts)) == 20 and all(re.fullmatch("[A-Z][a-z]{3,8}", t) for t in texts)

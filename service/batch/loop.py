@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.batch.constrained import RowConstraints
 from service.core.engine import Engine, StepBinding
-from service.core.sampling import BatchSampler
+from service.core.sampling import BatchSampler, ConstraintSpec
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Sampling:
     min_p: float = 0.0
     terminators: tuple[tuple[int, ...], ...] = ()  # id sequences that end a sample (not part of its text)
     max_chars: int = 200  # a sample that reaches this many characters without a terminator ends here
+    constraint: ConstraintSpec | None = None  # structured outputs: what every sample's text must match
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class Finished:
     attempt: int
     ids: np.ndarray
     nll: float  # nats: minus the model's own log-probability (no temperature) of every character drawn
-    finish_reason: str  # "stop": a terminator; "length": max_chars reached
+    finish_reason: str  # "stop": a terminator, or the constraint's text complete; "length": max_chars reached;
+    # "invalid": the constraint could no longer be met (a dead end)
     drawn: int  # characters sampled, the terminator included
 
 
@@ -98,6 +101,9 @@ class StepLoop:
             info.vocab_size,
             min_p=np.full(batch, sampling.min_p),
         )
+        self._constraints = None
+        if sampling.constraint is not None:
+            self._constraints = RowConstraints(sampling.constraint, info.vocab, batch)
         self.steps = 0
 
     def run(self, attempts: Iterator[int], seed: int) -> Iterator[Finished]:
@@ -121,7 +127,9 @@ class StepLoop:
             binding.carry()
             self.steps += 1
             logits = binding.logits[:, 0, :]
-            drawn = self._sampler.sample(logits, uniforms(keys, length))
+            constraints = self._constraints
+            drawn_from = logits if constraints is None else constraints.masked(logits)
+            drawn = self._sampler.sample(drawn_from, uniforms(keys, length))
             # The model's own log-probability of the drawn character: logit minus log-sum-exp of the row.
             top = logits.max(axis=1)
             lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
@@ -136,7 +144,11 @@ class StepLoop:
                     hit = hit[(tails == stop).all(axis=1)]
                 cut[hit] = size
             stopped = cut > 0
-            done = np.flatnonzero((stopped | (length >= sampling.max_chars)) & (attempt >= 0))
+            dead = np.zeros(b, bool)
+            if constraints is not None:
+                complete, dead = constraints.advance(drawn)
+                stopped |= complete
+            done = np.flatnonzero((stopped | dead | (length >= sampling.max_chars)) & (attempt >= 0))
             tokens[:] = drawn
             if idle:
                 length[attempt < 0] = 0  # an idle row's characters are never read
@@ -145,7 +157,7 @@ class StepLoop:
                     int(attempt[row]),
                     ids[row, : length[row] - cut[row]].copy(),
                     float(nll[row]),
-                    "stop" if stopped[row] else "length",
+                    "stop" if stopped[row] else "invalid" if dead[row] else "length",
                     int(length[row]),
                 )
                 self._start_row(row, next(attempts, -1), binding, keys, attempt, length, nll, seed)
@@ -169,4 +181,6 @@ class StepLoop:
         for state, start in zip(binding.state_in, self._start, strict=True):
             state[:, row, :] = start[:, 0, :]
         binding.tokens[row, 0] = self._last
+        if self._constraints is not None:
+            self._constraints.start(row, number >= 0)
         keys[row] = attempt_key(seed, number) if number >= 0 else 0  # an idle row still steps; its draws are unused

@@ -23,9 +23,13 @@ from typing import IO
 import numpy as np
 
 from exports import contract
+from service.batch.constrained import ConstraintRefused
 from service.batch.loop import Sampling, StepLoop
 from service.batch.novelty import NoveltyIndex
 from service.core.engine import Engine
+from service.core.sampling import ConstraintSpec
+
+KINDS = ("regex", "choice", "json", "grammar")  # structured outputs, named as the service names them
 
 # What a sample starts from when there is no prompt: the start of a line, as the service does.
 DEFAULT_START = "\n"
@@ -58,6 +62,7 @@ class GenerateConfig:
     batch: int = 256
     threads: int = 1
     max_attempts: int | None = None  # None: 10 x n, then the job ends with what it has
+    constraint: tuple[str, str] | None = None  # structured outputs: (regex, choice, json or grammar; its source)
 
     def identity(self, sha256: str) -> dict[str, object]:
         """What must match for --resume to continue a file: the model's bytes and every sampling setting.
@@ -69,6 +74,7 @@ class GenerateConfig:
         keep["novel"] = None if self.novel is None else str(self.novel)
         keep["stop"] = list(self.stop)
         keep["shard"] = list(self.shard)
+        keep["constraint"] = None if self.constraint is None else list(self.constraint)
         return {"model_sha256": sha256, **keep}
 
 
@@ -80,6 +86,7 @@ class Summary:
     novel: int | None = None  # samples not in the --novel corpus (None without --novel)
     duplicates: int = 0  # rejected by --unique
     in_corpus: int = 0  # rejected by --novel
+    invalid: int = 0  # rejected: the constraint could no longer be met
     attempts: int = 0  # attempts judged in this run
     chars: int = 0  # characters sampled in this run, rejected attempts included
     seconds: float = 0.0
@@ -89,7 +96,7 @@ class Summary:
 
     @property
     def rejected(self) -> int:
-        return self.duplicates + self.in_corpus
+        return self.duplicates + self.in_corpus + self.invalid
 
     @property
     def chars_per_s(self) -> float:
@@ -98,9 +105,10 @@ class Summary:
     def line(self) -> str:
         novel = "" if self.novel is None else f", {self.novel:,} novel"
         resumed = f" ({self.resumed:,} from before)" if self.resumed else ""
+        invalid = f", {self.invalid:,} invalid" if self.invalid else ""
         return (
             f"{self.samples:,} samples{resumed}, {self.unique:,} unique{novel}, {self.rejected:,} rejected "
-            f"({self.duplicates:,} duplicate, {self.in_corpus:,} in corpus); {self.chars:,} chars in "
+            f"({self.duplicates:,} duplicate, {self.in_corpus:,} in corpus{invalid}); {self.chars:,} chars in "
             f"{self.seconds:.1f}s = {self.chars_per_s:,.0f} chars/s"
         )
 
@@ -136,6 +144,7 @@ def check(config: GenerateConfig) -> None:
         (config.max_attempts is None or config.max_attempts >= 1, "--max-attempts must be at least 1"),
         (config.variant in contract.VARIANT_FILES, f"--variant must be one of {', '.join(contract.VARIANTS)}"),
         (config.novel is None or config.novel.is_file(), f"--novel: {config.novel} is not a file"),
+        (config.constraint is None or config.constraint[0] in KINDS, f"constraint kind must be one of {KINDS}"),
     ]
     for ok, message in rules:
         if not ok:
@@ -188,9 +197,14 @@ def generate(
         min_p=config.min_p,
         terminators=terminators,
         max_chars=config.max_chars,
+        constraint=None if config.constraint is None else ConstraintSpec(*config.constraint),
     )
     batch = min(config.batch, summary.wanted - summary.samples)
-    loop = StepLoop(engine, prompt, sampling, batch)
+    try:
+        loop = StepLoop(engine, prompt, sampling, batch)
+    except ConstraintRefused as exc:
+        assert config.constraint is not None
+        raise BatchError(f"--{config.constraint[0]} cannot be used with this model: {exc}") from None
     limit = config.max_attempts if config.max_attempts is not None else 10 * summary.wanted
     local = itertools.islice(itertools.count(start), limit)
     attempts: Iterator[int] = (j * shards + i for j in local)
@@ -207,7 +221,9 @@ def generate(
             while following in pending:
                 text, nll, reason = pending.pop(following)
                 summary.attempts += 1
-                if config.unique and text in seen:
+                if reason == "invalid":
+                    summary.invalid += 1
+                elif config.unique and text in seen:
                     summary.duplicates += 1
                 elif index is not None and text in index:
                     summary.in_corpus += 1

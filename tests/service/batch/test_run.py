@@ -169,3 +169,22 @@ def test_min_p_of_one_keeps_only_the_likeliest_character(config: GenerateConfig,
     assert len(set(texts(tmp_path / "s.jsonl"))) > 1
     with pytest.raises(BatchError, match="--min-p"):
         generate(replace(config, min_p=1.5))
+
+
+def test_structured_outputs_every_sample_matches(config: GenerateConfig, tmp_path: Path) -> None:
+    import re
+
+    pattern = "[A-Z][a-z]{2,6}( [A-Z][a-z]{2,6})?"
+    summary = generate(replace(config, n=60, until=None, constraint=("regex", pattern), unique=True))
+    rows = samples(tmp_path / "a.jsonl")
+    assert len(rows) == 60 == summary.samples and all(re.fullmatch(pattern, str(r["text"])) for r in rows)
+    assert {r["finish_reason"] for r in rows} == {"stop"}
+    choices = ["ROMEO", "JULIET", "KING"]
+    generate(
+        replace(
+            config, n=3, until=None, constraint=("choice", json.dumps(choices)), unique=True, out=tmp_path / "c.jsonl"
+        )
+    )
+    assert sorted(texts(tmp_path / "c.jsonl")) == sorted(choices)
+    with pytest.raises(BatchError, match="--regex cannot be used"):
+        generate(replace(config, constraint=("regex", "\u2603+"), out=tmp_path / "x.jsonl"))
