@@ -142,6 +142,7 @@ def check(config: GenerateConfig) -> None:
         (1 <= config.threads <= 256, f"--threads must be in 1..256, got {config.threads}"),
         (config.seed >= 0, f"--seed must be at least 0, got {config.seed}"),
         (config.max_attempts is None or config.max_attempts >= 1, "--max-attempts must be at least 1"),
+        (not config.resume or config.out is not None, "--resume needs --out: the file to continue"),
         (config.variant in contract.VARIANT_FILES, f"--variant must be one of {', '.join(contract.VARIANTS)}"),
         (config.novel is None or config.novel.is_file(), f"--novel: {config.novel} is not a file"),
         (config.constraint is None or config.constraint[0] in KINDS, f"constraint kind must be one of {KINDS}"),

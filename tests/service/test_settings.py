@@ -32,6 +32,7 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ),
         ("CHARSTREAM_VARIANT", "int4", "CHARSTREAM_VARIANT:"),
         ("CHARSTREAM_SESSION_TTL_S", "-5", "CHARSTREAM_SESSION_TTL_S:"),
+        ("CHARSTREAM_PROMPT_CACHE_BYTES", "-1", "CHARSTREAM_PROMPT_CACHE_BYTES:"),
     ],
 )
 def test_a_wrong_setting_names_the_variable(

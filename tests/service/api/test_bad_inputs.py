@@ -173,6 +173,24 @@ def test_score_rejects(server: Server, body: Any, status: int, code: str, field:
         assert error["code"] == code and error.get("field") == field, error
 
 
+# /v1/completions answers in OpenAI's shape: 400 with the field in `param`.
+COMPLETION_CASES: list[tuple[dict[str, Any], str]] = [
+    ({"n": 1001}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 100, "prompt": ["A"] * 11}, "n"),
+    ({"unique": "maybe"}, "unique"),
+    ({"unique": True, "stream": True}, "unique"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), COMPLETION_CASES)
+def test_completions_reject(server: Server, fields: dict[str, Any], param: str) -> None:
+    with server.client() as c:
+        r = post(c, "/v1/completions", {"model": "tiny-lstm", "prompt": "A", "max_tokens": 3} | fields)
+        assert r.status_code == 400, (fields, r.text)
+        assert r.json()["error"]["param"] == param, r.json()
+
+
 WS_CASES: list[tuple[str, str, str]] = [
     ("[" * 100_000, "invalid_json", "nested too deeply"),
     ("x" * 200_000, "too_large", "limit"),

@@ -153,6 +153,7 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_files(config: G
         ({"shard": (3, 3)}, "--shard"),
         ({"variant": "fp16"}, "MODEL"),
         ({"novel": Path("/nonexistent")}, "--novel"),
+        ({"resume": True, "out": None}, "--resume needs --out"),
     ],
 )
 def test_bad_settings_name_their_flag(config: GenerateConfig, change: dict[str, object], fragment: str) -> None:
