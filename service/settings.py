@@ -52,6 +52,9 @@ class Settings(BaseSettings):
         description="where sessions live: memory (this process), a redis://, rediss:// or unix:// URL, or "
         "redis+sentinel://host:port[,host:port...]/SERVICE[/DB]",
     )
+    model_poll_s: float = Field(
+        default=2.0, ge=0, le=3600, description="how often a changed model file is noticed and swapped in; 0: never"
+    )
     redis_wait_replicas: int = Field(
         default=0, ge=0, le=16, description="each session write waits until this many Redis replicas confirm it"
     )

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from service.api import ops, tracing
+from service.api import admin, ops, tracing
 from service.api.errors import install_error_handlers, register_error_style
 from service.api.limits import with_model_limits
 from service.api.middleware import ConnectionLimit, Gate, RequestMetrics
@@ -21,6 +21,7 @@ from service.api.playground import routes as playground
 from service.metrics import Metrics
 from service.serving.registry import ModelRegistry, load_registry
 from service.serving.service import GenerationService
+from service.serving.swaps import ModelSwapper
 from service.settings import Settings, load_settings
 
 log = logging.getLogger("charstream.app")
@@ -42,6 +43,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         app.state.settings = settings
         service.start()
         sweeper = asyncio.create_task(_sweep(service))
+        swapper = app.state.swapper = ModelSwapper(service)
+        poller = asyncio.create_task(swapper.poll_forever(settings.model_poll_s)) if settings.model_poll_s else None
         log.info(
             "charstream ready",
             extra={"models": ",".join(service.registry.models), "failed": len(service.registry.failures)},
@@ -50,6 +53,11 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             yield
         finally:
             sweeper.cancel()
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+            await swapper.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             await service.stop()
@@ -69,6 +77,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.add_middleware(ConnectionLimit, limit=settings.max_connections, metrics=metrics)
     app.add_middleware(Gate, api_key=settings.api_key, draining=lambda: service is not None and service.draining)
     app.include_router(ops.router)
+    app.include_router(admin.router)
     app.include_router(native.router)
     app.include_router(openai.router)
     for path in openai.OPENAI_PATHS:  # every error there in OpenAI's shape, 401 from the gate included

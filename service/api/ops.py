@@ -45,6 +45,8 @@ async def readyz(service: ServiceDep) -> JSONResponse:
         "models": sorted(registry.models),
         "default_model": registry.default,
         "failed": registry.failures,
+        # A new version of a model that did not load (the previous one serves): ready, but said.
+        "swap_failed": registry.swap_failures,
         "session_store": {"store": service.store.describe(), "error": store_error},
     }
     return JSONResponse(body, status_code=200 if ready else 503)

@@ -1,9 +1,15 @@
-"""Every model folder under the models folder, loaded at start-up; a broken one is reported, not fatal."""
+"""Every model folder under the models folder, loaded at start-up; a broken one is reported, not fatal.
+
+A loaded model can be replaced by a new version of its folder without a restart
+(service/serving/swaps.py): `load_folder` loads one folder, `stamp` says whether its file changed
+since (an export renames a whole new folder into place, so the file is a new inode).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,12 +25,29 @@ log = logging.getLogger("charstream.registry")
 VARIANT_FILES = contract.VARIANT_FILES  # one home: the export writes the same names
 
 
+Stamp = tuple[int, int, int, int]  # the file's device, inode, size and mtime (ns)
+
+
+def stamp(path: Path) -> Stamp | None:
+    """What changes when a file is replaced (None: no such file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class ModelLoadError(Exception):
+    """A model folder that does not load; the message is the reason, one line."""
+
+
 @dataclass
 class LoadedModel:
     id: str
     folder: Path
     engine: Engine
     manifest: dict[str, Any] = field(default_factory=dict)
+    stamp: Stamp | None = None  # of the model file, when it was loaded
 
     @cached_property
     def sha256(self) -> str:
@@ -50,11 +73,42 @@ class LoadedModel:
         }
 
 
+def load_folder(folder: Path, variant: str, threads: int) -> LoadedModel:
+    """One model folder's `variant` file and manifest; ModelLoadError saying why not."""
+    path = folder / VARIANT_FILES[variant]
+    before = stamp(path)
+    try:
+        engine = Engine(path, threads)
+        manifest_path = folder / contract.MANIFEST_NAME
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    except Exception as exc:  # any broken file is reported, never fatal
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path.name}: {reason[:300]}") from exc
+    return LoadedModel(folder.name, folder, engine, manifest, before)
+
+
 class ModelRegistry:
-    def __init__(self, models: dict[str, LoadedModel], failures: dict[str, str], default: str | None) -> None:
+    def __init__(
+        self,
+        models: dict[str, LoadedModel],
+        failures: dict[str, str],
+        default: str | None,
+        variant: str = "fp32",
+        threads: int = 1,
+    ) -> None:
         self.models = models
         self.failures = failures
         self.default = default
+        self.variant, self.threads = variant, threads  # how a new version of a folder is loaded
+        # Model id -> why its new version did not load (the version before it still serves).
+        self.swap_failures: dict[str, str] = {}
+
+    def file_of(self, model: LoadedModel) -> Path:
+        return model.folder / VARIANT_FILES[self.variant]
+
+    def reload(self, model_id: str) -> LoadedModel:
+        """The folder of a loaded model, loaded again (a new engine beside the one serving)."""
+        return load_folder(self.models[model_id].folder, self.variant, self.threads)
 
     @classmethod
     def load(
@@ -65,7 +119,7 @@ class ModelRegistry:
         if not models_dir.is_dir():
             failures["*"] = f"models folder {models_dir} does not exist"
             log.error("models folder missing", extra={"models_dir": str(models_dir)})
-            return cls(models, failures, None)
+            return cls(models, failures, None, variant, threads)
         filename = VARIANT_FILES[variant]
         for folder in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
             path = folder / filename
@@ -74,21 +128,14 @@ class ModelRegistry:
                     failures[folder.name] = f"{folder.name} has no {filename}"
                 continue  # not a model folder (e.g. __pycache__)
             try:
-                engine = Engine(path, threads)
-                manifest_path = folder / contract.MANIFEST_NAME
-                manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-            except Exception as exc:  # any broken file is reported and skipped, never fatal
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                failures[folder.name] = f"{path.name}: {reason[:300]}"
-                log.error(
-                    "model failed to load",
-                    extra={"model": folder.name, "reason": failures[folder.name]},
-                )
+                models[folder.name] = load_folder(folder, variant, threads)
+            except ModelLoadError as exc:
+                failures[folder.name] = str(exc)
+                log.error("model failed to load", extra={"model": folder.name, "reason": str(exc)})
                 continue
-            models[folder.name] = LoadedModel(folder.name, folder, engine, manifest)
             log.info(
                 "model loaded",
-                extra={"model": folder.name, "file": str(path), "cell": engine.info.cell},
+                extra={"model": folder.name, "file": str(path), "cell": models[folder.name].engine.info.cell},
             )
         if not models and not failures:
             failures["*"] = f"no model folders under {models_dir}"
@@ -97,7 +144,7 @@ class ModelRegistry:
             default = None
         if default is None and models:
             default = next(iter(models))
-        return cls(models, failures, default)
+        return cls(models, failures, default, variant, threads)
 
     @property
     def ready(self) -> bool:

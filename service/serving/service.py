@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from service.core.constraints import CharMatcher, ConstraintError
+from service.core.engine import Engine
 from service.core.events import PromptEvent
 from service.core.generation import Generation
 from service.core.jobs import Job, Mailbox, Phase
@@ -60,6 +61,18 @@ COMPILE_TIMEOUT_S = 5.0
 FINAL_FRAMES_WAIT_S = 3.0
 
 
+def new_scheduler(name: str, engine: Engine, settings: Settings, metrics: Metrics) -> Scheduler:
+    return Scheduler(
+        name,
+        engine,
+        metrics,
+        max_batch_size=settings.max_batch_size,
+        max_wait_us=settings.max_wait_us,
+        batching=settings.batching,
+        prefill_chunk=settings.prefill_chunk,
+    )
+
+
 class GenerationService:
     def __init__(
         self,
@@ -87,16 +100,7 @@ class GenerationService:
     def create(cls, registry: ModelRegistry, settings: Settings, metrics: Metrics | None = None) -> GenerationService:
         metrics = metrics or Metrics()
         schedulers = {
-            name: Scheduler(
-                name,
-                model.engine,
-                metrics,
-                max_batch_size=settings.max_batch_size,
-                max_wait_us=settings.max_wait_us,
-                batching=settings.batching,
-                prefill_chunk=settings.prefill_chunk,
-            )
-            for name, model in registry.models.items()
+            name: new_scheduler(name, model.engine, settings, metrics) for name, model in registry.models.items()
         }
         store = open_store(
             settings.session_store,
@@ -107,6 +111,10 @@ class GenerationService:
             wait_replicas=settings.redis_wait_replicas,
         )
         return cls(registry, store, schedulers, settings, metrics)
+
+    def new_scheduler(self, name: str, engine: Engine) -> Scheduler:
+        """A scheduler for another version of a model (a swap), set up as the others."""
+        return new_scheduler(name, engine, self.settings, self.metrics)
 
     def start(self) -> None:
         sys.setswitchinterval(self.settings.switch_interval_us / 1e6)

@@ -28,7 +28,7 @@ def open_store(
     """The store `url` names: "memory", or a Redis URL (`models` maps each model id to its file's sha256;
     a Redis store confirms each write on `wait_replicas` replicas)."""
     if url == "memory":
-        return InMemorySessionStore(ttl_s, max_sessions)
+        return InMemorySessionStore(ttl_s, max_sessions, models=models)
     from service.sessions.redis_store import RedisSessionStore  # only a Redis deployment needs redis-py
 
     return RedisSessionStore(

@@ -10,9 +10,16 @@ from service.sessions.store import Lease, Session, SessionStore, StoreStats
 
 
 class InMemorySessionStore(SessionStore):
-    def __init__(self, ttl_s: float, max_sessions: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl_s: float,
+        max_sessions: int,
+        clock: Callable[[], float] = time.monotonic,
+        models: dict[str, str] | None = None,
+    ) -> None:
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
+        self.models = {} if models is None else models
         self._clock = clock
         self._sessions: dict[str, Session] = {}
         self._last_used: dict[str, float] = {}
@@ -42,16 +49,17 @@ class InMemorySessionStore(SessionStore):
             soonest = min((self._expires_in(sid) for sid in self._sessions), default=self.ttl_s)
             retry = max(1, int(soonest) + 1)
             raise store.too_many_sessions(self.max_sessions, retry, "the server holds its maximum of")
+        session.model_sha256 = session.model_sha256 or self.version_of(session)
         self._sessions[session.id] = session
         self._use(session)
 
     async def get(self, session_id: str) -> Session:
-        session = self._found(session_id)
+        session = self.check_version(self._found(session_id))
         self._use(session)
         return session
 
     async def lease(self, session_id: str) -> tuple[Session, Lease]:
-        session = self._found(session_id)
+        session = self.check_version(self._found(session_id))
         if session_id in self._leases:
             raise store.session_busy(session_id, 1)
         self._tokens += 1

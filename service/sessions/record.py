@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import CorruptSession, ForeignSession
-from service.sessions.store import Session
+from service.sessions.store import Session, model_swapped
 
 MAGIC = b"CSR1"
 RECORD_VERSION = 1
@@ -87,8 +87,9 @@ def decode(data: bytes, models: dict[str, str]) -> Session:
             logits=logits,
             history_chars=int(header["history_chars"]),
             created_at=float(header["created_at"]),
+            model_sha256=str(header["model_sha256"]),
         )
-        sha = str(header["model_sha256"])
+        sha = session.model_sha256
     except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
         raise CorruptSession(f"the stored session cannot be read ({exc}); delete it and start a new one") from None
     if session.model not in models:
@@ -97,9 +98,5 @@ def decode(data: bytes, models: dict[str, str]) -> Session:
             field="session_id",
         )
     if models[session.model] != sha:
-        raise ForeignSession(
-            f"session {session.id!r} was made with another version of model {session.model!r} "
-            f"(file sha256 {sha[:12]}..., this server has {models[session.model][:12]}...); start a new session",
-            field="session_id",
-        )
+        raise model_swapped(session, models[session.model])
     return session

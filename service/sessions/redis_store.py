@@ -285,7 +285,9 @@ class RedisSessionStore(SessionStore):
         await self._confirmed(self._put, [self._keys(session.id)[0]], [record, self._ms(self.ttl_s)])
 
     def _encode(self, session: Session) -> bytes:
-        record = encode(session, self.models.get(session.model, ""))
+        # A session keeps the version it was made with, also when the model is swapped while it runs.
+        session.model_sha256 = session.model_sha256 or self.version_of(session)
+        record = encode(session, session.model_sha256)
         self._record_bytes = len(record)
         return record
 

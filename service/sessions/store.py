@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import NotFound, SessionBusy, TooManySessions
+from service.errors import ForeignSession, NotFound, SessionBusy, TooManySessions
 
 
 @dataclass
@@ -37,6 +37,9 @@ class Session:
     history_chars: int = 0
     created_at: float = field(default_factory=time.time)
     expires_at: float = 0.0  # wall-clock; set by the store
+    # The sha256 of the model file whose state this is (set by the store when the session is made):
+    # after the model is swapped for another version, the session is refused, never read into it.
+    model_sha256: str = ""
 
     @classmethod
     def fresh(cls, model: str, state_shape: tuple[int, int], tensors: int, seed: int | None) -> Session:
@@ -124,6 +127,18 @@ class SessionStore(abc.ABC):
     """Where sessions live between requests. Every method may raise StoreUnavailable."""
 
     ttl_s: float
+    models: dict[str, str]  # model id -> sha256 of the file served now (updated in place by a swap)
+
+    def version_of(self, session: Session) -> str:
+        """The model version a new session gets: the file served now."""
+        return self.models.get(session.model, "")
+
+    def check_version(self, session: Session) -> Session:
+        """The session, unless the model it was made with has been swapped for another version (409)."""
+        served = self.models.get(session.model)
+        if served and session.model_sha256 and served != session.model_sha256:
+            raise model_swapped(session, served)
+        return session
 
     @abc.abstractmethod
     def describe(self) -> str:
@@ -178,6 +193,14 @@ def session_busy(session_id: str, retry_s: int) -> SessionBusy:
         f"session {session_id!r} is busy with another request; retry when it finishes",
         field="session_id",
         headers={"Retry-After": str(retry_s)},
+    )
+
+
+def model_swapped(session: Session, served: str) -> ForeignSession:
+    return ForeignSession(
+        f"session {session.id!r} was made with another version of model {session.model!r} "
+        f"(file sha256 {session.model_sha256[:12]}..., this server has {served[:12]}...); start a new session",
+        field="session_id",
     )
 
 
