@@ -5,10 +5,23 @@ without them the run is one process and every call here is a no-op. Each process
 contiguous share of the batch lanes; DDP averages the gradients, so a step equals one step of a
 single process on the whole batch (up to the order of floating-point sums). Process 0 logs,
 validates and writes checkpoints.
+
+Leaving cleanly. With torch 2.13, importing `torch._dynamo` after `init_process_group` (creating
+an optimizer or DDP does) keeps a reference to the gloo process group that
+`destroy_process_group` does not drop, so the group's worker threads live on to interpreter
+shutdown. A worker that releases the last collective's work there must take the GIL to drop the
+tensors' Python objects, which a finalizing interpreter refuses: the thread is unwound inside a
+destructor and the process aborts ("terminate called without an active exception", SIGABRT),
+at random, more often on a busy CPU, where a worker is descheduled between finishing a
+collective and releasing it. `setup` therefore imports `torch._dynamo` before it joins the
+group; `destroy_process_group` then destroys the group, whose destructor joins the worker
+threads while the interpreter is alive. `teardown` waits at a barrier first, so no process
+leaves while process 0 still writes its last checkpoint.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -104,10 +117,17 @@ def setup(device_name: str, batch_size: int) -> Ranks:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        importlib.import_module("torch._dynamo")  # before the group exists: see the module docstring
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return ranks
 
 
-def teardown(ranks: Ranks) -> None:
+def teardown(ranks: Ranks, finished: bool) -> None:
+    """Leave the process group; after a finished run, once every process has got here.
+
+    After a failure there is no barrier: the other processes may never reach it.
+    """
     if ranks.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

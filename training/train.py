@@ -173,10 +173,13 @@ def _plan(setup: Setup) -> str:
 def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     ranks = distributed.setup(cfg.device, cfg.batch_size)
+    finished = False
     try:
-        return _train(cfg, ranks)
+        result = _train(cfg, ranks)
+        finished = True
+        return result
     finally:
-        distributed.teardown(ranks)
+        distributed.teardown(ranks, finished)
 
 
 def _train(cfg: TrainConfig, ranks: distributed.Ranks) -> TrainResult:

@@ -84,3 +84,34 @@ def test_two_processes_match_one_process_on_the_same_batch(tmp_path: Path, corpu
     assert abs(one["val_loss"] - two["val_loss"]) < 1e-3
     rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2  # steps 10 and 20, written once, by process 0
+
+
+def test_no_gloo_thread_outlives_the_training(tmp_path: Path, corpus_file: Path) -> None:
+    """After train() the process group is gone with its worker threads, so none can abort the exit.
+
+    A gloo worker still alive at interpreter shutdown aborted a process now and then (SIGABRT,
+    "terminate called without an active exception"); this checks the cause deterministically.
+    """
+    script = tmp_path / "train_then_list_threads.py"
+    script.write_text(
+        "import glob, os\n"
+        "from pathlib import Path\n"
+        "from tests.utils import tiny_train_config\n"
+        "from training.train import train\n"
+        f"train(tiny_train_config(Path({str(corpus_file)!r}), Path({str(tmp_path / 'run')!r}), max_steps=4,"
+        " eval_interval=2, hidden=16, embedding=8, seq_len=16, batch_size=8))\n"
+        "names = sorted(open(f).read().strip() for f in glob.glob('/proc/self/task/*/comm'))\n"
+        f"Path({str(tmp_path)!r}, 'threads-' + os.environ['RANK']).write_text(' '.join(names))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        threads = (tmp_path / f"threads-{rank}").read_text()
+        assert "python" in threads and "gloo" not in threads, threads  # gloo_tcp_loop, pt_gloo_runloop
