@@ -132,7 +132,8 @@ def _eval(args: argparse.Namespace) -> int:
         from training.errors import UserError
 
         raise UserError("evaluation text needs at least 2 characters")
-    loss = evaluate_loss(model, torch.tensor(vocab.encode(text), dtype=torch.long))
+    ids = torch.tensor(vocab.encode(text), dtype=torch.long)
+    loss = evaluate_loss(model, ids, progress=sys.stderr.isatty())  # all of the text, always
     print(f"{args.split} loss: {loss:.4f} nats/char  {loss / LN2:.4f} bits/char  ({len(text):,} chars)")
     return 0
 

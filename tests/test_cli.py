@@ -86,6 +86,10 @@ def test_train_bad_corpus(tmp_path: Path, content: bytes, fragment: str) -> None
         (["--cell", "rnn", "--forget-bias", "1"], "--forget-bias needs a gated cell"),
         (["--batch-size", "5000"], "too short for --batch-size 5000 x --seq-len 128"),
         (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+        (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16"),
+        (["--eval-chars", "-1"], "--eval-chars must be at least 0"),
+        (["--freeze-layers", "1"], "--freeze-layers needs --init-from"),
+        (["--init-from", "/no/such/model.pt"], "--init-from /no/such/model.pt does not exist"),
     ],
 )
 def test_train_nonsense_hyper_parameters(tmp_path: Path, corpus_file: Path, args: list[str], fragment: str) -> None:

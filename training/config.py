@@ -18,6 +18,13 @@ if TYPE_CHECKING:
     from training.model import ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+# Characters read per periodic validation by default: a few seconds of a 2x512 model's time on
+# two cores, against minutes of training between validations at the default --eval-interval.
+EVAL_CHARS = 250_000
+LR = 2e-3
+FINE_TUNE_LR = 5e-4
+# As training/precision.py, which imports torch; this module must not.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 T = TypeVar("T")
 
@@ -45,7 +52,10 @@ class TrainConfig:
     seq_len: int = setting(128, "characters per window of truncated backpropagation through time")
     # Under torchrun each process reads batch_size / world_size lanes.
     batch_size: int = setting(64, "whole batch, split over torchrun processes")
-    lr: float = setting(2e-3, "peak learning rate, reached at the end of the warm-up")
+    # None: LR, or FINE_TUNE_LR with --init-from (see peak_lr).
+    lr: float | None = setting(
+        None, "peak learning rate, reached at the end of the warm-up (default 2e-3; 5e-4 with --init-from)"
+    )
     weight_decay: float = setting(0.01, "AdamW weight decay of the weight matrices (not of the biases)")
     warmup_steps: int = setting(100, "steps of linear learning-rate warm-up")
     schedule: str = setting("cosine", "cosine, step or constant")
@@ -61,19 +71,38 @@ class TrainConfig:
     grad_clip: float = setting(1.0, "largest gradient norm; a larger gradient is scaled down to it")
     val_fraction: float = setting(0.1, "the end of the text held out for validation, as a fraction")
     eval_interval: int = setting(250, "validate and checkpoint every this many steps (and at the end)")
+    # The final validation reads the whole split, as `charstream eval` does.
+    eval_chars: int = setting(
+        EVAL_CHARS, "characters read per periodic validation: a fixed sample of the split (0: all of it)"
+    )
     seed: int = setting(1337, "seed of the initial weights, dropout masks and epoch window shifts")
     device: str = setting("auto", "auto, cpu or cuda")
+    # Autocast of the forward pass and the loss; weights, optimizer state and checkpoints stay fp32.
+    precision: str = setting(
+        "auto", "auto, fp32, bf16 or fp16 (CUDA only); auto: bf16 where the CPU or GPU has it natively"
+    )
     resume: bool = setting(False, "continue from OUT/last.pt")
+    # Fine-tuning (training/prior.py): the architecture is the prior's, the layer flags are not read.
+    init_from: str | None = setting(
+        None, "start from a trained model: a checkpoint (.pt), an exported model folder or its .onnx"
+    )
+    freeze_layers: int = setting(0, "with --init-from: keep the lowest K recurrent layers as the prior has them")
     progress: bool = setting(True, "no progress bar")
 
     def validate(self) -> None:
-        check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check(self.lr is None or self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check(self.freeze_layers >= 0, "freeze_layers", f"must be at least 0, got {self.freeze_layers}")
+        if self.freeze_layers and self.init_from is None:
+            raise InvalidSetting(
+                "freeze_layers needs init_from, the model to fine-tune", ("freeze_layers", "init_from")
+            )
         check(self.weight_decay >= 0, "weight_decay", f"must be at least 0, got {self.weight_decay}")
         check(self.warmup_steps >= 0, "warmup_steps", f"must be at least 0, got {self.warmup_steps}")
         check(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         check(self.grad_clip > 0, "grad_clip", f"must be positive, got {self.grad_clip}")
         check(self.eval_interval >= 1, "eval_interval", f"must be at least 1, got {self.eval_interval}")
+        check(self.eval_chars >= 0, "eval_chars", f"must be at least 0, got {self.eval_chars}")
         check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}")
         check(self.epochs is None or self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
         check(
@@ -89,6 +118,18 @@ class TrainConfig:
         if self.max_steps is not None and self.epochs is not None:
             raise InvalidSetting("give max_steps or epochs, not both", ("max_steps", "epochs"))
         check(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check(
+            self.precision in PRECISIONS,
+            "precision",
+            f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
+
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate asked for, or the default: lower when fine-tuning, so the prior is not undone."""
+        if self.lr is not None:
+            return self.lr
+        return FINE_TUNE_LR if self.init_from else LR
 
     @property
     def time_only(self) -> bool:

@@ -9,6 +9,7 @@ DistributedDataParallel (training/distributed.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -34,9 +35,11 @@ from training.checkpoint import (
 from training.config import TrainConfig
 from training.corpus import Corpus, Vocabulary, read_corpus
 from training.errors import InvalidSetting, UserError
-from training.evaluate import evaluate_loss
+from training.evaluate import evaluate
 from training.model import CharRNN, ModelConfig, State
 from training.plot import plot_losses
+from training.precision import Precision, resolve
+from training.prior import Prior, extend, freeze_layers, load_prior, vocabulary
 from training.schedule import learning_rate
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
@@ -89,8 +92,12 @@ class Setup:
     lanes: slice  # this process's rows of the batch
     model: CharRNN
     optimizer: torch.optim.Optimizer
+    precision: Precision
+    scaler: torch.amp.GradScaler  # scales the fp16 loss; disabled (a pass-through) otherwise
     max_steps: int | None  # None: the clock ends the run
     decay_steps: int
+    prior: Prior | None = None  # the model a fine-tune started from (--init-from)
+    new_chars: tuple[str, ...] = ()  # the corpus's characters the prior lacked, appended to its vocabulary
 
     @property
     def budget_s(self) -> float | None:
@@ -167,7 +174,33 @@ def _plan(setup: Setup) -> str:
         until = f"to step {max_steps:,} ({max_steps / per_epoch:.1f} epochs)"
         if budget:
             until += f" or for {budget}, whichever comes first"
-    return f"{head}\n  runs {until}; validates every {cfg.eval_interval} steps and at the end"
+    precision = setup.precision
+    mixed = "fp32 throughout" if precision.dtype is None else f"{precision.name} autocast, fp32 weights"
+    start = "" if setup.prior is None else _fine_tune_plan(setup) + "\n"
+    return (
+        f"{start}{head}\n  runs {until}; validates every {cfg.eval_interval} steps{_sample(setup)} and at the end"
+        f"\n  precision {precision.name} ({mixed}; {precision.reason})"
+    )
+
+
+def _fine_tune_plan(setup: Setup) -> str:
+    """What a fine-tune starts from, said before the plan."""
+    assert setup.prior is not None
+    new = ", ".join(repr(ch) for ch in setup.new_chars[:20]) + (" ..." if len(setup.new_chars) > 20 else "")
+    frozen = f"; the lowest {setup.cfg.freeze_layers} recurrent layer(s) frozen" if setup.cfg.freeze_layers else ""
+    added = f"{len(setup.new_chars)} new character(s) added to its {len(setup.prior.vocab)}"
+    return (
+        f"fine-tuning from {setup.prior.path} (its architecture; fresh optimizer, "
+        f"peak lr {setup.cfg.peak_lr:g}{frozen}); {added}" + (f": {new}" if new else "")
+    )
+
+
+def _sample(setup: Setup) -> str:
+    """What a periodic validation reads, when it is less than the whole split."""
+    held_out = setup.val_ids.numel() - 1
+    if not 0 < setup.cfg.eval_chars < held_out:
+        return ""
+    return f" on a fixed sample of {setup.cfg.eval_chars:,} of the {held_out:,} validation chars,"
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -195,9 +228,21 @@ def _setup(cfg: TrainConfig, ranks: distributed.Ranks) -> Setup:
         raise InvalidSetting(f"out {out} exists and is not a folder", ("out",))
     device = ranks.device(cfg.device)
 
-    # Data: the vocabulary covers train and validation text, so validation has no unknowns.
+    # Data: the vocabulary covers train and validation text, so validation has no unknowns. A
+    # fine-tune keeps the prior's vocabulary and appends the corpus's new characters.
     corpus = read_corpus(cfg.data)
-    vocab = Vocabulary.from_text(corpus.text)
+    prior = load_prior(cfg.init_from) if cfg.init_from else None
+    new_chars: list[str] = []
+    if prior is not None:
+        new_chars = sorted(set(corpus.text) - set(prior.vocab.chars))
+        vocab = vocabulary(prior, new_chars)
+        # The run's settings name the architecture it really has (checkpoints record them).
+        pc = prior.config
+        cfg = dataclasses.replace(
+            cfg, cell=pc.cell, layers=pc.num_layers, hidden=pc.hidden_size, embedding=pc.embedding_size
+        )
+    else:
+        vocab = Vocabulary.from_text(corpus.text)
     train_text, val_text = corpus.split(cfg.val_fraction)
     train_ids = torch.tensor(vocab.encode(train_text), dtype=torch.long)
     val_ids = torch.tensor(vocab.encode(val_text), dtype=torch.long)
@@ -212,9 +257,15 @@ def _setup(cfg: TrainConfig, ranks: distributed.Ranks) -> Setup:
     # builds the same initial weights from the same seed; DDP checks and broadcasts them anyway.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = CharRNN(cfg.model_config(len(vocab))).to(device)
-    if cfg.forget_bias is not None:
-        model.set_forget_bias(cfg.forget_bias)
+    if prior is None:
+        model = CharRNN(cfg.model_config(len(vocab)))
+        if cfg.forget_bias is not None:
+            model.set_forget_bias(cfg.forget_bias)
+    else:
+        # The prior's trained weights, never re-initialised (no forget bias); a fresh optimizer.
+        model, _ = extend(prior, corpus.text, cfg.dropout, cfg.embedding_dropout)
+        freeze_layers(model, cfg.freeze_layers)
+    model = model.to(device)
     if ranks.distributed:
         # Each process draws its own dropout masks, as it reads its own lanes.
         torch.manual_seed(cfg.seed + ranks.rank)
@@ -225,9 +276,10 @@ def _setup(cfg: TrainConfig, ranks: distributed.Ranks) -> Setup:
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ],
-        lr=cfg.lr,
+        lr=cfg.peak_lr,
         betas=(0.9, 0.99),
     )
+    precision = resolve(cfg.precision, device)
     return Setup(
         cfg=cfg,
         ranks=ranks,
@@ -241,8 +293,12 @@ def _setup(cfg: TrainConfig, ranks: distributed.Ranks) -> Setup:
         lanes=ranks.lanes(cfg.batch_size),
         model=model,
         optimizer=optimizer,
+        precision=precision,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision.scales_loss),
         max_steps=max_steps,
         decay_steps=cfg.lr_decay_steps or max_steps or 1,
+        prior=prior,
+        new_chars=tuple(new_chars),
     )
 
 
@@ -259,6 +315,7 @@ def _resume(setup: Setup) -> RunState:
     if not setup.last_path.exists():
         raise UserError(f"resume asked for, but {setup.last_path} does not exist")
     ckpt = load_checkpoint(setup.last_path, map_location=setup.device)
+    _check_same_prior(setup, ckpt.get("init_from"))
     if ckpt["vocab"] != setup.vocab.to_json():
         raise UserError(f"cannot resume: {setup.last_path} was trained on a different vocabulary")
     if ModelConfig.from_dict(ckpt["model_config"]) != setup.model.config:
@@ -275,6 +332,8 @@ def _resume(setup: Setup) -> RunState:
         )
     setup.model.load_state_dict(ckpt["model_state"])
     setup.optimizer.load_state_dict(ckpt["optimizer_state"])
+    if ckpt.get("scaler_state") and setup.scaler.is_enabled():
+        setup.scaler.load_state_dict(ckpt["scaler_state"])
     run = RunState(
         carried=tuple(t[:, setup.lanes].to(setup.device) for t in carried),
         step=ckpt["step"],
@@ -302,6 +361,27 @@ def _resume(setup: Setup) -> RunState:
             ("max_minutes",),
         )
     return run
+
+
+def _check_same_prior(setup: Setup, started_from: dict[str, Any] | None) -> None:
+    """A fine-tune resumes from the same prior it started from; a run from scratch without one."""
+    if started_from is None and setup.prior is None:
+        return
+    if started_from is None:
+        raise InvalidSetting(
+            f"cannot resume: {setup.last_path} was trained from scratch; leave out init_from", ("init_from",)
+        )
+    if setup.prior is None:
+        raise InvalidSetting(
+            f"cannot resume: {setup.last_path} was fine-tuned from {started_from['path']}; give init_from again",
+            ("init_from",),
+        )
+    if started_from["sha256"] != setup.prior.sha256:
+        raise InvalidSetting(
+            f"cannot resume: {setup.last_path} was fine-tuned from {started_from['path']} "
+            f"(sha256 {started_from['sha256'][:12]}), not from {setup.prior.path} (sha256 {setup.prior.sha256[:12]})",
+            ("init_from",),
+        )
 
 
 def _loop(setup: Setup, run: RunState) -> TrainResult:
@@ -336,7 +416,7 @@ def _loop(setup: Setup, run: RunState) -> TrainResult:
             finished = out_of_time or (setup.max_steps is not None and run.step >= setup.max_steps)
             validate = finished or run.step % setup.cfg.eval_interval == 0
             if validate or run.step % 10 == 0:
-                _log(setup, run, bar, lr, spent, validate)
+                _log(setup, run, bar, lr, spent, validate, final=finished)
             if finished:
                 break
         else:
@@ -359,19 +439,23 @@ def _train_step(setup: Setup, net: torch.nn.Module, run: RunState, x: Tensor, y:
     cfg = setup.cfg
     progress = run.training_seconds() / setup.budget_s if cfg.time_only and setup.budget_s else None
     lr = learning_rate(
-        run.step, cfg.lr, cfg.warmup_steps, setup.decay_steps, cfg.schedule, cfg.min_lr_ratio, progress=progress
+        run.step, cfg.peak_lr, cfg.warmup_steps, setup.decay_steps, cfg.schedule, cfg.min_lr_ratio, progress=progress
     )
     for group in setup.optimizer.param_groups:
         group["lr"] = lr
     x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
-    logits, carried = net(x, run.carried)
-    # Truncated BPTT: keep the values, cut the graph at the window boundary.
-    run.carried = tuple(t.detach() for t in carried)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    with setup.precision.autocast():
+        logits, carried = net(x, run.carried)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    # Truncated BPTT: keep the values, cut the graph at the window boundary. The carried state
+    # stays fp32 (autocast returns it in bf16/fp16), as the checkpoint and the export expect.
+    run.carried = tuple(t.detach().float() for t in carried)
     setup.optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[no-untyped-call]
+    setup.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+    setup.scaler.unscale_(setup.optimizer)  # clip the true gradients, not the scaled ones
     torch.nn.utils.clip_grad_norm_(setup.model.parameters(), cfg.grad_clip)
-    setup.optimizer.step()
+    setup.scaler.step(setup.optimizer)
+    setup.scaler.update()
     run.step += 1
     run.window += 1
     run.steps_this_run += 1
@@ -380,7 +464,7 @@ def _train_step(setup: Setup, net: torch.nn.Module, run: RunState, x: Tensor, y:
     return lr
 
 
-def _log(setup: Setup, run: RunState, bar: Any, lr: float, spent: float, validate: bool) -> None:
+def _log(setup: Setup, run: RunState, bar: Any, lr: float, spent: float, validate: bool, final: bool) -> None:
     """A metrics row for the steps since the last one; with `validate`, the validation loss and a checkpoint."""
     now = time.perf_counter()
     cps = run.steps_since_log * setup.chars_per_step / max(now - run.t_log, 1e-9)
@@ -404,7 +488,7 @@ def _log(setup: Setup, run: RunState, bar: Any, lr: float, spent: float, validat
             f"(~{(run.step + steps_left) / setup.batcher.batches_per_epoch:.1f} epochs in all)"
         )
     if validate:
-        _validate(setup, run, row, spent)
+        _validate(setup, run, row, spent, final)
         if setup.ranks.is_main:
             bar.write(
                 f"step {run.step}: train {row['train_loss']:.4f}  val {run.last_val:.4f}"
@@ -417,13 +501,19 @@ def _log(setup: Setup, run: RunState, bar: Any, lr: float, spent: float, validat
             plot_losses(_read_metrics(setup.metrics_path, run.step), setup.out / "loss.png")
 
 
-def _validate(setup: Setup, run: RunState, row: dict[str, Any], spent: float) -> None:
-    """Process 0 measures the validation loss and writes last.pt (and best.pt when it improved)."""
+def _validate(setup: Setup, run: RunState, row: dict[str, Any], spent: float, final: bool) -> None:
+    """Process 0 measures the validation loss and writes last.pt (and best.pt when it improved).
+
+    A periodic validation reads the fixed sample of --eval-chars characters; the final one reads
+    the whole split. The sample estimates the same loss, so both compete for best.pt.
+    """
     every_lane = setup.ranks.gather_lanes(run.carried)
     rngs = setup.ranks.gather_objects(_rng_state())
     if setup.ranks.is_main:
-        run.last_val = evaluate_loss(setup.model, setup.val_ids)
+        bound = None if final else setup.cfg.eval_chars or None
+        run.last_val, chars = evaluate(setup.model, setup.val_ids, max_chars=bound, progress=setup.cfg.progress)
         row["val_loss"] = round(run.last_val, 5)
+        row["val_chars"] = chars
         improved = run.last_val < run.best_val
         run.best_val = min(run.best_val, run.last_val)
         ckpt = _checkpoint(setup, run, every_lane, rngs, spent)
@@ -443,6 +533,8 @@ def _checkpoint(setup: Setup, run: RunState, every_lane: State, rngs: list[Any],
         "model_config": setup.model.config.to_dict(),
         "model_state": setup.model.state_dict(),
         "optimizer_state": setup.optimizer.state_dict(),
+        "scaler_state": setup.scaler.state_dict(),  # empty unless fp16
+        "precision": setup.precision.name,
         "vocab": setup.vocab.to_json(),
         "step": run.step,
         "epoch": run.epoch,
@@ -454,6 +546,7 @@ def _checkpoint(setup: Setup, run: RunState, every_lane: State, rngs: list[Any],
         "rng_ranks": rngs,
         "train_seconds": seconds,
         "world_size": setup.ranks.world_size,
+        "init_from": None if setup.prior is None else setup.prior.record(list(setup.new_chars)),
         "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress")},
         "corpus": {
             "name": setup.corpus.name,

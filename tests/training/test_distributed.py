@@ -29,6 +29,7 @@ SETTINGS = dict(
     eval_interval=10,
     dropout=0.0,
     seed=3,
+    precision="fp32",
 )
 
 
@@ -84,6 +85,21 @@ def test_two_processes_match_one_process_on_the_same_batch(tmp_path: Path, corpu
     assert abs(one["val_loss"] - two["val_loss"]) < 1e-3
     rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2  # steps 10 and 20, written once, by process 0
+
+
+def test_bf16_under_two_processes(tmp_path: Path, corpus_file: Path) -> None:
+    """bf16 autocast under DDP: trains, keeps fp32 weights, and lands where one process does."""
+    bf16 = {**SETTINGS, "precision": "bf16"}
+    train(tiny_train_config(corpus_file, tmp_path / "one", max_steps=20, **bf16))  # type: ignore[arg-type]
+    two = _torchrun(tmp_path / "two", corpus_file, 20, "--precision=bf16")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "precision bf16 (bf16 autocast, fp32 weights; as asked)" in two.stdout
+    one_ckpt = load_checkpoint(tmp_path / "one" / "last.pt")
+    two_ckpt = load_checkpoint(tmp_path / "two" / "last.pt")
+    assert two_ckpt["precision"] == "bf16" and two_ckpt["world_size"] == 2
+    assert all(t.dtype == torch.float32 for t in two_ckpt["model_state"].values())
+    # bf16 rounds each half-batch product on its own, so the runs agree loosely, not to fp32 rounding.
+    assert abs(one_ckpt["val_loss"] - two_ckpt["val_loss"]) < 0.05
 
 
 def test_no_gloo_thread_outlives_the_training(tmp_path: Path, corpus_file: Path) -> None:

@@ -149,6 +149,8 @@ def test_foreign_checkpoint(tmp_path: Path) -> None:
         ({"seq_len": 200_000}, "shorter than one training window"),
         ({"batch_size": 10_000}, "too short for batch_size 10000"),
         ({"cell": "rnn", "forget_bias": 1.0}, "forget_bias needs a gated cell"),
+        ({"precision": "fp8"}, "precision must be one of auto, fp32, bf16, fp16"),
+        ({"precision": "fp16", "device": "cpu"}, "precision fp16 needs a CUDA device"),
     ],
 )
 def test_nonsense_training_settings(

@@ -1,0 +1,56 @@
+"""Mixed precision: bf16 autocast for the forward pass and the loss, fp32 everything that is kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.utils import tiny_train_config
+from training.checkpoint import load_checkpoint, load_model
+from training.corpus import read_corpus
+from training.evaluate import evaluate_loss, unigram_entropy
+from training.precision import cpu_bf16_flags, resolve
+from training.train import train
+
+
+def test_auto_picks_bf16_only_where_the_cpu_has_it_natively() -> None:
+    chosen = resolve("auto", torch.device("cpu"))
+    flags = cpu_bf16_flags()
+    assert chosen.name == ("bf16" if flags else "fp32")
+    assert chosen.reason.startswith("auto: ") and all(flag in chosen.reason for flag in flags)
+    assert resolve("fp32", torch.device("cpu")).dtype is None
+    assert resolve("bf16", torch.device("cpu")).dtype == torch.bfloat16
+
+
+def test_bf16_trains_with_fp32_weights_optimizer_state_and_checkpoints(
+    tmp_path: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train(tiny_train_config(corpus_file, tmp_path, precision="bf16", max_steps=100, eval_interval=100))
+    assert "precision bf16 (bf16 autocast, fp32 weights; as asked)" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["precision"] == "bf16"
+    assert all(t.dtype == torch.float32 for t in ckpt["model_state"].values())
+    moments = [t for s in ckpt["optimizer_state"]["state"].values() for k, t in s.items() if k != "step"]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
+    assert all(t.dtype == torch.float32 for t in ckpt["carried_state"])
+    # Validation ran in fp32, outside autocast: the same number an fp32 evaluation gives.
+    model, vocab, _ = load_model(tmp_path / "last.pt")
+    _, val = read_corpus([corpus_file]).split(0.1)
+    ids = torch.tensor(vocab.encode(val))
+    loss = evaluate_loss(model, ids)
+    assert loss == pytest.approx(ckpt["val_loss"], abs=1e-6)
+    assert loss < unigram_entropy(ids, len(vocab)) - 0.2  # it learned context in bf16
+
+
+def test_bf16_resume_is_exact(tmp_path: Path, corpus_file: Path) -> None:
+    common = dict(precision="bf16", max_steps=30, lr_decay_steps=30, eval_interval=15, dropout=0.2, warmup_steps=5)
+    train(tiny_train_config(corpus_file, tmp_path / "straight", **common))
+    train(tiny_train_config(corpus_file, tmp_path / "resumed", **dict(common, max_steps=15)))
+    train(tiny_train_config(corpus_file, tmp_path / "resumed", **common, resume=True))
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    for name, weights in straight["model_state"].items():
+        assert torch.equal(weights, resumed["model_state"][name]), name
+    assert straight["val_loss"] == resumed["val_loss"]
