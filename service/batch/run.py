@@ -90,6 +90,7 @@ class Summary:
     attempts: int = 0  # attempts judged in this run
     chars: int = 0  # characters sampled in this run, rejected attempts included
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time over the same span (every thread)
     wanted: int = 0
     index: str = ""  # where the --novel index was read or built
     extra: dict[str, float] = field(default_factory=dict)
@@ -214,7 +215,7 @@ def generate(
     following = start * shards + i  # the next attempt to judge, in order
     out = stdout or sys.stdout
     sink = config.out.open("a", encoding="utf-8") if config.out is not None else None
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     try:
         for done in loop.run(attempts, config.seed):
             summary.chars += done.drawn
@@ -248,6 +249,7 @@ def generate(
                     return summary
     finally:
         summary.seconds = time.perf_counter() - began
+        summary.cpu_seconds = time.process_time() - began_cpu
         summary.extra = {"steps": loop.steps, "batch": batch}
         if sink is not None:
             sink.close()
