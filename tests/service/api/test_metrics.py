@@ -4,9 +4,13 @@ and waiting while a stream runs, and the old names still exported beside the new
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from pathlib import Path
 
 import httpx
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -59,7 +63,11 @@ def test_vllm_style_metrics_after_real_requests(models_dir: Path) -> None:
         assert value(during, "charstream:num_requests_running", model_name=MODEL) == 1
         assert value(during, "charstream:num_requests_waiting", model_name=MODEL) == 0
 
-        after = scrape(c)
+        # The stream cut short ends at the scheduler's next step: then every count holds still.
+        deadline = time.monotonic() + 10
+        while value(after := scrape(c), "charstream:num_requests_running", model_name=MODEL):
+            assert time.monotonic() < deadline, "the cut stream never ended"
+            time.sleep(0.02)
     n = len(requests)
     ttfc = "charstream:time_to_first_char_seconds"
     assert bounds(after, ttfc) == TTFT_BUCKETS
@@ -82,3 +90,28 @@ def test_vllm_style_metrics_after_real_requests(models_dir: Path) -> None:
     prompt = value(after, "charstream:prompt_chars_total", model_name=MODEL)
     assert prompt == len("ROMEO:") + len("JULIET:")
     assert value(after, "charstream_prompt_chars_total", model=MODEL) == prompt
+
+
+def test_the_grafana_dashboard_reads_only_what_the_server_exports(models_dir: Path) -> None:
+    """deploy/grafana's dashboard, its data source and the compose files that load it agree with
+    the names a real server serves."""
+    deploy = Path(__file__).resolve().parents[3] / "deploy"
+    dashboard = json.loads((deploy / "grafana/dashboards/charstream.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    referenced = {m for e in exprs for m in re.findall(r"charstream[:_][a-z0-9_:]+", e)}
+    assert {"charstream:time_to_first_char_seconds_bucket", "charstream:num_requests_waiting"} <= referenced
+    with run_server(models_dir=models_dir, default_model=MODEL) as server, server.client() as c:
+        assert c.post("/v1/generate", json={"max_new_chars": 5}).status_code == 200
+        families = list(text_string_to_metric_families(c.get("/metrics").text))
+    # Every name a family serves, also one with no sample yet (an error counter before any error).
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+    served = {f.name + suffix for f in families for suffix in suffixes.get(f.type, [""])}
+    assert referenced - served == set(), "the dashboard reads metrics the server does not export"
+    source = yaml.safe_load((deploy / "grafana/provisioning/datasources/prometheus.yaml").read_text())
+    uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
+    assert uids == {source["datasources"][0]["uid"]}
+    for name in ("compose.scale.yaml", "compose.scale-sentinel.yaml"):
+        compose = yaml.safe_load((deploy.parent / name).read_text())
+        mounts = compose["services"]["grafana"]["volumes"]
+        assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
+        assert compose["services"]["prometheus"]["profiles"] == ["monitoring"]  # `up` alone starts neither
