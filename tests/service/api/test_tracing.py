@@ -1,12 +1,17 @@
 """OpenTelemetry tracing on a real server, read back through the SDK's in-memory exporter: off
 unless OTEL_* variables turn it on; one span per request carrying the session id, the model and
-the scheduler's phases as events in order; a proxy's traceparent continued; probes untraced."""
+the scheduler's phases as events in order; a proxy's traceparent continued; probes untraced; and
+a trace followed from a client through nginx into a replica process."""
 
 from __future__ import annotations
 
+import json
+import secrets
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -14,7 +19,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from service.api.tracing import exporters_named
 from service.errors import ServiceConfigError
-from tests.utils import run_server
+from tests.nginx_server import NginxServer
+from tests.utils import free_port, run_server, serve_process
 
 MODEL = "tiny-lstm"
 PHASES = ["charstream.submitted", "charstream.admitted", "charstream.first_char", "charstream.finished"]
@@ -82,3 +88,52 @@ def test_a_span_per_request_with_session_model_and_phases(models_dir: Path, monk
         assert events[-1].attributes["generated_chars"] == generated
         assert events[-1].attributes["phase"] == "length"
         assert events[0].attributes["prompt_chars"] == prompt
+
+
+def console_spans(text: str) -> list[dict[str, Any]]:
+    """The spans OTEL_TRACES_EXPORTER=console printed among a process's log lines."""
+    decoder, spans, at = json.JSONDecoder(), [], 0
+    while (at := text.find("\n{\n", at)) != -1:
+        span, end = decoder.raw_decode(text, at + 1)
+        spans.append(span)
+        at = end
+    return spans
+
+
+def test_a_trace_followed_through_nginx(models_dir: Path, tmp_path: Path) -> None:
+    """A client's traceparent passes nginx (deploy/nginx.conf) and the replica's span continues it."""
+    env = {
+        "CHARSTREAM_MODELS_DIR": str(models_dir),
+        "CHARSTREAM_DEFAULT_MODEL": MODEL,
+        "CHARSTREAM_LOG_JSON": "false",
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",  # ms: print spans soon after they end
+    }
+    trace_id = secrets.token_hex(16)
+    with serve_process(tmp_path / "replica.log", free_port(), **env) as replica:
+        nginx = NginxServer(tmp_path / "nginx", [int(replica.base_url.rsplit(":", 1)[1])]).start()
+        try:
+            with httpx.Client(base_url=nginx.base_url, timeout=30) as c:
+                sid = c.post("/v1/sessions", json={"prompt": "ROMEO:"}).json()["id"]
+                r = c.post(
+                    f"/v1/sessions/{sid}/generate",
+                    json={"max_new_chars": 10},
+                    headers={"X-Session-Id": sid, "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+                )
+                assert r.status_code == 200, r.text
+
+            def traced() -> list[dict[str, Any]]:
+                spans = console_spans(replica.log.read_text())
+                return [s for s in spans if s["context"]["trace_id"] == f"0x{trace_id}"]
+
+            deadline = time.monotonic() + 20
+            while not traced():
+                assert time.monotonic() < deadline, "the replica never printed the request's span"
+                time.sleep(0.05)
+        finally:
+            nginx.stop()
+    (span,) = traced()
+    assert span["name"] == "POST /v1/sessions/{session_id}/generate"
+    assert span["parent_id"] == "0x00f067aa0ba902b7"  # the client's span, across nginx
+    assert span["attributes"]["charstream.session_id"] == sid
+    assert [e["name"] for e in span["events"] if e["name"].startswith("charstream.")] == PHASES
