@@ -89,6 +89,18 @@ class Metrics:
             ["model_name"],
             registry=r,
         )
+        self.prefix_cache_queries = Counter(
+            "charstream:prefix_cache_queries",
+            "Prompt characters looked up in the prompt-state cache",
+            ["model_name"],
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "charstream:prefix_cache_hits",
+            "Prompt characters found in the prompt-state cache (not read again)",
+            ["model_name"],
+            registry=r,
+        )
         # The old names, one more release.
         old_names = [
             (self.generated_chars, "charstream_generated_chars"),

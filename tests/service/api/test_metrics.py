@@ -115,3 +115,17 @@ def test_the_grafana_dashboard_reads_only_what_the_server_exports(models_dir: Pa
         mounts = compose["services"]["grafana"]["volumes"]
         assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
         assert compose["services"]["prometheus"]["profiles"] == ["monitoring"]  # `up` alone starts neither
+
+
+def test_prefix_cache_counts_characters_as_vllm_does(models_dir: Path) -> None:
+    """charstream:prefix_cache_queries/hits count prompt characters looked up and found, as vLLM's
+    prefix_cache_queries/hits count tokens: the same prompt twice is one miss, then a hit."""
+    prompt = "ROMEO: But soft, what light through yonder window breaks?"
+    with run_server(models_dir=models_dir, default_model=MODEL, prefill_chunk=8) as server, server.client() as c:
+        for _ in range(2):
+            assert c.post("/v1/generate", json={"prompt": prompt, "max_new_chars": 3}).status_code == 200
+        after = scrape(c)
+    assert value(after, "charstream:prefix_cache_queries_total", model_name=MODEL) == 2 * len(prompt)
+    hits = value(after, "charstream:prefix_cache_hits_total", model_name=MODEL)
+    assert len(prompt) - 8 < hits <= len(prompt)  # the second read only what follows the last cached chunk
+    assert hits == value(after, "charstream_prompt_cache_chars_not_read_total", model=MODEL)
