@@ -53,7 +53,7 @@ class RowConstraints:
         from service.core.constraints import advance_all
 
         held = [(row, m) for row, m in enumerate(self._matchers) if m is not None]
-        advance_all([m for _, m in held], [int(drawn[row]) for row, _ in held], self._compiler.executor)
+        advance_all([m for _, m in held], [int(drawn[row]) for row, _ in held])
         complete = np.zeros(len(self._matchers), bool)
         dead = np.zeros(len(self._matchers), bool)
         for row, m in held:

@@ -44,8 +44,6 @@ LIMITS = dict(
 PROBE_CHARS = 16
 PROBE_WALKS = 8
 STEP_BUDGET_S = 0.01
-# Matchers' masks computed in parallel (llguidance releases the GIL) beyond this many rows.
-PARALLEL_FROM = 8
 
 
 class ConstraintError(Exception):
@@ -84,51 +82,67 @@ def grammar_of(spec: ConstraintSpec) -> str:
 
 
 class CharMatcher:
-    """One job's constraint: which characters may come next (`allowed`), and whether the text is complete."""
+    """One job's constraint: which characters may come next (`allowed`), whether the text is complete
+    (it matches and nothing may follow) or at a dead end (nothing may follow and it does not match)."""
 
-    __slots__ = ("_bits", "allowed", "complete", "matcher")
+    __slots__ = ("allowed", "complete", "dead_end", "matcher")
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         self.matcher = matcher
-        self._bits = np.zeros((1, (vocab_size + 1 + 31) // 32), np.int32)
         self.allowed = np.zeros(vocab_size, bool)  # (vocab,) characters the next step may sample
-        self.complete = False  # the text matches and nothing may follow: the generation ends
+        self.complete = False
+        self.dead_end = False
         self.refresh()
 
     def refresh(self) -> None:
         """Work out the next mask (after a character was consumed)."""
-        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        self.read_bits(self._bits[0])
+        bits = np.zeros((1, _words(self.allowed.shape[0])), np.int32)
+        self.matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        self._read(_unpack(bits, self.allowed.shape[0])[0])
 
-    def read_bits(self, words: np.ndarray) -> None:
-        vocab = self.allowed.shape[0]
-        self.allowed = np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab].astype(bool)
-        self.complete = not self.allowed.any() and self.matcher.is_accepting()
-
-    @property
-    def dead_end(self) -> bool:
-        """No character may come next and the text so far does not match (or the matcher failed)."""
-        return self.matcher.is_error() or (not self.allowed.any() and not self.matcher.is_accepting())
+    def _read(self, allowed: np.ndarray) -> None:
+        self.allowed = allowed
+        if allowed.any() and not self.matcher.is_error():
+            self.complete = self.dead_end = False
+        else:  # rare: only at the end of a text, or a dead end
+            accepting = self.matcher.is_accepting() and not self.matcher.is_error()
+            self.complete, self.dead_end = accepting, not accepting
 
     def consume(self, char: int) -> None:
         self.matcher.consume_token(char)
 
 
-def advance_all(matchers: list[CharMatcher], chars: list[int], executor: llguidance.LLExecutor | None) -> None:
-    """Consume each matcher's sampled character and work out its next mask (in parallel when many)."""
-    for m, c in zip(matchers, chars, strict=True):
-        m.consume(c)
-    if executor is None or len(matchers) < PARALLEL_FROM:
-        for m in matchers:
-            m.refresh()
-        return
-    words = matchers[0]._bits.shape[1]
+def _words(vocab_size: int) -> int:
+    return (vocab_size + 1 + 31) // 32  # the characters and the end token, 32 to a word
+
+
+def _unpack(bits: np.ndarray, vocab_size: int) -> np.ndarray:
+    """(rows, words) llguidance bitmasks -> (rows, vocab) booleans (the end token's bit dropped)."""
+    return np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size].astype(bool)
+
+
+def advance_all(matchers: list[CharMatcher], chars: list[int]) -> np.ndarray:
+    """Consume each matcher's sampled character and work out its next mask, written into one array and
+    unpacked at once; the masks, (rows, vocab).
+
+    One thread: 64 rows of a regex take ~0.23 ms here, less than through llguidance's parallel
+    executor (~0.34 ms), whose hand-over costs more than a 65-character mask."""
+    if not matchers:
+        return np.zeros((0, 0), bool)
+    vocab = matchers[0].allowed.shape[0]
+    words = _words(vocab)
     bits = np.zeros((len(matchers), words), np.int32)
-    executor.unsafe_compute_mask_ptr(
-        [(m.matcher, i) for i, m in enumerate(matchers)], bits.ctypes.data, words * 4, len(matchers)
-    )
-    for m, row in zip(matchers, bits, strict=True):
-        m.read_bits(row)
+    for i, (m, c) in enumerate(zip(matchers, chars, strict=True)):
+        m.matcher.consume_token(c)
+        m.matcher.unsafe_compute_mask_ptr(bits[i].ctypes.data, words * 4)
+    allowed = _unpack(bits, vocab)
+    some = np.asarray(allowed.any(axis=1))
+    for i, m in enumerate(matchers):
+        if some[i]:
+            m.allowed, m.complete, m.dead_end = allowed[i], False, False
+        else:
+            m._read(allowed[i])
+    return allowed
 
 
 class ConstraintCompiler:
@@ -138,7 +152,6 @@ class ConstraintCompiler:
         self.vocab = tuple(vocab)
         self.tokenizer = llguidance.LLTokenizer(TokenizerWrapper(_CharTokens(self.vocab)))
         self.limits = llguidance.LLParserLimits(**LIMITS)  # type: ignore[arg-type]
-        self.executor = llguidance.LLExecutor(num_threads=2)
         self._kept = kept
         self._compiled: OrderedDict[ConstraintSpec, llguidance.LLMatcher | ConstraintError] = OrderedDict()
         self._lock = threading.Lock()

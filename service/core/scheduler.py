@@ -463,12 +463,13 @@ class Scheduler:
             for i, job in plan.penalised:
                 assert job.seen is not None and job.counts is not None
                 penalise(drawn_from[i], job.seen, job.counts, job.params)
-            if plan.matchers:
+            if plan.allowed is not None:
                 rows = plan.constrained
-                drawn_from[rows] = np.where(plan.allowed(), drawn_from[rows], -np.inf)
+                drawn_from[rows] = np.where(plan.allowed, drawn_from[rows], -np.inf)
         ids = plan.sampler.sample(drawn_from, plan.uniform()).tolist()
         if plan.matchers:  # each constrained row reads its character and works out its next mask
-            advance_all(plan.matchers, [ids[i] for i in plan.constrained.tolist()], self.constraints.executor)
+            chars = [ids[i] for i in plan.constrained.tolist()]
+            plan.allowed = advance_all(plan.matchers, chars)
         if lps is None:
             for job, char in zip(plan.jobs, ids, strict=True):
                 self._emit(job, char, None)

@@ -38,10 +38,8 @@ class StepPlan:
         self.constrained = np.array([i for i, j in enumerate(jobs) if j.matcher is not None], np.intp)
         self.matchers: list[CharMatcher] = [j.matcher for j in jobs if j.matcher is not None]
         self.adjusts = bool(self.biases or self.penalised or self.matchers)  # the logits are copied and changed
-
-    def allowed(self) -> np.ndarray:
-        """(constrained rows, vocab): the characters each constrained row may sample now."""
-        return np.stack([m.allowed for m in self.matchers])
+        # (constrained rows, vocab): the characters each constrained row may sample at the next step.
+        self.allowed = np.stack([m.allowed for m in self.matchers]) if self.matchers else None
 
     def uniform(self) -> np.ndarray:
         """One draw per row from the row's own RNG (0 for greedy rows): a session's text never

@@ -55,6 +55,8 @@ DEFAULT_START = "\n"
 # Per-character annotations of a prompt are read one character per step and sent as one event:
 # bounded so that the answer stays a reasonable size (32 units x 10,000 characters ~ 3 MB of JSON).
 MAX_ANNOTATED_PROMPT = 10_000
+# The RNG of jobs that draw nothing (texts being scored).
+_NO_DRAWS = np.random.default_rng(0)
 # How long a request waits for its constraint to compile (llguidance's own limits bound the work).
 COMPILE_TIMEOUT_S = 5.0
 # How long a drain waits, after ending what was left, for streams to send their final frames.
@@ -374,12 +376,15 @@ class GenerationService:
         else:
             raise InvalidInput("context is required: the model has no line break to start from", field="context")
         each = [self._prompt_ids(model, text, f"texts.{i}") for i, text in enumerate(texts)]
-        params = SamplingParams(max_new_chars=0, prompt_logprobs=True, top_logprobs=top_logprobs)
+        # Greedy: a job that only reads draws nothing, so it needs no seeded RNG of its own.
+        params = SamplingParams(temperature=0.0, max_new_chars=0, prompt_logprobs=True, top_logprobs=top_logprobs)
         scheduler = self.schedulers[model.id]
+        zero = list(self._new_session(model, None).state)  # each job's row is a copy of it
         readings: list[Generation] = []
         try:
             for ids in each:
-                job, _ = self._job(self._new_session(model, None), None, model, start + ids, params)
+                job = Job(start + ids, zero, None, params, _NO_DRAWS, wants_state=False)
+                scheduler.submit(job)
                 readings.append(Generation(job, scheduler, model.id, None, len(ids)))
             results = await asyncio.gather(*(r.result() for r in readings))
         except BaseException:
@@ -493,8 +498,6 @@ class GenerationService:
         if cache.max_bytes == 0 or len(ids) < chunk or params.annotates_prompt or params.penalised:
             return ids, None
         plan = cache.plan(model.sha256, ids, chunk)
-        self.metrics.prefix_cache_queries.labels(model.id).inc(len(ids))
-        self.metrics.prefix_cache_hits.labels(model.id).inc(plan.start if plan.hit is not None else 0)
         if plan.hit is None:
             self.metrics.prompt_cache_misses.labels(model.id).inc()
         else:
