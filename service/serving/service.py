@@ -498,6 +498,8 @@ class GenerationService:
         if cache.max_bytes == 0 or len(ids) < chunk or params.annotates_prompt or params.penalised:
             return ids, None
         plan = cache.plan(model.sha256, ids, chunk)
+        self.metrics.prefix_cache_queries.labels(model.id).inc(len(ids))
+        self.metrics.prefix_cache_hits.labels(model.id).inc(plan.start if plan.hit is not None else 0)
         if plan.hit is None:
             self.metrics.prompt_cache_misses.labels(model.id).inc()
         else:
