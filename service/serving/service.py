@@ -43,7 +43,7 @@ from service.serving import spans
 from service.serving.prompt_cache import PromptCache
 from service.serving.registry import LoadedModel, ModelRegistry
 from service.sessions import open_store
-from service.sessions.store import Lease, Session, SessionStore, rng_state_of
+from service.sessions.store import Lease, Session, SessionStore, model_swapped, rng_state_of
 from service.settings import Settings
 
 log = logging.getLogger("charstream.serving")
@@ -421,6 +421,8 @@ class GenerationService:
             model = self.registry.get(model_id)
             self._check_params(model, params, len(prompt))
             matcher = await self._matcher(model, params)
+            if self.registry.models.get(model.id) is not model:  # swapped while the constraint compiled
+                return await self.generate(params, prompt, model_id, seed, session_id)
             session = self._new_session(model, seed)
             ids = self._start_ids(model, session, prompt)
             ids, keeper = self._from_prompt_cache(model, session, ids, params)
@@ -435,6 +437,8 @@ class GenerationService:
                 model = self.registry.get(session.model)
                 self._check_params(model, params, len(prompt))
                 matcher = await self._matcher(model, params)
+                if self.registry.models.get(model.id) is not model:  # swapped while the constraint compiled
+                    raise model_swapped(session, self.registry.get(model.id).sha256)
                 ids = self._start_ids(model, session, prompt)
                 if seed is not None:
                     session.reseed(seed)
