@@ -167,6 +167,12 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.prompt_cache_shared_hits = Counter(
+            "charstream_prompt_cache_shared_hits",
+            "Stateless prompts whose prefix state came from the shared store (CHARSTREAM_PROMPT_CACHE_SHARED)",
+            ["model"],
+            registry=r,
+        )
         self.prompt_cache_bytes = Gauge(
             "charstream_prompt_cache_bytes", "Bytes of prompt-prefix states held by this process", registry=r
         )

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
         le=2**40,
         description="bytes of prompt-prefix states kept per process for stateless requests; 0 turns the cache off",
     )
+    prompt_cache_shared: bool = Field(
+        default=False,
+        description="with a Redis session store, prompt-prefix states are kept there too, for every worker and "
+        "replica (expiring after the session TTL)",
+    )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, le=3600, description="on SIGTERM, running generations get this long to finish"
     )
@@ -116,6 +121,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"CHARSTREAM_REDIS_WAIT_REPLICAS={self.redis_wait_replicas} needs a Redis session store "
                 "(CHARSTREAM_SESSION_STORE=redis://... or redis+sentinel://...)"
+            )
+        if self.prompt_cache_shared and self.session_store == "memory":
+            raise ValueError(
+                "CHARSTREAM_PROMPT_CACHE_SHARED needs a Redis session store (CHARSTREAM_SESSION_STORE=redis://...)"
             )
         if self.workers > 1 and self.session_store == "memory":
             raise ValueError(

@@ -40,7 +40,7 @@ from service.core.scheduler import Scheduler
 from service.errors import ApiError, InternalError, InvalidInput, LeaseLost, ShuttingDown, TooLarge
 from service.metrics import Metrics
 from service.serving import spans
-from service.serving.prompt_cache import PromptCache
+from service.serving.prompt_cache import PrefixPlan, PromptCache, SharedStates
 from service.serving.registry import LoadedModel, ModelRegistry
 from service.sessions import open_store
 from service.sessions.store import Lease, Session, SessionStore, model_swapped, rng_state_of
@@ -84,10 +84,12 @@ class GenerationService:
         settings: Settings,
         metrics: Metrics,
         prompt_cache: PromptCache | None = None,
+        shared_states: SharedStates | None = None,
     ) -> None:
         self.registry = registry
         # States after prompt prefixes, for stateless requests (bounded by CHARSTREAM_PROMPT_CACHE_BYTES).
         self.prompt_cache = prompt_cache or PromptCache(settings.prompt_cache_bytes)
+        self.shared_states = shared_states  # with CHARSTREAM_PROMPT_CACHE_SHARED: the states in Redis too
         self.store = store
         self.schedulers = schedulers
         self.settings = settings
@@ -112,7 +114,13 @@ class GenerationService:
             models={m.id: m.sha256 for m in registry.models.values()},
             wait_replicas=settings.redis_wait_replicas,
         )
-        return cls(registry, store, schedulers, settings, metrics)
+        shared = None
+        if settings.prompt_cache_shared:
+            from service.sessions.redis_store import RedisSessionStore
+
+            assert isinstance(store, RedisSessionStore)  # the settings refuse a shared cache without Redis
+            shared = SharedStates(store.client, settings.session_ttl_s)
+        return cls(registry, store, schedulers, settings, metrics, shared_states=shared)
 
     def new_scheduler(self, name: str, engine: Engine) -> Scheduler:
         """A scheduler for another version of a model (a swap), set up as the others."""
@@ -425,7 +433,7 @@ class GenerationService:
                 return await self.generate(params, prompt, model_id, seed, session_id)
             session = self._new_session(model, seed)
             ids = self._start_ids(model, session, prompt)
-            ids, keeper = self._from_prompt_cache(model, session, ids, params)
+            ids, keeper = await self._from_prompt_cache(model, session, ids, params)
             job, saved = self._job(session, None, model, ids, params, matcher, on_chunk=keeper)
         else:
             async with self._leased(session_id) as (session, lease):
@@ -477,7 +485,8 @@ class GenerationService:
         model = self.registry.get(model_id)
         self._check_params(model, params, len(prompt))
         session = self._new_session(model, None)
-        ids, keeper = self._from_prompt_cache(model, session, self._start_ids(model, session, prompt), params)
+        start_ids = self._start_ids(model, session, prompt)
+        ids, keeper = await self._from_prompt_cache(model, session, start_ids, params)
         if keeper is None or not ids:
             return
         job, _ = self._job(session, None, model, ids, SamplingParams(max_new_chars=0), on_chunk=keeper)
@@ -488,7 +497,7 @@ class GenerationService:
             reading.cancel()
             raise
 
-    def _from_prompt_cache(
+    async def _from_prompt_cache(
         self, model: LoadedModel, session: Session, ids: list[int], params: SamplingParams
     ) -> tuple[list[int], ChunkKeeper | None]:
         """The part of a stateless prompt left to read, from the state after its longest cached prefix.
@@ -497,11 +506,20 @@ class GenerationService:
         would crowd the longer prefixes out of the cache. Prompts read one character per step (their
         characters annotated) and penalised requests (the repetition penalty counts the prompt's
         characters as seen) always read the whole prompt. What the job reads, it keeps at chunk boundaries.
+        With a shared cache, Redis is asked for the prefixes longer than this process holds.
         """
         chunk, cache = self.settings.prefill_chunk, self.prompt_cache
         if cache.max_bytes == 0 or len(ids) < chunk or params.annotates_prompt or params.penalised:
             return ids, None
         plan = cache.plan(model.sha256, ids, chunk)
+        shared = self.shared_states
+        if shared is not None and plan.digests:
+            found = await shared.longest(plan.digests, model.engine.info)
+            if found is not None:
+                end, state = found
+                cache.put(plan.digests[end], list(state.state), state.logits)
+                plan = PrefixPlan(end, state, {p: d for p, d in plan.digests.items() if p > end})
+                self.metrics.prompt_cache_shared_hits.labels(model.id).inc()
         self.metrics.prefix_cache_queries.labels(model.id).inc(len(ids))
         self.metrics.prefix_cache_hits.labels(model.id).inc(plan.start if plan.hit is not None else 0)
         if plan.hit is None:
@@ -511,7 +529,7 @@ class GenerationService:
             self.metrics.prompt_cache_chars.labels(model.id).inc(plan.start)
             session.state = list(plan.hit.state)  # the scheduler copies it into its slot table
             session.logits = plan.hit.logits
-        return ids[plan.start :], cache.keeper(plan)
+        return ids[plan.start :], cache.keeper(plan, shared, asyncio.get_running_loop())
 
     def _job(
         self,

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.serving.prompt_cache import ENTRY_OVERHEAD, PromptCache, prefix_digests
+from service.errors import ServiceConfigError
+from service.serving.prompt_cache import ENTRY_OVERHEAD, PromptCache, decode, encode, prefix_digests
+from service.settings import load_settings
+from tests.redis_server import RedisServer
 from tests.utils import SHAKESPEARE, run_server
 
 SHA = "ab" * 32
@@ -105,3 +109,45 @@ def test_many_choices_read_their_prompt_once(models_dir: Path) -> None:
     assert metric(page, "charstream_prompt_cache_misses_total") == 1
     assert metric(page, "charstream_prompt_cache_hits_total") == 30
     assert metric(page, "charstream_prompt_cache_chars_not_read_total") == 30 * 700
+
+
+def test_a_shared_cache_needs_redis() -> None:
+    with pytest.raises(ServiceConfigError, match="CHARSTREAM_PROMPT_CACHE_SHARED needs a Redis session store"):
+        load_settings(prompt_cache_shared=True, session_store="memory")
+
+
+def test_a_state_survives_the_trip_through_bytes(models_dir: Path) -> None:
+    from service.core.engine import Engine
+
+    info = Engine(models_dir / "tiny-lstm" / "model.onnx").info
+    kept = [np.random.default_rng(1).random((2, 48), np.float32) for _ in info.state_names]
+    logits = np.arange(info.vocab_size, dtype=np.float32)
+    back = decode(encode(kept, logits), info)
+    assert back is not None and all(np.array_equal(a, b) for a, b in zip(back.state, kept, strict=True))
+    assert np.array_equal(back.logits, logits)
+    assert decode(encode(kept, logits)[:-4], info) is None  # another model's shape: not used
+
+
+@pytest.mark.slow
+def test_workers_share_prompt_states_through_redis(models_dir: Path, redis_server: RedisServer) -> None:
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    prompt = text[3000:4000]
+    settings = dict(models_dir=models_dir, default_model="tiny-lstm", prefill_chunk=64, max_prompt_chars=5000)
+    body = {"prompt": prompt + text[7000:7030], "max_new_chars": 40, "seed": 3}
+    with run_server(**settings, prompt_cache_bytes=0) as off, off.client() as c:
+        expected = c.post("/v1/generate", json=body).json()["text"]
+    shared = dict(settings, session_store=redis_server.url, prompt_cache_shared=True)
+    with run_server(**shared) as a, run_server(**shared) as b:
+        with a.client() as c:
+            assert c.post("/v1/generate", json={"prompt": prompt, "max_new_chars": 5}).status_code == 200
+        redis = redis_server.client()
+        deadline = time.monotonic() + 10
+        while len(redis.keys("charstream:prompt:*")) < 16:  # 15 chunk boundaries and the whole prompt
+            assert time.monotonic() < deadline, "the states never reached Redis"
+            time.sleep(0.02)
+        with b.client() as c:  # B has never seen the prompt: its state comes from what A read
+            got = c.post("/v1/generate", json=body).json()["text"]
+            page = c.get("/metrics").text
+    assert got == expected
+    assert metric(page, "charstream_prompt_cache_shared_hits_total") == 1
+    assert metric(page, "charstream_prompt_cache_chars_not_read_total") == 960
