@@ -333,3 +333,45 @@ def test_screenshots_of_the_bundled_model(tab: Tab, bundled_server: Server, tmp_
     page.hover(f"{OUTPUT} span:nth-child(90)")
     page.screenshot(path=str(out / "playground-python.png"))
     assert tab.errors == []
+
+
+def test_a_pasted_text_is_coloured_by_surprisal(tab: Tab, server: Server) -> None:
+    page = open_page(tab, server)
+    pasted = "ROMEO:\nWhat light is this? qxzqxzqxz"
+    page.fill("[data-testid=prompt]", pasted)
+    page.click("[data-testid=score]")
+    all_coloured(page)
+    assert text(page) == pasted
+    bits = page.eval_on_selector(OUTPUT, "el => [...el.children].map(s => parseFloat(s.title))")
+    # The same numbers the API gives, and the nonsense at the end is what surprises the model most.
+    body = {"texts": [pasted], "logprobs": True}
+    want = httpx.post(server.base_url + "/v1/score", json=body, timeout=30).json()["scores"][0]["logprobs"]
+    assert bits == pytest.approx([-lp / 0.6931471805599453 for lp in want], abs=0.01)
+    assert sum(bits[-9:]) / 9 > sum(bits[:-9]) / len(bits[:-9])
+    # Unticked, the text is plain again.
+    page.click("[data-testid=surprisal]")
+    page.wait_for_function(
+        "() => [...document.querySelector('[data-testid=output]').children].every(s => !s.style.backgroundColor)"
+    )
+    assert tab.errors == []
+
+
+def test_the_slider_clamps_the_chosen_unit(tab: Tab, server: Server) -> None:
+    page = open_page(tab, server)
+    fill(page, length=40, temperature=0)
+    page.select_option("[data-testid=unit]", unit_options(page)[0])
+    page.eval_on_selector(
+        "[data-testid=steer-value]", "el => { el.value = '3.5'; el.dispatchEvent(new Event('input')); }"
+    )
+    assert page.text_content("[data-testid=steer-shown]") == "3.5"
+    page.check("[data-testid=steer-on]")
+    run(page)
+    unit = page.evaluate("window.playground.unit.unit")
+    # Every generated character reads the unit after the step that wrote it: the clamped value.
+    values = page.evaluate(
+        "(u) => { const s = window.playground.current; const k = s.actUnits.units.indexOf(u);"
+        " return s.acts.filter((a, i) => !s.prompt[i]).map(a => a[k]); }",
+        unit,
+    )
+    assert len(values) == 40 and all(v == 3.5 for v in values)
+    assert tab.errors == []

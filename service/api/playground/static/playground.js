@@ -13,9 +13,12 @@ const ui = {
   sessions: $("sessions"), unit: $("unit"), unitLayer: $("unit-layer"), unitState: $("unit-state"),
   unitIndex: $("unit-index"), unitApply: $("unit-apply"), unitNote: $("unit-note"), output: $("output"),
   candidates: $("candidates"), speed: $("speed"), keyDialog: $("key-dialog"), apiKey: $("api-key"),
+  surprisal: $("surprisal"), score: $("score"), steerValue: $("steer-value"), steerShown: $("steer-shown"),
+  steerOn: $("steer-on"),
 };
 
 const TOP_LOGPROBS = 8;
+const SURPRISAL_RED = 8; // bits of surprisal coloured full red
 const MAX_UNITS = 32; // the most units one request may ask for
 const KEY_STORE = "charstream-api-key";
 
@@ -29,6 +32,7 @@ const app = {
   current: null,
   running: null, // the running generation: { cancel() }
   unit: null, // { layer, state, unit }
+  surprisal: false, // colour by each character's surprisal (POST /v1/score) instead of a unit
   browserModels: new Map(),
   socket: null,
   pointer: -1,
@@ -235,6 +239,7 @@ function updateButtons() {
 
 /** The chosen unit's value at character i of session s, or null when it is not known. */
 function valueAt(s, i) {
+  if (app.surprisal) return s.bits && s.bits.length === s.chars.length ? s.bits[i] : null;
   const u = app.unit;
   if (!u) return null;
   if (s.mode === "browser") {
@@ -253,7 +258,10 @@ function spanFor(s, i) {
   span.dataset.i = String(i);
   if (s.prompt[i]) span.className = "prompt";
   const v = valueAt(s, i);
-  if (v !== null && v !== undefined) {
+  if (v !== null && v !== undefined && app.surprisal) {
+    span.style.backgroundColor = colourOf(Math.min(1, v / SURPRISAL_RED), { state: "h" });
+    span.title = `${v.toFixed(2)} bits`;
+  } else if (v !== null && v !== undefined) {
     span.style.backgroundColor = colourOf(v, app.unit);
     span.title = `${v.toFixed(3)}`;
   }
@@ -429,6 +437,7 @@ async function chooseUnit(u) {
 
 /** Make sure session s has the chosen unit's values for every character, then redraw. */
 async function colourFor(s) {
+  if (app.surprisal) return surprisalFor(s);
   const u = app.unit;
   if (!u || !s.chars.length || app.running) return;
   if (s.mode === "browser") {
@@ -470,6 +479,31 @@ async function colourFor(s) {
 }
 
 // ---- the server: sessions over HTTP, generation over the WebSocket ----------------------------
+
+/** Each character's surprisal in bits, from the server's batched scoring of the whole text. */
+async function surprisalFor(s) {
+  if (!s.chars.length || app.running) return;
+  if (!(s.bits && s.bits.length === s.chars.length)) {
+    const body = await postJson("v1/score", { model: s.model, texts: [s.text], logprobs: true });
+    const score = body.scores[0];
+    s.bits = score.logprobs.map((lp) => -lp / Math.LN2);
+    ui.unitNote.textContent = `${score.bits_per_char.toFixed(2)} bits per character over ${score.chars} characters`;
+  }
+  if (s === app.current) renderOutput();
+}
+
+/** Show the prompt as a text of its own, coloured by surprisal: nothing is generated. */
+async function scorePrompt() {
+  if (app.running || !ui.prompt.value) return;
+  const s = new Session("server", ui.model.value, ui.variant.value);
+  for (const ch of ui.prompt.value) s.push(ch, { typed: true });
+  s.scoredOnly = true;
+  addSession(s);
+  ui.surprisal.checked = true;
+  app.surprisal = true;
+  await surprisalFor(s);
+  renderSessions();
+}
 
 function socketUrl() {
   const url = new URL("v1/stream", location.href);
@@ -533,6 +567,10 @@ function serverStream(s, prompt, p) {
         type: "generate", session_id: s.id, prompt, max_new_chars: p.length, temperature: p.temperature,
         top_k: p.topK, top_p: p.topP, stop: p.stop,
       };
+      if (ui.steerOn.checked && app.unit) {
+        const u = app.unit;
+        message.steer = [{ layer: u.layer, state: u.state, unit: u.unit, value: Number(ui.steerValue.value) }];
+      }
       if (app.serverExtras) {
         message.top_logprobs = TOP_LOGPROBS;
         const act = activationsRequest(true);
@@ -735,7 +773,7 @@ async function generateNew() {
 }
 
 async function continueCurrent() {
-  if (!app.current) return generateNew();
+  if (!app.current || app.current.scoredOnly) return generateNew(); // a scored text has no server state
   ui.output.dataset.running = "true";
   await run(app.current, "");
 }
@@ -837,6 +875,13 @@ function wire() {
   ui.mode.addEventListener("change", () => {
     if (ui.mode.value === "browser") loadOrt().catch(showError);
   });
+  ui.surprisal.addEventListener("change", act(async () => {
+    app.surprisal = ui.surprisal.checked;
+    renderOutput();
+    if (app.current) await colourFor(app.current);
+  }));
+  ui.score.addEventListener("click", act(scorePrompt));
+  ui.steerValue.addEventListener("input", () => { ui.steerShown.textContent = ui.steerValue.value; });
 }
 
 async function start() {
