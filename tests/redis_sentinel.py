@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -101,8 +102,8 @@ class SentinelGroup:
 
     @staticmethod
     def primary_by(sentinel: redis.Redis) -> int:
-        _, port = sentinel.sentinel_get_master_addr_by_name(SERVICE)
-        return int(port)
+        address: Any = sentinel.sentinel_get_master_addr_by_name(SERVICE)  # (host, port)
+        return int(address[1])
 
     def primary(self) -> int:
         """The primary's port, as the first sentinel that answers says."""
