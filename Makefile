@@ -111,6 +111,7 @@ bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m benchmarks.activations_cost
 	$(PY) -m benchmarks.generate
 	$(PY) -m benchmarks.prompt_cache
+	$(PY) -m benchmarks.failover
 	$(PY) -m benchmarks.fuzz
 	$(PY) -m benchmarks.browser
 
