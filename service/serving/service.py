@@ -99,6 +99,8 @@ class GenerationService:
         self._streams: set[Generation] = set()  # streams being sent right now
         # Called at the end of a drain: the open WebSocket connections close themselves (1001).
         self.connection_closers: set[Callable[[], Awaitable[None]]] = set()
+        # Schedulers of versions replaced by a model swap, finishing the generations they hold.
+        self.retired: set[Scheduler] = set()
 
     @classmethod
     def create(cls, registry: ModelRegistry, settings: Settings, metrics: Metrics | None = None) -> GenerationService:
@@ -140,8 +142,8 @@ class GenerationService:
 
     @property
     def running(self) -> int:
-        """Generations and feeds not yet finished, over every model."""
-        return sum(s.active for s in self.schedulers.values())
+        """Generations and feeds not yet finished, over every model (and version being retired)."""
+        return sum(s.active for s in [*self.schedulers.values(), *self.retired])
 
     async def drain(self, grace_s: float) -> None:
         """Graceful shutdown: refuse new work, let running generations finish for up to `grace_s`,
@@ -153,7 +155,7 @@ class GenerationService:
             await asyncio.sleep(0.05)
         if self.running:
             log.warning("ending generations still running at shutdown", extra={"count": self.running})
-            for scheduler in self.schedulers.values():
+            for scheduler in [*self.schedulers.values(), *self.retired]:
                 scheduler.abort_all("shutting_down", "the server is shutting down; retry the request")
         deadline = loop.time() + FINAL_FRAMES_WAIT_S
         while (self.running or self._streams) and loop.time() < deadline:

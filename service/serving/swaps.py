@@ -9,7 +9,7 @@ How a swap goes (`ModelSwapper.reload`, one at a time):
 3. Otherwise a new scheduler starts for the new engine, and in one step of the event loop the
    registry, the service's schedulers and the session store's versions switch to it. A
    generation already running holds its scheduler and finishes there; the old scheduler stops
-   once it holds nothing.
+   once it holds nothing (until then a drain waits for it too: `service.retired`).
 4. A session made with the old file is refused from then on with 409 `session_model_mismatch`
    (the store checks each session's version), never read into the new weights; a generation
    running on it during the swap still saves its state, which is refused on the next request.
@@ -78,6 +78,7 @@ class ModelSwapper:
             registry.models[model_id] = new
             self.service.schedulers[model_id] = scheduler
             self.service.store.models[model_id] = new.sha256
+            self.service.retired.add(old)
             task = asyncio.get_running_loop().create_task(self._retire(old))
             self._retiring[task] = old
             task.add_done_callback(lambda done: self._retiring.pop(done, None))
@@ -92,6 +93,7 @@ class ModelSwapper:
         while scheduler.active:
             await asyncio.sleep(RETIRE_POLL_S)
         await scheduler.stop()
+        self.service.retired.discard(scheduler)
 
     async def poll_forever(self, interval_s: float) -> None:
         """Every `interval_s`, swap each model whose file changed since it was loaded."""
@@ -113,3 +115,4 @@ class ModelSwapper:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await scheduler.stop()
+            self.service.retired.discard(scheduler)
