@@ -110,11 +110,14 @@ def test_the_grafana_dashboard_reads_only_what_the_server_exports(models_dir: Pa
     source = yaml.safe_load((deploy / "grafana/provisioning/datasources/prometheus.yaml").read_text())
     uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
     assert uids == {source["datasources"][0]["uid"]}
-    for name in ("compose.scale.yaml", "compose.scale-sentinel.yaml"):
-        compose = yaml.safe_load((deploy.parent / name).read_text())
-        mounts = compose["services"]["grafana"]["volumes"]
-        assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
-        assert compose["services"]["prometheus"]["profiles"] == ["monitoring"]  # `up` alone starts neither
+    monitoring = yaml.safe_load((deploy.parent / "compose.monitoring.yaml").read_text())["services"]
+    assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in monitoring["grafana"]["volumes"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in monitoring["prometheus"]["volumes"]
+    for name in ("compose.scale.yaml", "compose.scale-sentinel.yaml"):  # what the overlay scrapes and waits for
+        base = yaml.safe_load((deploy.parent / name).read_text())["services"]
+        assert "charstream" in base and not {"prometheus", "grafana"} & set(base)
+    scrape = yaml.safe_load((deploy / "prometheus.yml").read_text())["scrape_configs"][0]["dns_sd_configs"][0]
+    assert scrape["names"] == ["charstream"] and scrape["port"] == 8000
 
 
 def test_prefix_cache_counts_characters_as_vllm_does(models_dir: Path) -> None:
