@@ -95,16 +95,36 @@ class ModelRegistry:
         default: str | None,
         variant: str = "fp32",
         threads: int = 1,
+        models_dir: Path | None = None,
     ) -> None:
         self.models = models
         self.failures = failures
         self.default = default
         self.variant, self.threads = variant, threads  # how a new version of a folder is loaded
+        self.models_dir = models_dir
         # Model id -> why its new version did not load (the version before it still serves).
         self.swap_failures: dict[str, str] = {}
+        # Folders not loaded, by the stamp of their file when they were last tried: tried again once it changes.
+        self.tried: dict[str, Stamp | None] = {}
+        if models_dir is not None:
+            for name in failures:
+                self.tried[name] = stamp(models_dir / name / VARIANT_FILES[variant])
 
     def file_of(self, model: LoadedModel) -> Path:
         return model.folder / VARIANT_FILES[self.variant]
+
+    def new_folders(self) -> list[Path]:
+        """Model folders that appeared (or whose file changed since they failed) and are not loaded."""
+        if self.models_dir is None or not self.models_dir.is_dir():
+            return []
+        found = []
+        for folder in sorted(self.models_dir.iterdir()):
+            if folder.name.startswith((".", "_")) or folder.name in self.models or not folder.is_dir():
+                continue
+            now = stamp(folder / VARIANT_FILES[self.variant])
+            if now is not None and now != self.tried.get(folder.name):
+                found.append(folder)
+        return found
 
     def reload(self, model_id: str) -> LoadedModel:
         """The folder of a loaded model, loaded again (a new engine beside the one serving)."""
@@ -119,7 +139,7 @@ class ModelRegistry:
         if not models_dir.is_dir():
             failures["*"] = f"models folder {models_dir} does not exist"
             log.error("models folder missing", extra={"models_dir": str(models_dir)})
-            return cls(models, failures, None, variant, threads)
+            return cls(models, failures, None, variant, threads, models_dir)
         filename = VARIANT_FILES[variant]
         for folder in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
             path = folder / filename
@@ -144,7 +164,7 @@ class ModelRegistry:
             default = None
         if default is None and models:
             default = next(iter(models))
-        return cls(models, failures, default, variant, threads)
+        return cls(models, failures, default, variant, threads, models_dir)
 
     @property
     def ready(self) -> bool:

@@ -15,7 +15,8 @@ How a swap goes (`ModelSwapper.reload`, one at a time):
    running on it during the swap still saves its state, which is refused on the next request.
 
 A swap starts from the admin route (POST /v1/admin/models/{id}/reload) or from `poll_forever`,
-which notices that a model's file changed (an export renames a new folder into place).
+which notices that a model's file changed (an export renames a new folder into place). The poll
+also loads a model folder that appears (`add`), or one that failed and whose file changed since.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.core.scheduler import Scheduler
 from service.errors import NotFound
-from service.serving.registry import ModelLoadError, stamp
+from service.serving.registry import VARIANT_FILES, ModelLoadError, load_folder, stamp
 
 if TYPE_CHECKING:
     from service.serving.service import GenerationService
@@ -88,6 +90,29 @@ class ModelSwapper:
             )
             return SwapResult(model_id, True, new.sha256, current.sha256)
 
+    async def add(self, folder: Path) -> None:
+        """Load a model folder that is not served yet; a failure is listed in /readyz's `failed`."""
+        async with self._lock:
+            registry, name = self.service.registry, folder.name
+            registry.tried[name] = stamp(folder / VARIANT_FILES[registry.variant])
+            loop = asyncio.get_running_loop()
+            try:
+                new = await loop.run_in_executor(None, load_folder, folder, registry.variant, registry.threads)
+            except ModelLoadError as exc:
+                registry.failures[name] = str(exc)
+                log.error("model failed to load", extra={"model": name, "reason": str(exc)})
+                return
+            scheduler = self.service.new_scheduler(name, new.engine)
+            scheduler.start()
+            self.service.schedulers[name] = scheduler
+            self.service.store.models[name] = new.sha256
+            registry.models[name] = new  # last: a request finds the model once it can run
+            registry.failures.pop(name, None)
+            registry.failures.pop("*", None)  # "no model folders" no longer holds
+            if registry.default is None:
+                registry.default = name
+            log.info("model added", extra={"model": name, "version": new.sha256[:12]})
+
     async def _retire(self, scheduler: Scheduler) -> None:
         """Stop a replaced scheduler once the generations it holds have ended."""
         while scheduler.active:
@@ -107,6 +132,11 @@ class ModelSwapper:
                         await self.reload(model_id)
                     except Exception:  # the poller keeps going; the next change tries again
                         log.exception("model swap failed", extra={"model": model_id})
+            for folder in registry.new_folders():
+                try:
+                    await self.add(folder)
+                except Exception:
+                    log.exception("model failed to load", extra={"model": folder.name})
 
     async def close(self) -> None:
         """At shutdown: end what retired schedulers still hold (a `shutting_down` error, as a drain does)."""

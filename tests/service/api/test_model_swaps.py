@@ -25,13 +25,13 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 STREAMS = 12  # clients streaming without pause through the swap
 
 
-def install(models: Path, source: Path) -> None:
-    """`source` becomes model "m" as the export writes a folder: staged beside it, then renamed in."""
-    staging = models / ".m.staging"
+def install(models: Path, source: Path, name: str = "m") -> None:
+    """`source` becomes model `name` as the export writes a folder: staged beside it, then renamed in."""
+    staging = models / f".{name}.staging"
     shutil.copytree(source, staging)
-    final = models / "m"
+    final = models / name
     if final.exists():
-        final.rename(models / f".m.{time.monotonic_ns()}.old")
+        final.rename(models / f".{name}.{time.monotonic_ns()}.old")
     staging.rename(final)
 
 
@@ -42,8 +42,8 @@ def until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> No
         time.sleep(0.05)
 
 
-def cell(c: httpx.Client) -> str:
-    (m,) = c.get("/v1/models", headers=AUTH).json()["data"]
+def cell(c: httpx.Client, model: str = "m") -> str:
+    (m,) = [m for m in c.get("/v1/models", headers=AUTH).json()["data"] if m["id"] == model]
     return str(m["cell"])
 
 
@@ -154,3 +154,18 @@ def test_poll_notices_new_versions_and_a_broken_one_leaves_the_old_serving(model
         until(lambda: cell(c) == "gru", "the new version to be swapped in")
         assert c.get("/readyz").json()["swap_failed"] == {}
         assert c.post("/v1/generate", json={"max_new_chars": 10}).status_code == 200
+
+
+def test_poll_loads_a_model_folder_that_appears(models_dir: Path, tmp_path: Path) -> None:
+    """A server started with no model is not ready; a folder renamed in is loaded and served."""
+    models = tmp_path / "models"
+    models.mkdir()
+    with run_server(models_dir=models, model_poll_s=0.1) as server, server.client() as c:
+        assert c.get("/readyz").status_code == 503
+        install(models, models_dir / "tiny-rnn", "n")
+        until(lambda: c.get("/readyz").status_code == 200, "the new folder to be loaded")
+        assert cell(c, "n") == "rnn" and c.get("/readyz").json()["failed"] == {}
+        assert c.post("/v1/generate", json={"max_new_chars": 10}).status_code == 200  # the default now
+        install(models, models_dir / "tiny-gru", "g")
+        until(lambda: "g" in c.get("/readyz").json()["models"], "a second folder to be loaded")
+        assert c.post("/v1/generate", json={"model": "g", "max_new_chars": 10}).status_code == 200
