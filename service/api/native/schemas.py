@@ -127,7 +127,8 @@ class StructuredOutputs(BaseModel):
         if self.choice is not None:
             return ConstraintSpec("choice", json.dumps(self.choice), f"{field}.choice")
         if self.json_schema is not None:
-            return ConstraintSpec("json", json.dumps(self.json_schema, sort_keys=True), f"{field}.json")
+            # Key order kept: JSON Schema properties come out in the order the schema gives them.
+            return ConstraintSpec("json", json.dumps(self.json_schema), f"{field}.json")
         assert self.grammar is not None
         return ConstraintSpec("grammar", self.grammar, f"{field}.grammar")
 
