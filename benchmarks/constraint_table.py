@@ -1,7 +1,9 @@
-"""1,000 samples under each of 20 constraints from the bundled model, each checked independently of
-llguidance (Python's `re`, set membership, a counter): how many completed, and how many matched.
+"""1,000 samples under each of 20 constraints from the bundled model, and under 6 JSON and number
+constraints from a small model trained here on JSON lines (another corpus, whose vocabulary has
+braces, quotes and digits), each checked independently of llguidance (Python's `re`, `json` and
+`jsonschema`, set membership, a counter): how many completed, and how many matched.
 
-    .venv/bin/python -m benchmarks.constraint_table [--samples 1000]
+    .venv/bin/python -m benchmarks.constraint_table [--samples 1000] [--no-json-model]
 """
 
 from __future__ import annotations
@@ -9,9 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import re
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+import jsonschema
 
 from benchmarks.common import table, write_results
 from service.core.sampling import ConstraintSpec, SamplingParams
@@ -63,16 +70,123 @@ CASES: list[tuple[ConstraintSpec, Callable[[str], bool]]] = [
 ]
 
 
-async def main(samples: int) -> None:
-    settings = Settings()
+NESTED = {
+    "type": "object",
+    "properties": {
+        "size": {"enum": ["S", "M", "L"]},
+        "inner": {
+            "type": "object",
+            "properties": {"x": {"type": "integer", "minimum": -50, "maximum": 50}, "ok": {"type": "boolean"}},
+            "required": ["x", "ok"],
+            "additionalProperties": False,
+        },
+        "tags": {"type": "array", "items": {"enum": ["red", "blue"]}, "maxItems": 3},
+    },
+    "required": ["size", "inner", "tags"],
+    "additionalProperties": False,
+}
+ID_ONLY = {
+    "type": "object",
+    "properties": {"id": {"type": "integer"}},
+    "required": ["id"],
+    "additionalProperties": False,
+}
+
+
+def valid(schema: dict[str, object]) -> Callable[[str], bool]:
+    def check(text: str) -> bool:
+        try:
+            jsonschema.validate(json.loads(text), schema)
+        except (ValueError, jsonschema.ValidationError):
+            return False
+        return True
+
+    return check
+
+
+JSON_CASES: list[tuple[ConstraintSpec, Callable[[str], bool]]] = [
+    (ConstraintSpec("json", json.dumps(NESTED)), valid(NESTED)),
+    (ConstraintSpec("json", json.dumps(ID_ONLY)), valid(ID_ONLY)),
+    (
+        ConstraintSpec("json", json.dumps({"enum": ["red", "green", 3, None]})),
+        valid({"enum": ["red", "green", 3, None]}),
+    ),
+    regex(r"[0-9]{5}"),
+    regex(r"-?(0|[1-9][0-9]{0,3})\.[0-9]{2}"),
+    (
+        ConstraintSpec("grammar", 'start: "(" item* ")"\nitem: "a" | "[" item* "]" | "(" item* ")"'),
+        lambda t: _brackets(t),
+    ),
+]
+
+
+def _brackets(text: str) -> bool:
+    stack: list[str] = []
+    for c in text:
+        if c in "([":
+            stack.append(c)
+        elif c in ")]" and (not stack or stack.pop() != {")": "(", "]": "["}[c]):
+            return False
+    return not stack and set(text) <= set("()[]a")
+
+
+def json_lines(n: int) -> str:
+    """JSON lines with nested objects, lists, enums and numbers (the corpus of the tests' JSON model)."""
+    rng = random.Random(0)
+    words = ["red", "green", "blue", "alpha", "beta", "gamma", "x", "yz", "name", "id", "tags", "ok"]
+    lines = []
+    for _ in range(n):
+        obj = {
+            "name": rng.choice(words) + rng.choice(words),
+            "id": rng.randint(0, 99999),
+            "size": rng.choice(["S", "M", "L"]),
+            "tags": [rng.choice(words) for _ in range(rng.randint(0, 3))],
+            "ok": rng.choice([True, False, None]),
+            "inner": {"x": rng.randint(-50, 50), "y": round(rng.random() * 10, 2)},
+        }
+        depth = rng.randint(0, 2)
+        lines.append(json.dumps(obj) + " (" + "[" * depth + "a" + "]" * depth + ")")
+    return "\n".join(lines) + "\n"
+
+
+def train_json_model(folder: Path) -> Path:
+    """A small LSTM (2 x 128) trained for a few hundred steps on JSON lines, exported; its models folder."""
+    from training.config import TrainConfig
+    from training.export import export_many
+    from training.train import train
+
+    corpus = folder / "json.txt"
+    corpus.write_text(json_lines(5000), encoding="utf-8")
+    config = TrainConfig(
+        data=[str(corpus)],
+        out=str(folder / "run"),
+        layers=2,
+        hidden=128,
+        embedding=32,
+        seq_len=64,
+        batch_size=32,
+        lr=3e-3,
+        max_steps=400,
+        eval_interval=400,
+        progress=False,
+        seed=7,
+    )
+    train(config)
+    export_many([str(folder / "run" / "best.pt")], str(folder / "models"), "fp32", names=["json-lstm"])
+    return folder / "models"
+
+
+async def run_table(
+    settings: Settings, cases: list[tuple[ConstraintSpec, Callable[[str], bool]]], samples: int
+) -> tuple[str, list[dict[str, object]], list[list[object]], int]:
     service = GenerationService.create(load_registry(settings), settings)
     service.start()
     rows: list[list[object]] = []
     results: list[dict[str, object]] = []
     total = 0
-    t0 = time.perf_counter()
     try:
-        for spec, check in CASES:
+        model = service.registry.get(None).id
+        for spec, check in cases:
             generations = [
                 await service.generate(
                     SamplingParams(temperature=(1.0, 0.7, 1.5, 0.0)[i % 4], max_new_chars=300, constraint=spec),
@@ -85,18 +199,36 @@ async def main(samples: int) -> None:
             stopped = [r.text for r in done if r.completed.finish_reason == "stop"]
             matched = sum(check(t) for t in stopped)
             total += matched
-            rows.append([f"{spec.kind}: {spec.source[:40]!r}", samples, len(stopped), matched])
+            rows.append([model, f"{spec.kind}: {spec.source[:40]!r}", samples, len(stopped), matched])
             results.append(
                 {"kind": spec.kind, "source": spec.source, "samples": samples, "stop": len(stopped), "matched": matched}
             )
     finally:
         await service.stop()
-    print(table(["constraint", "samples", "finish stop", "matched"], rows))
-    print(f"\n{total} of {samples * len(CASES)} samples matched ({time.perf_counter() - t0:.0f} s)")
-    print(f"wrote {write_results('constraint_table', {'model': 'bundled', 'results': results})}")
+    return model, results, rows, total
+
+
+async def main(samples: int, json_model: bool) -> None:
+    t0 = time.perf_counter()
+    model, results, rows, total = await run_table(Settings(), CASES, samples)
+    tables = {model: results}
+    count = samples * len(CASES)
+    if json_model:
+        with tempfile.TemporaryDirectory() as folder:
+            models = train_json_model(Path(folder))
+            other, more, more_rows, more_total = await run_table(Settings(models_dir=models), JSON_CASES, samples)
+        tables[other] = more
+        rows += more_rows
+        total += more_total
+        count += samples * len(JSON_CASES)
+    print(table(["model", "constraint", "samples", "finish stop", "matched"], rows))
+    print(f"\n{total} of {count} samples matched ({time.perf_counter() - t0:.0f} s)")
+    print(f"wrote {write_results('constraint_table', {'samples': samples, 'models': tables})}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1000)
-    asyncio.run(main(parser.parse_args().samples))
+    parser.add_argument("--no-json-model", action="store_true", help="only the bundled model")
+    args = parser.parse_args()
+    asyncio.run(main(args.samples, not args.no_json_model))
