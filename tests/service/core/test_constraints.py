@@ -319,3 +319,48 @@ def test_json_properties_come_in_the_schemas_order(json_engine: Engine) -> None:
         if reason == "stop":
             assert list(json.loads(text)) == ["size", "id"], text
     assert any(reason == "stop" for _, reason in results)
+
+
+def test_a_dead_end_reached_while_generating_ends_the_job_with_an_error(engine: Engine) -> None:
+    """A constraint the probe walks did not refuse, which still needs a missing character after its
+    first one: the job ends with an invalid_input error event, and the scheduler serves on."""
+    import llguidance
+
+    from service.core.constraints import CharMatcher
+
+    source = 'start: "a" sep "b"\nsep: "€"'  # "a" may start it; the next rule needs a character the model lacks
+    compiler = ConstraintCompiler(engine.info.vocab)
+    with pytest.raises(ConstraintError, match="vocabulary lacks a character"):  # the compiler's walks find it
+        compiler.matcher(ConstraintSpec("grammar", source))
+    grammar = llguidance.LLMatcher.grammar_from_lark(source)  # compiled directly: nothing refuses it
+    matcher = CharMatcher(llguidance.LLMatcher(compiler.tokenizer, grammar, log_level=0), len(engine.info.vocab))
+    assert matcher.allowed.any()
+
+    async def scenario() -> tuple[ErrorEvent | DoneEvent, str]:
+        scheduler = Scheduler("m", engine, Metrics())
+        scheduler.start()
+        info = engine.info
+        zero = [np.zeros((info.num_layers, info.hidden_size), np.float32)] * len(info.state_names)
+        params = SamplingParams(max_new_chars=20, constraint=ConstraintSpec("grammar", source))
+        job = Job(prompt=[info.vocab_index["\n"]], state=zero, logits=None, params=params, rng=np.random.default_rng(0))
+        job.matcher = matcher
+        after = Job(
+            prompt=[info.vocab_index["\n"]],
+            state=zero,
+            logits=None,
+            params=SamplingParams(max_new_chars=5),
+            rng=np.random.default_rng(1),
+        )
+        scheduler.submit(job)
+        scheduler.submit(after)
+        finals = []
+        for j in (job, after):
+            while not (done := [e for e in await j.events.take() if isinstance(e, DoneEvent | ErrorEvent)]):
+                pass
+            finals.append(done[0])
+        await scheduler.stop()
+        assert isinstance(finals[1], DoneEvent) and finals[1].generated_chars == 5
+        return finals[0], job.phase.name
+
+    final, phase = asyncio.run(scenario())
+    assert isinstance(final, ErrorEvent) and final.code == "invalid_input" and phase == "FAILED", final
