@@ -55,6 +55,8 @@ DEFAULT_START = "\n"
 # Per-character annotations of a prompt are read one character per step and sent as one event:
 # bounded so that the answer stays a reasonable size (32 units x 10,000 characters ~ 3 MB of JSON).
 MAX_ANNOTATED_PROMPT = 10_000
+# Characters one score request may bring, over all its texts: about a minute of reading on two cores.
+MAX_SCORE_CHARS = 1_000_000
 # The RNG of jobs that draw nothing (texts being scored).
 _NO_DRAWS = np.random.default_rng(0)
 # How long a request waits for its constraint to compile (llguidance's own limits bound the work).
@@ -385,6 +387,11 @@ class GenerationService:
             start = [info.vocab_index[DEFAULT_START]]
         else:
             raise InvalidInput("context is required: the model has no line break to start from", field="context")
+        total = sum(len(text) for text in texts)
+        if total > MAX_SCORE_CHARS:
+            raise TooLarge(
+                f"texts have {total} characters in all; one request may score at most {MAX_SCORE_CHARS}", field="texts"
+            )
         each = [self._prompt_ids(model, text, f"texts.{i}") for i, text in enumerate(texts)]
         # Greedy: a job that only reads draws nothing, so it needs no seeded RNG of its own.
         params = SamplingParams(temperature=0.0, max_new_chars=0, prompt_logprobs=True, top_logprobs=top_logprobs)

@@ -156,6 +156,7 @@ SCORE_CASES: list[tuple[Any, int, str, str | None]] = [
     ({"texts": ["a", "€"]}, 422, "invalid_input", "texts.1"),
     ({"texts": ["a"] * 1001}, 422, "invalid_input", "texts"),
     ({"texts": ["a", "x" * 20_001]}, 413, "too_large", "texts.1"),
+    ({"texts": ["a" * 20_000] * 51}, 413, "too_large", "texts"),
     ({"texts": ["a"], "context": "€"}, 422, "invalid_input", "context"),
     ({"texts": ["a"], "top_logprobs": 21}, 422, "invalid_input", "top_logprobs"),
     ({"texts": ["a"], "top_logprobs": -1}, 422, "invalid_input", "top_logprobs"),
