@@ -95,12 +95,12 @@ def scheduler_alone(chars: int) -> float:
     per step (rows, sampling parameters, stops, events, one hand-off to the event loop) costs.
     """
     from service.core.engine import Engine
-    from service.core.jobs import STREAM_INTERVAL, Job, Mailbox
+    from service.core.jobs import Job, Mailbox
     from service.core.sampling import SamplingParams
     from service.core.scheduler import Scheduler
     from service.metrics import Metrics
     from service.serving.registry import VARIANT_FILES
-    from service.settings import load_settings
+    from service.settings import STREAM_INTERVAL, load_settings
 
     engine = Engine(serving.MODELS_DIR / serving.MODEL / VARIANT_FILES[serving.VARIANT], load_settings().ort_threads)
     info = engine.info

@@ -26,7 +26,7 @@ from benchmarks.common import table, write_results
 from benchmarks.serving import MODEL, MODELS_DIR, REPO, ServerProcess
 from exports.contract import VARIANT_FILES
 from service.core.engine import Engine
-from service.core.scheduler import PREFILL_CHUNK
+from service.settings import PREFILL_CHUNK
 
 CHUNKS = (32, 64, 128, 256, 512, 1024, 4096)
 STREAMS = 8

@@ -3,23 +3,88 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.core.jobs import STREAM_INTERVAL
-from service.core.scheduler import PREFILL_CHUNK
 from service.errors import ServiceConfigError
-from service.sessions import REDIS_SCHEMES
-from service.sessions.sentinel import SENTINEL_SCHEME, parse_sentinel_url
 
 SECRET_SETTINGS = ("api_key", "session_store")  # never echoed: a key, a URL with a password
 # How long a thread may hold the GIL while another waits for it, set at start-up. Python's default,
 # 5 ms, lets the event loop keep it through a whole step's worth of sends after onnxruntime returns,
 # so the step thread idles instead of starting the next step (docs/performance.md measures both).
 SWITCH_INTERVAL_US = 100
+# Characters a stream collects before it is woken to send a frame (vLLM's stream_interval). Two
+# halves the frames, the cost that bounds one process, for one step of latency per frame; frames of
+# one keep the gap between characters smallest (docs/performance.md has both measured).
+STREAM_INTERVAL = 2
+# Prompt positions read per scheduler iteration. A seq=T call costs about T times a one-character
+# step, so this bounds how long other streams wait for their next character while a long prompt
+# is read: 256 positions of the bundled 2x512 LSTM take ~25 ms on a 2-core CPU
+# (benchmarks/prefill_fairness.py measures the gap), against ~2.2x faster reading than stepping.
+PREFILL_CHUNK = 256
+
+# -- session store URLs: checked here, so that a bad one stops the start with one line -------------
+# The redis+sentinel:// URL names where the sentinels are and which primary they watch:
+#     redis+sentinel://[[user]:password@]host:port[,host:port...]/SERVICE[/DB]
+# The sentinels answer which server is the primary of SERVICE right now; the store connects to it
+# and asks again after a failover. A password is the data servers' (primary and replicas), not the
+# sentinels'.
+SENTINEL_SCHEME = "redis+sentinel://"
+SENTINEL_URL_FORM = "redis+sentinel://host:port[,host:port...]/SERVICE[/DB]"
+
+
+@dataclass(frozen=True)
+class SentinelAddress:
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    def describe(self) -> str:
+        """The URL again, without its password (for logs and errors)."""
+        auth = f"{self.username or ''}:***@" if self.password is not None else ""
+        hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        return f"{SENTINEL_SCHEME}{auth}{hosts}/{self.service}/{self.db}"
+
+
+def parse_sentinel_url(url: str) -> SentinelAddress:
+    """The URL's parts; ValueError with one line saying what is wrong and the expected form."""
+    if not url.startswith(SENTINEL_SCHEME):
+        raise ValueError(f"a sentinel URL starts with {SENTINEL_SCHEME}")
+    rest = url.removeprefix(SENTINEL_SCHEME)
+    netloc, _, path = rest.partition("/")
+    username = password = None
+    if "@" in netloc:
+        auth, _, netloc = netloc.rpartition("@")
+        user, sep, secret = auth.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if sep else None
+    sentinels = tuple(_host_port(item) for item in netloc.split(","))
+    parts = [p for p in path.split("/") if p]
+    if not parts or len(parts) > 2:
+        raise ValueError(f"name the primary's service after the sentinels: {SENTINEL_URL_FORM}")
+    db = 0
+    if len(parts) == 2:
+        if not parts[1].isdigit():
+            raise ValueError(f"the database after the service must be a number, not {parts[1]!r}")
+        db = int(parts[1])
+    return SentinelAddress(sentinels, unquote(parts[0]), db, username, password)
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    host, sep, port = item.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"each sentinel is host:port, not {item!r}: {SENTINEL_URL_FORM}")
+    return host.strip("[]"), int(port)
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
 # 64 MiB holds ~8,000 states of the bundled 2 x 512 LSTM (8 KiB each): every chunk boundary of
 # 2,000,000 characters of distinct prompt prefixes at the default 256-character chunk.
 PROMPT_CACHE_BYTES = 64 * 2**20

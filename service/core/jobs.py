@@ -41,12 +41,6 @@ class Phase(enum.IntEnum):
         return self.name.lower()
 
 
-# Characters a stream collects before it is woken to send a frame (vLLM's stream_interval). Two
-# halves the frames, the cost that bounds one process, for one step of latency per frame; frames of
-# one keep the gap between characters smallest (docs/performance.md has both measured).
-STREAM_INTERVAL = 2
-
-
 class Mailbox:
     """A job's events on their way to its stream, taken all at once on the event loop.
 

@@ -40,14 +40,10 @@ from service.core.sampling import log_softmax, penalise, top_alternatives
 from service.core.slots import SlotTable
 from service.core.step_plan import StepPlan
 from service.metrics import Metrics
+from service.settings import PREFILL_CHUNK
 
 log = logging.getLogger("charstream.scheduler")
 
-# Prompt positions read per scheduler iteration. A seq=T call costs about T times a one-character
-# step, so this bounds how long other streams wait for their next character while a long prompt
-# is read: 256 positions of the bundled 2x512 LSTM take ~25 ms on a 2-core CPU
-# (benchmarks/prefill_fairness.py measures the gap), against ~2.2x faster reading than stepping.
-PREFILL_CHUNK = 256
 ACTIVATION_DECIMALS = 4  # unit values are sent rounded to this many decimals
 
 

@@ -2,7 +2,7 @@
 
 `store` holds the data (`Session`, `Lease`) and the interface, `memory` the embedded store of one
 process, `redis_store` the store every worker and replica shares (one server, or the primary that
-Redis Sentinel names: `sentinel` reads that URL), and `record` the versioned bytes a session
+Redis Sentinel names), and `record` the versioned bytes a session
 becomes in Redis. `open_store` picks the home a URL names. Nothing here knows the
 scheduler or HTTP.
 """
@@ -10,10 +10,7 @@ scheduler or HTTP.
 from __future__ import annotations
 
 from service.sessions.memory import InMemorySessionStore
-from service.sessions.sentinel import SENTINEL_SCHEME
 from service.sessions.store import SessionStore
-
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
 
 
 def open_store(

@@ -39,7 +39,6 @@ from redis.exceptions import RedisError
 
 from service.errors import NotFound, StoreUnavailable
 from service.sessions.record import decode, encode
-from service.sessions.sentinel import SENTINEL_SCHEME, parse_sentinel_url
 from service.sessions.store import (
     Lease,
     Session,
@@ -49,6 +48,7 @@ from service.sessions.store import (
     session_not_found,
     too_many_sessions,
 )
+from service.settings import SENTINEL_SCHEME, parse_sentinel_url
 
 log = logging.getLogger("charstream.redis")
 T = TypeVar("T")

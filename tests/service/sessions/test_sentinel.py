@@ -18,9 +18,8 @@ import pytest
 
 from service.errors import ServiceConfigError, StoreUnavailable
 from service.sessions.redis_store import RedisSessionStore
-from service.sessions.sentinel import parse_sentinel_url
 from service.sessions.store import Session
-from service.settings import load_settings
+from service.settings import load_settings, parse_sentinel_url
 from tests.redis_sentinel import SentinelGroup, wait_for
 from tests.redis_server import RedisServer
 from tests.utils import run_server
