@@ -91,6 +91,8 @@ test: test-servers lint typecheck unit docs
 bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m pip install -q -e '.[peers]'
 	$(PY) -m benchmarks.train_speed
+	$(PY) -m benchmarks.validation_cost
+	$(PY) -m benchmarks.finetune
 	$(PY) -m benchmarks.cells
 	$(PY) -m benchmarks.export_speed
 	$(PY) -m benchmarks.serving

@@ -79,7 +79,7 @@ class TrainConfig:
     device: str = setting("auto", "auto, cpu or cuda")
     # Autocast of the forward pass and the loss; weights, optimizer state and checkpoints stay fp32.
     precision: str = setting(
-        "auto", "auto, fp32, bf16 or fp16 (CUDA only); auto: bf16 where the CPU or GPU has it natively"
+        "auto", "auto, fp32, bf16 or fp16 (CUDA only); auto: bf16 on a CPU with AMX or a CUDA GPU with bf16"
     )
     resume: bool = setting(False, "continue from OUT/last.pt")
     # Fine-tuning (training/prior.py): the architecture is the prior's, the layer flags are not read.

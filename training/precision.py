@@ -2,9 +2,11 @@
 
 Only the forward pass and the loss run under `torch.autocast`; the weights, the optimizer state,
 the carried state and the checkpoints stay float32, and validation and export run in float32
-outside autocast. `auto` picks bfloat16 only where the hardware multiplies it natively (a CPU
-with AVX-512 BF16 or AMX, or a CUDA device that supports it): elsewhere bfloat16 is emulated and
-slower than float32, so `auto` stays float32 there.
+outside autocast. `auto` picks bfloat16 only where it trains faster: a CUDA device that supports
+it, or a CPU with AMX (amx_bf16). A CPU with AVX-512 BF16 but no AMX multiplies bf16 matrices
+faster than fp32 ones, yet trains an LSTM slower under autocast: measured on this project's AMD
+EPYC (avx512_bf16, no AMX), a 2x512 LSTM step took 3.1x as long in bf16 as in fp32 (oneDNN's bf16
+recurrent kernels), so `auto` stays float32 there; `--precision bf16` still forces it.
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ def resolve(name: str, device: torch.device) -> Precision:
         raise InvalidSetting("precision fp16 needs a CUDA device; on a CPU use bf16 or fp32", ("precision",))
     if name == "auto":
         flags = cpu_bf16_flags()
+        if "amx_bf16" in flags:
+            return Precision("bf16", kind, f"auto: this CPU has AMX ({', '.join(flags)})")
         if flags:
-            return Precision("bf16", kind, f"auto: this CPU multiplies bf16 natively ({', '.join(flags)})")
+            return Precision("fp32", kind, f"auto: this CPU has {', '.join(flags)} but no AMX; bf16 LSTMs train slower")
         return Precision("fp32", kind, "auto: this CPU has no native bf16 (no avx512_bf16 or amx_bf16)")
     return Precision(name, kind, "as asked")
