@@ -95,6 +95,7 @@ class Scheduler:
         metrics.running.labels(name).set_function(lambda: len(self._prefill) + len(self._running))
         metrics.waiting.labels(name).set_function(lambda: len(self._joining) + len(self._intake))
         self._prime_metrics = metrics.calls(name, "prime")
+        self._errors = metrics.errors  # by the code the client sees: engine_error, invalid_input, internal...
 
     # -- public API (event loop) -------------------------------------------------------------------
 
@@ -286,6 +287,7 @@ class Scheduler:
         self._running.pop(job, None)
         self._slots.give_back(job, keep=False)
         job.phase = Phase.FAILED
+        self._errors.labels(code).inc()
         self._outbox.append((job, ErrorEvent(code, message)))
 
     # -- engine work -------------------------------------------------------------------------------
@@ -552,6 +554,7 @@ class Scheduler:
                     # The stream lost text: end it with an error now; the job's own final event,
                     # when it comes, still completes the job (and frees its session).
                     job.events.put(ErrorEvent("internal", "the server failed to deliver the text"))
+                    self._errors.labels("internal").inc()
                     self.cancel(job)
 
     def _deliver_one(self, job: Job, event: Event) -> None:

@@ -438,11 +438,11 @@ class GenerationService:
             model = self.registry.get(model_id)
             self._check_params(model, params, len(prompt))
             matcher = await self._matcher(model, params)
-            if self.registry.models.get(model.id) is not model:  # swapped while the constraint compiled
-                return await self.generate(params, prompt, model_id, seed, session_id)
             session = self._new_session(model, seed)
             ids = self._start_ids(model, session, prompt)
             ids, keeper = await self._from_prompt_cache(model, session, ids, params)
+            if self.registry.models.get(model.id) is not model:  # swapped while compiling or asking Redis
+                return await self.generate(params, prompt, model_id, seed, session_id)
             job, saved = self._job(session, None, model, ids, params, matcher, on_chunk=keeper)
         else:
             async with self._leased(session_id) as (session, lease):
@@ -496,8 +496,8 @@ class GenerationService:
         session = self._new_session(model, None)
         start_ids = self._start_ids(model, session, prompt)
         ids, keeper = await self._from_prompt_cache(model, session, start_ids, params)
-        if keeper is None or not ids:
-            return
+        if keeper is None or not ids or self.registry.models.get(model.id) is not model:
+            return  # nothing to read, or the model was swapped meanwhile: each generation reads it itself
         job, _ = self._job(session, None, model, ids, SamplingParams(max_new_chars=0), on_chunk=keeper)
         reading = Generation(job, self.schedulers[model.id], model.id, None, len(ids))
         try:
@@ -558,8 +558,6 @@ class GenerationService:
 
         def on_complete(job: Job) -> None:
             # On the event loop, with the job's final event: write back, then end the lease.
-            if job.phase is Phase.FAILED:
-                self.metrics.errors.labels("engine_error").inc()
             if lease is None or saved is None:
                 return
             if job.phase is not Phase.FAILED:

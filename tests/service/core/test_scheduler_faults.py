@@ -93,7 +93,8 @@ async def finals_of(job: Job) -> list[Event]:
 @pytest.mark.parametrize("on", [1, 3])
 def test_every_job_ends_once_whatever_raises_where(engine: Engine, stage: str, on: int) -> None:
     async def scenario() -> None:
-        scheduler = Scheduler("m", engine, Metrics(), prefill_chunk=64)
+        metrics = Metrics()
+        scheduler = Scheduler("m", engine, metrics, prefill_chunk=64)
         fault = Fault(getattr(scheduler, stage), on)
         setattr(scheduler, stage, fault)
         scheduler.start()
@@ -111,6 +112,10 @@ def test_every_job_ends_once_whatever_raises_where(engine: Engine, stage: str, o
             assert isinstance(events[-1], FINAL_EVENTS)
             assert jobs[i].phase.finished
         assert completions == Counter(range(len(jobs))), (stage, completions)
+        # Every job that ended in an error is counted once, under the code its client saw.
+        seen = Counter(e.code for events in outcomes for e in events if isinstance(e, ErrorEvent))
+        for code, count in seen.items():
+            assert metrics.registry.get_sample_value("charstream_generation_errors_total", {"code": code}) == count
         assert fault.calls >= on or stage in ("_cancel_now", "_prompt_read"), f"{stage} never reached call {on}"
         # The scheduler goes on serving, with nothing left held.
         setattr(scheduler, stage, fault.real)
