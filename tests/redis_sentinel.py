@@ -63,7 +63,24 @@ class SentinelGroup:
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
         self._spawn(port, args)
 
-    def start(self) -> SentinelGroup:
+    def start(self, attempts: int = 3) -> SentinelGroup:
+        """Start every server and wait until the group is linked. A free port can be taken by another
+        process before its server binds it (the machine's clients draw from the same ports): then
+        that server exits, and the group starts again on fresh ports."""
+        for attempt in range(attempts):
+            try:
+                return self._start()
+            except RuntimeError:
+                exited = [port for port, proc in self.procs.items() if proc.poll() is not None]
+                self.stop()
+                self.procs.clear()
+                if not exited or attempt == attempts - 1:
+                    raise
+                self.ports = [free_port() for _ in self.ports]
+                self.sentinel_ports = [free_port() for _ in range(3)]
+        raise AssertionError("unreachable")
+
+    def _start(self) -> SentinelGroup:
         primary, *replicas = self.ports
         self._server(primary, None)
         for port in replicas:

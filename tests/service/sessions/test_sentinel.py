@@ -123,12 +123,14 @@ class Client:
 
 
 async def history(http: httpx.AsyncClient, sid: str) -> int:
-    """The stored history length, asked until the store answers."""
+    """The stored history length, asked until the store answers (for at most a minute)."""
+    deadline = time.monotonic() + 60
     while True:
         r = await http.get(f"/v1/sessions/{sid}")
         if r.status_code == 200:
             return int(r.json()["history_chars"])
         assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+        assert time.monotonic() < deadline, "the store did not answer within a minute"
         await asyncio.sleep(0.05)
 
 
