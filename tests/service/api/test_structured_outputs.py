@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -13,7 +14,7 @@ import pytest
 from openai import OpenAI
 from websockets.sync.client import connect
 
-from tests.utils import Server
+from tests.utils import Server, run_server, tiny_train_config
 
 NAME = r"[A-Z][a-z]{2,8}: [a-z]{1,10}\."
 CHOICES = ["ROMEO", "JULIET", "KING HENRY"]
@@ -102,3 +103,52 @@ def test_max_new_chars_first_ends_with_length_and_a_prefix(server: Server) -> No
     with server.client() as c:
         r = c.post("/v1/generate", json={"prompt": "\n", "max_new_chars": 3, "structured_outputs": {"regex": NAME}})
         assert r.json()["finish_reason"] == "length" and re.fullmatch(r"[A-Z][a-z]{2}", r.json()["text"])
+
+
+@pytest.fixture(scope="module")
+def json_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server whose only model was trained on JSON lines (its vocabulary has braces, quotes, digits)."""
+    from tests.service.core.test_constraints import json_corpus
+    from training.export import export_many
+    from training.train import train
+
+    folder = tmp_path_factory.mktemp("json-server")
+    corpus = folder / "json.txt"
+    corpus.write_text(json_corpus(1500), encoding="utf-8")
+    train(tiny_train_config(corpus, folder / "run", max_steps=80, eval_interval=80))
+    export_many([str(folder / "run" / "best.pt")], str(folder / "models"), "fp32", names=["tiny-json"])
+    with run_server(models_dir=folder / "models", default_model="tiny-json") as s:
+        yield s
+
+
+def test_openai_response_format_gives_json(json_server: Server) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"size": {"enum": ["S", "M", "L"]}, "id": {"type": "integer"}},
+        "required": ["size", "id"],
+        "additionalProperties": False,
+    }
+    with OpenAI(base_url=f"{json_server.base_url}/v1", api_key="any", max_retries=0) as client:
+        answer = client.completions.create(
+            model="tiny-json",
+            prompt="\n",
+            max_tokens=200,
+            n=8,
+            seed=3,
+            extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "item", "schema": schema}}},
+        )
+        done = [c.text for c in answer.choices if c.finish_reason == "stop"]
+        assert done, [c.text for c in answer.choices]
+        for text in done:
+            value = json.loads(text)
+            assert list(value) == ["size", "id"] and value["size"] in "SML" and isinstance(value["id"], int)
+        objects = client.completions.create(
+            model="tiny-json",
+            prompt="\n",
+            max_tokens=300,
+            n=4,
+            seed=5,
+            extra_body={"response_format": {"type": "json_object"}},
+        )
+        complete = [c.text for c in objects.choices if c.finish_reason == "stop"]
+        assert complete and all(isinstance(json.loads(text), dict) for text in complete)
