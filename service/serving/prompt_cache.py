@@ -51,8 +51,11 @@ class PrefixPlan:
 
 
 def prefix_digests(model_sha256: str, ids: list[int], chunk: int) -> dict[int, bytes]:
-    """The key of every prefix the cache may hold for this prompt: each multiple of `chunk`, and the whole."""
-    h = hashlib.blake2b(model_sha256.encode(), digest_size=20)
+    """The key of every prefix the cache may hold for this prompt: each multiple of `chunk`, and the whole.
+
+    The chunk size is part of the key: a state read in other chunks differs in its last bits, and
+    replicas that share the cache through Redis may be set up with other chunk sizes."""
+    h = hashlib.blake2b(f"{model_sha256}/{chunk}".encode(), digest_size=20)
     data = np.asarray(ids, np.int32)
     out: dict[int, bytes] = {}
     read = 0

@@ -22,13 +22,15 @@ def state(value: float) -> list[np.ndarray]:
     return [np.full((2, 8), value, np.float32), np.full((2, 8), -value, np.float32)]
 
 
-def test_a_prefix_has_one_key_in_every_prompt_and_models_never_share() -> None:
+def test_a_prefix_has_one_key_in_every_prompt_and_models_and_chunk_sizes_never_share() -> None:
     a = prefix_digests(SHA, list(range(600)), 256)
     b = prefix_digests(SHA, [*range(512), 9, 9], 256)
     assert sorted(a) == [256, 512, 600] and sorted(b) == [256, 512, 514]
     assert a[256] == b[256] and a[512] == b[512] and a[600] != b[514]
     assert prefix_digests("cd" * 32, list(range(600)), 256)[256] != a[256]
     assert sorted(prefix_digests(SHA, list(range(512)), 256)) == [256, 512]
+    # Read in other chunks, the state after the same prefix is another key.
+    assert prefix_digests(SHA, list(range(512)), 128)[512] != a[512]
 
 
 def test_the_longest_cached_prefix_wins_and_the_rest_is_kept_as_read() -> None:
