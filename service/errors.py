@@ -163,6 +163,6 @@ FAILURES: dict[str, type[ApiError]] = {
 }
 
 
-def failure(code: str, message: str) -> ApiError:
-    """The ApiError for a scheduler failure code (an unknown code is an internal error)."""
-    return FAILURES.get(code, InternalError)(message)
+def failure(code: str, message: str, field: str | None = None) -> ApiError:
+    """The ApiError for a scheduler failure code (an unknown code is an internal error), naming `field`."""
+    return FAILURES.get(code, InternalError)(message, field)

@@ -69,8 +69,9 @@ class DoneEvent:
 class ErrorEvent:
     """The scheduler's last word on a job that failed; `code` picks the error the client sees."""
 
-    code: str  # engine_error | internal | shutting_down
+    code: str  # engine_error | internal | shutting_down | invalid_input
     message: str
+    field: str | None = None  # the request field at fault (invalid_input: the constraint's field)
 
 
 Event = TextEvent | PromptEvent | DoneEvent | ErrorEvent

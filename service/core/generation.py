@@ -75,7 +75,7 @@ class Generation:
     def _final(self, event: DoneEvent | ErrorEvent) -> Completed | Failed:
         if isinstance(event, DoneEvent):
             return Completed(event.finish_reason, self.prompt_chars, event.generated_chars, self.model, self.session_id)
-        return Failed(failure(event.code, event.message))
+        return Failed(failure(event.code, event.message, event.field))
 
     async def stream(self) -> AsyncGenerator[StreamEvent, None]:
         """Text (merged when several wait), the prompt's annotations if asked, then Completed or Failed."""

@@ -280,7 +280,7 @@ class Scheduler:
             self._send_notes(job)
         self._outbox.append((job, DoneEvent(phase.finish_reason, job.generated)))
 
-    def _fail(self, job: Job, code: str, message: str) -> None:
+    def _fail(self, job: Job, code: str, message: str, field: str | None = None) -> None:
         if job.phase.finished:
             return
         self._prefill.pop(job, None)
@@ -288,7 +288,7 @@ class Scheduler:
         self._slots.give_back(job, keep=False)
         job.phase = Phase.FAILED
         self._errors.labels(code).inc()
-        self._outbox.append((job, ErrorEvent(code, message)))
+        self._outbox.append((job, ErrorEvent(code, message, field)))
 
     # -- engine work -------------------------------------------------------------------------------
 
@@ -496,7 +496,8 @@ class Scheduler:
             ending = Phase.LENGTH
         elif job.matcher is not None and job.matcher.dead_end:
             # Rare: llguidance prunes characters that lead nowhere, except across some grammar rules.
-            self._fail(job, "invalid_input", "structured_outputs: no character of this model can continue the text")
+            field = job.params.constraint.field if job.params.constraint is not None else "structured_outputs"
+            self._fail(job, "invalid_input", f"{field}: no character of this model can continue the text", field)
             return
         notes = job.notes
         if notes is None:

@@ -11,6 +11,7 @@ states the one value that is accepted. Fields OpenAI does not define are accepte
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
@@ -79,6 +80,11 @@ class ResponseFormat(BaseModel):
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+
+    @property
+    def field(self) -> str:
+        """The field a refused constraint names: the schema sent, or response_format itself for json_object."""
+        return "response_format.json_schema" if self.type == "json_schema" else "response_format"
 
     def to_structured(self) -> StructuredOutputs | None:
         if self.type == "text":
@@ -290,7 +296,8 @@ class CompletionRequest(BaseModel):
         if self.response_format is not None:
             structured = self.response_format.to_structured()
             if structured is not None:
-                return structured.to_spec("response_format")
+                # Named as sent: response_format has no `json` field of its own.
+                return dataclasses.replace(structured.to_spec(), field=self.response_format.field)
         return None
 
 

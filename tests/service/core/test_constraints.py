@@ -27,6 +27,7 @@ from service.core.events import DoneEvent, ErrorEvent, TextEvent
 from service.core.jobs import Job
 from service.core.sampling import ConstraintSpec, SamplingParams
 from service.core.scheduler import Scheduler
+from service.errors import InvalidInput, failure
 from service.metrics import Metrics
 from tests.utils import tiny_train_config
 
@@ -341,7 +342,9 @@ def test_a_dead_end_reached_while_generating_ends_the_job_with_an_error(engine: 
         scheduler.start()
         info = engine.info
         zero = [np.zeros((info.num_layers, info.hidden_size), np.float32)] * len(info.state_names)
-        params = SamplingParams(max_new_chars=20, constraint=ConstraintSpec("grammar", source))
+        # Named as the request named it (here OpenAI's response_format), never a field it did not send.
+        spec = ConstraintSpec("grammar", source, "response_format.json_schema")
+        params = SamplingParams(max_new_chars=20, constraint=spec)
         job = Job(prompt=[info.vocab_index["\n"]], state=zero, logits=None, params=params, rng=np.random.default_rng(0))
         job.matcher = matcher
         after = Job(
@@ -364,3 +367,6 @@ def test_a_dead_end_reached_while_generating_ends_the_job_with_an_error(engine: 
 
     final, phase = asyncio.run(scenario())
     assert isinstance(final, ErrorEvent) and final.code == "invalid_input" and phase == "FAILED", final
+    assert final.field == "response_format.json_schema" and final.message.startswith("response_format.json_schema:")
+    error = failure(final.code, final.message, final.field)
+    assert isinstance(error, InvalidInput) and error.to_dict()["field"] == "response_format.json_schema"

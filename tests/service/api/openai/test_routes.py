@@ -343,7 +343,11 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"structured_outputs": {"regex": "(a|b"}}, "structured_outputs.regex"),
     ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs"),
-    ({"response_format": {"type": "json_object"}}, "response_format.json"),  # tiny-lstm has no braces
+    ({"response_format": {"type": "json_object"}}, "response_format"),  # tiny-lstm has no braces
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}},
+        "response_format.json_schema",
+    ),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "response_format"),
