@@ -59,10 +59,24 @@ class _CharTokens:
         self.bos_token_id = None
         self.special_token_ids = [len(vocab)]
         self._index = {c.encode("utf-8"): i for i, c in enumerate(vocab)}
+        self._longest = max((len(t) for t in self._index), default=1)
 
     def __call__(self, text: bytes) -> list[int]:
-        # llguidance tokenizes only to read literal text; a byte the vocabulary lacks has no id.
-        return [self._index[bytes([b])] for b in text if bytes([b]) in self._index]
+        """Ids by longest match over the characters' UTF-8 bytes (a character such as "é" is 2 bytes, "漢" 3).
+
+        llguidance tokenizes only to read literal text; a byte no character starts with has no id."""
+        ids: list[int] = []
+        at = 0
+        while at < len(text):
+            for size in range(min(self._longest, len(text) - at), 0, -1):
+                found = self._index.get(text[at : at + size])
+                if found is not None:
+                    ids.append(found)
+                    at += size
+                    break
+            else:
+                at += 1
+        return ids
 
 
 def grammar_of(spec: ConstraintSpec) -> str:

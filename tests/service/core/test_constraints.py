@@ -370,3 +370,37 @@ def test_a_dead_end_reached_while_generating_ends_the_job_with_an_error(engine: 
     assert final.field == "response_format.json_schema" and final.message.startswith("response_format.json_schema:")
     error = failure(final.code, final.message, final.field)
     assert isinstance(error, InvalidInput) and error.to_dict()["field"] == "response_format.json_schema"
+
+
+def walk(compiler: ConstraintCompiler, spec: ConstraintSpec, seed: int, longest: int = 40) -> str:
+    """A random text the constraint allows, character by character, as a job would sample it."""
+    rng = np.random.default_rng(seed)
+    matcher = compiler.matcher(spec)
+    text = ""
+    while not matcher.complete and len(text) < longest:
+        assert not matcher.dead_end, text
+        char = int(rng.choice(np.flatnonzero(matcher.allowed)))
+        matcher.consume(char)
+        matcher.refresh()
+        text += compiler.vocab[char]
+    assert matcher.complete, text
+    return text
+
+
+@pytest.mark.parametrize(
+    ("kind", "source", "check"),
+    [
+        ("grammar", 'start: "tea" | "café"', lambda t: t in ("tea", "café")),
+        ("json", json.dumps({"enum": ["café", "tea"]}), lambda t: json.loads(t) in ("café", "tea")),
+        ("json", json.dumps({"const": "é"}), lambda t: json.loads(t) == "é"),
+        ("regex", "é+x", lambda t: re.fullmatch("é+x", t) is not None),
+        ("regex", "[漢é]{2}", lambda t: re.fullmatch("[漢é]{2}", t) is not None),
+        ("choice", json.dumps(["漢字", "é"]), lambda t: t in ("漢字", "é")),
+    ],
+)
+def test_characters_of_several_bytes_are_matched_whole(kind: str, source: str, check: Callable[[str], bool]) -> None:
+    """A vocabulary with "é" (2 bytes in UTF-8) and CJK characters (3 bytes): constraints that need them compile,
+    and every text they allow is checked with Python."""
+    compiler = ConstraintCompiler(list('\n "acefitxé漢字'))
+    texts = {walk(compiler, ConstraintSpec(kind, source), seed) for seed in range(12)}
+    assert all(check(t) for t in texts), texts
