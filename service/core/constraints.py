@@ -8,9 +8,12 @@ grammar) once per model and keeps the compiled matcher in an LRU cache; each job
 
 Compiling is bounded: llguidance's parser limits cap the lexer's work and size (a pathological
 pattern fails with its message), and a probe walks a few characters to measure the cost of a
-mask: a constraint whose mask takes longer than `STEP_BUDGET_S` would slow every stream in the
-batch, and is refused. A constraint that allows no first character, or only the empty text, is
-refused too. Refusals are cached like compiled constraints, so a bad one costs its compile once.
+mask: a constraint whose mask takes longer than `MASK_BUDGET_S` would slow every stream in the
+batch, and is refused (the probe stops at the first mask far over it). The measured cost stays
+with the compiled constraint, so that a request running it on many rows at once can be held to
+`STEP_BUDGET_S` (`Compiled.check_rows`). A constraint that allows no first character, or only the
+empty text, is refused too. Refusals are cached like compiled constraints, so a bad one costs its
+compile once, and a compile in flight is shared by every request that asks for the same one.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 
 import llguidance
 import numpy as np
@@ -39,11 +44,19 @@ LIMITS = dict(
     max_grammar_size=50_000,
     verbose_errors=False,  # the message goes to the client: no parser dump
 )
-# Probes of this many walks of this many characters after compiling; a mask slower than the budget is refused (for
-# scale: a mask of a regex or JSON Schema takes 5-50 us here, one step of 64 streams ~3 ms).
+# Probes of this many walks of this many characters after compiling.
 PROBE_CHARS = 16
 PROBE_WALKS = 8
-STEP_BUDGET_S = 0.01
+# A character's mask may take this long (the probe's median), per row. For scale: a mask of a regex
+# or JSON Schema takes 6-13 us here, and one engine step of 64 streams ~3 ms; a{15000} takes ~6 ms a
+# mask, so 64 rows of it would add ~400 ms to every step of every stream of the model.
+MASK_BUDGET_S = 0.0005
+# The probe stops at the first mask this many times over the budget: a{100000} is refused after
+# one mask rather than after all of them.
+PROBE_GIVE_UP = 20
+# What one request's constrained rows together may add to a step (rows x the mask's cost): each
+# step waits for every row's mask, so a request with n choices makes every stream of the model wait.
+STEP_BUDGET_S = 0.004
 
 
 class ConstraintError(Exception):
@@ -159,49 +172,99 @@ def advance_all(matchers: list[CharMatcher], chars: list[int]) -> np.ndarray:
     return allowed
 
 
-class ConstraintCompiler:
-    """One model's compiled constraints: an LRU cache of matchers, each copied for a job."""
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A compiled constraint and what following it costs; `new()` gives each job its own copy."""
 
-    def __init__(self, vocab: Sequence[str], kept: int = COMPILED_KEPT) -> None:
+    matcher: llguidance.LLMatcher
+    vocab_size: int
+    mask_s: float  # one character's mask, per row (the probe's median)
+
+    def new(self) -> CharMatcher:
+        return CharMatcher(self.matcher.deep_copy(), self.vocab_size)
+
+    def check_rows(self, rows: int, budget_s: float = STEP_BUDGET_S) -> None:
+        """Raise ConstraintError when `rows` rows of this constraint would add more than `budget_s` to a step."""
+        if rows * self.mask_s > budget_s:
+            fits = max(int(budget_s / self.mask_s), 1)
+            raise ConstraintError(
+                f"too costly for {rows} rows at once: a character's mask takes {self.mask_s * 1e6:.0f} us, "
+                f"{rows * self.mask_s * 1000:.1f} ms a step for all of them (the limit is {budget_s * 1000:.0f} ms); "
+                f"ask for at most {fits} at once, or simplify it"
+            )
+
+
+class ConstraintCompiler:
+    """One model's compiled constraints: an LRU cache of matchers, each copied for a job.
+
+    Thread-safe; `submit` compiles on an executor and shares a compile in flight."""
+
+    def __init__(self, vocab: Sequence[str], kept: int = COMPILED_KEPT, mask_budget_s: float = MASK_BUDGET_S) -> None:
         self.vocab = tuple(vocab)
         self.tokenizer = llguidance.LLTokenizer(TokenizerWrapper(_CharTokens(self.vocab)))
         self.limits = llguidance.LLParserLimits(**LIMITS)  # type: ignore[arg-type]
+        self.mask_budget_s = mask_budget_s
         self._kept = kept
-        self._compiled: OrderedDict[ConstraintSpec, llguidance.LLMatcher | ConstraintError] = OrderedDict()
+        self._compiled: OrderedDict[ConstraintSpec, Compiled | ConstraintError] = OrderedDict()
+        self._running: dict[ConstraintSpec, Future[Compiled]] = {}
         self._lock = threading.Lock()
 
     def matcher(self, spec: ConstraintSpec) -> CharMatcher:
         """A fresh matcher for one job; raises ConstraintError (with the compiler's message) before any step.
 
-        Thread-safe: the service compiles off the event loop."""
+        Compiles in this thread when nobody else is compiling it."""
+        return self.submit(spec).result().new()
+
+    def submit(self, spec: ConstraintSpec, executor: Executor | None = None) -> Future[Compiled]:
+        """The compiled constraint, from the cache, from a compile in flight, or compiled on `executor`
+        (in this thread when None); a refusal is the future's ConstraintError."""
         key = ConstraintSpec(spec.kind, spec.source)
         with self._lock:
             found = self._compiled.get(key)
             if found is not None:
                 self._compiled.move_to_end(key)
-        if found is None:
-            try:
-                found = self._compile(key)
-            except ConstraintError as exc:
-                found = exc
+                return _settled(found)
+            running = self._running.get(key)
+            if running is not None:
+                return running
+            future: Future[Compiled] = Future()
+            future.set_running_or_notify_cancel()  # shared by several requests: none of them may cancel it
+            self._running[key] = future
+        if executor is None:
+            self._settle(key, future)
+        else:
+            executor.submit(self._settle, key, future)
+        return future
+
+    def _settle(self, key: ConstraintSpec, future: Future[Compiled]) -> None:
+        try:
+            found: Compiled | ConstraintError = self._compile(key)
+        except ConstraintError as exc:
+            found = exc
+        except BaseException as exc:  # not a verdict on the constraint: not cached
             with self._lock:
-                self._compiled[key] = found
-                while len(self._compiled) > self._kept:
-                    self._compiled.popitem(last=False)
-        if isinstance(found, ConstraintError):
-            raise found
-        return CharMatcher(found.deep_copy(), len(self.vocab))
+                del self._running[key]
+            future.set_exception(exc)
+            raise
+        with self._lock:
+            self._compiled[key] = found
+            while len(self._compiled) > self._kept:
+                self._compiled.popitem(last=False)
+            del self._running[key]
+        _settle_with(future, found)
 
     @property
     def cached(self) -> int:
         return len(self._compiled)
 
-    def _compile(self, spec: ConstraintSpec) -> llguidance.LLMatcher:
+    def _compile(self, spec: ConstraintSpec) -> Compiled:
         grammar = grammar_of(spec)
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
         if matcher.is_error():
             raise ConstraintError(_message(matcher.get_error()))
+        t0 = time.perf_counter()
         first = CharMatcher(matcher.deep_copy(), len(self.vocab))
+        first_s = time.perf_counter() - t0
         if first.matcher.is_error():  # a limit hit, or no character can start a match
             error = _message(first.matcher.get_error())
             if "NoExtension" in error:
@@ -213,17 +276,40 @@ class ConstraintCompiler:
             raise ConstraintError(
                 "no text made of this model's characters can match it (the vocabulary lacks a character it needs)"
             )
-        _probe(first, self.vocab)
-        return matcher
+        return Compiled(matcher, len(self.vocab), _probe(first, self.vocab, self.mask_budget_s, first_s))
 
 
-def _probe(first: CharMatcher, vocab: tuple[str, ...]) -> None:
+def _settled(found: Compiled | ConstraintError) -> Future[Compiled]:
+    future: Future[Compiled] = Future()
+    future.set_running_or_notify_cancel()
+    _settle_with(future, found)
+    return future
+
+
+def _settle_with(future: Future[Compiled], found: Compiled | ConstraintError) -> None:
+    if isinstance(found, ConstraintError):
+        future.set_exception(found)
+    else:
+        future.set_result(found)
+
+
+def _too_costly(mask_s: float, budget_s: float) -> ConstraintError:
+    return ConstraintError(
+        f"too costly to follow: a character's mask takes {mask_s * 1000:.2f} ms (the limit is "
+        f"{budget_s * 1000:.2f} ms); bound its repetitions"
+    )
+
+
+def _probe(first: CharMatcher, vocab: tuple[str, ...], budget_s: float, first_s: float) -> float:
     """Walk a few short random paths (fixed seed) through the constraint: refuse it when a path reaches a
-    character the vocabulary lacks, or when its masks are too slow to follow.
+    character the vocabulary lacks, or when its masks are too slow to follow; the median mask time.
 
     The median of the mask times is compared, so that one slow step on a busy machine does not
-    refuse a constraint that is cheap to follow. Walks find most dead ends, not all: a generation
-    that reaches one anyway ends with an error."""
+    refuse a constraint that is cheap to follow; one mask PROBE_GIVE_UP times over the budget ends
+    the probe at once, so that a costly constraint holds its thread for one mask, not a hundred.
+    Walks find most dead ends, not all: a generation that reaches one anyway ends with an error."""
+    if first_s > PROBE_GIVE_UP * budget_s:
+        raise _too_costly(first_s, budget_s)
     rng = np.random.default_rng(0)
     took: list[float] = []
     for _ in range(PROBE_WALKS):
@@ -239,18 +325,18 @@ def _probe(first: CharMatcher, vocab: tuple[str, ...]) -> None:
             t0 = time.perf_counter()
             walker.refresh()
             took.append(time.perf_counter() - t0)
+            if took[-1] > PROBE_GIVE_UP * budget_s:
+                raise _too_costly(took[-1], budget_s)
             if walker.dead_end:
                 why = _message(walker.matcher.get_error()) if walker.matcher.is_error() else "no continuation"
                 raise ConstraintError(
                     f"no text of this model's characters can match it: after {text[-40:]!r} the vocabulary lacks "
                     f"a character it needs ({why})"
                 )
-    typical = float(np.median(took)) if took else 0.0
-    if typical > STEP_BUDGET_S:
-        raise ConstraintError(
-            f"too costly to follow: a character's mask takes {typical * 1000:.0f} ms (the limit is "
-            f"{STEP_BUDGET_S * 1000:.0f} ms); bound its repetitions"
-        )
+    typical = float(np.median(took)) if took else first_s
+    if typical > budget_s:
+        raise _too_costly(typical, budget_s)
+    return typical
 
 
 def _message(error: str) -> str:

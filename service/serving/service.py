@@ -26,11 +26,12 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from service.core.constraints import CharMatcher, ConstraintError
+from service.core.constraints import CharMatcher, Compiled, ConstraintError
 from service.core.engine import Engine
 from service.core.events import PromptEvent
 from service.core.generation import Generation
@@ -61,6 +62,9 @@ MAX_SCORE_CHARS = 1_000_000
 _NO_DRAWS = np.random.default_rng(0)
 # How long a request waits for its constraint to compile (llguidance's own limits bound the work).
 COMPILE_TIMEOUT_S = 5.0
+# Constraints compile on threads of their own: a burst of costly ones waits for these rather than
+# taking the default executor (session stores, file reads) or every core.
+COMPILE_THREADS = 2
 # How long a drain waits, after ending what was left, for streams to send their final frames.
 FINAL_FRAMES_WAIT_S = 3.0
 
@@ -103,6 +107,7 @@ class GenerationService:
         self.connection_closers: set[Callable[[], Awaitable[None]]] = set()
         # Schedulers of versions replaced by a model swap, finishing the generations they hold.
         self.retired: set[Scheduler] = set()
+        self._compiles = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="constraints")
 
     @classmethod
     def create(cls, registry: ModelRegistry, settings: Settings, metrics: Metrics | None = None) -> GenerationService:
@@ -141,6 +146,7 @@ class GenerationService:
         for task in list(self._background):
             await task
         await self.store.close()
+        self._compiles.shutdown(wait=False, cancel_futures=True)
 
     @property
     def running(self) -> int:
@@ -252,17 +258,36 @@ class GenerationService:
             )
 
     async def _matcher(self, model: LoadedModel, params: SamplingParams) -> CharMatcher | None:
-        """The job's compiled constraint (cached per model), or a 422 naming the field, before any step.
-
-        Compiled off the event loop, and waited for at most COMPILE_TIMEOUT_S (llguidance's limits end
-        a costly compile soon after; its verdict is cached)."""
-        spec = params.constraint
-        if spec is None:
+        """The job's compiled constraint (cached per model), or a 422 naming the field, before any step."""
+        if params.constraint is None:
             return None
+        return (await self._compiled(model, params)).new()
+
+    async def check_constraint_rows(self, params: SamplingParams, model_id: str, rows: int, field: str) -> None:
+        """Refuse (naming `field`) a request that would run its constraint on `rows` rows at once when their
+        masks together would add more than the step budget to every step of the model's streams."""
+        if params.constraint is None or rows <= 1:
+            return
+        model = self.registry.get(model_id)
+        at_once = min(rows, self.schedulers[model.id].max_batch_size)
+        try:
+            (await self._compiled(model, params)).check_rows(at_once)
+        except ConstraintError as exc:
+            raise InvalidInput(
+                f"{params.constraint.field} cannot run on {rows} choices at once with model {model.id!r}: {exc}",
+                field=field,
+            ) from exc
+
+    async def _compiled(self, model: LoadedModel, params: SamplingParams) -> Compiled:
+        """Compiled on the compile threads, and waited for at most COMPILE_TIMEOUT_S (the probe ends a
+        costly compile soon after; its verdict is cached, and a retry joins the compile in flight)."""
+        spec = params.constraint
+        assert spec is not None
         compiler = self.schedulers[model.id].constraints
         try:
-            compiling = asyncio.get_running_loop().run_in_executor(None, compiler.matcher, spec)
-            return await asyncio.wait_for(compiling, COMPILE_TIMEOUT_S)
+            compiling = asyncio.wrap_future(compiler.submit(spec, self._compiles))
+            # Shielded: the compile is shared by every request asking for it, and kept if this one gives up.
+            return await asyncio.wait_for(asyncio.shield(compiling), COMPILE_TIMEOUT_S)
         except ConstraintError as exc:
             raise InvalidInput(f"{spec.field} cannot be used with model {model.id!r}: {exc}", field=spec.field) from exc
         except TimeoutError as exc:

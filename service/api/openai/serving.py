@@ -194,6 +194,8 @@ class CompletionServing:
                     field="n" if n > 1 else "prompt",
                 )
         params = request.to_sampling_params()
+        # Every choice's constraint runs at once: a costly one on many rows would slow every step.
+        await self.service.check_constraint_rows(params, model.id, n * len(prompts), "n" if n > 1 else "prompt")
         if n > 1 and request.session_id is None:
             # Each prompt read once, into the prompt-state cache, rather than once per choice.
             await asyncio.gather(*(self.service.read_prompt_once(params, p, model.id) for p in dict.fromkeys(prompts)))

@@ -99,6 +99,21 @@ def test_completions_with_the_openai_client(server: Server) -> None:
         assert error.value.param == "response_format" and "vocabulary lacks" in error.value.message
 
 
+def test_a_constraint_too_costly_to_follow_is_refused_by_its_probe(server: Server) -> None:
+    """a{100000} compiles cheaply but takes ~90 ms a mask: the probe stops at its first mask, so the answer is
+    the cost (not the compile timeout), and asking again while and after it compiles gets the same verdict."""
+    body = {"prompt": "\n", "structured_outputs": {"regex": "a{100000}"}}
+    with server.client() as c:
+        for _ in range(2):
+            r = c.post("/v1/generate", json=body)
+            assert r.status_code == 422, r.text
+            error = r.json()["error"]
+            assert error["field"] == "structured_outputs.regex" and "too costly to follow" in error["message"], error
+        # The server is not held up: a cheap constraint is served next.
+        r = c.post("/v1/generate", json={"prompt": "\n", "structured_outputs": {"choice": CHOICES}})
+        assert r.status_code == 200 and r.json()["text"] in CHOICES
+
+
 def test_max_new_chars_first_ends_with_length_and_a_prefix(server: Server) -> None:
     with server.client() as c:
         r = c.post("/v1/generate", json={"prompt": "\n", "max_new_chars": 3, "structured_outputs": {"regex": NAME}})

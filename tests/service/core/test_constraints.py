@@ -12,7 +12,9 @@ import asyncio
 import json
 import random
 import re
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jsonschema
@@ -21,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.core.constraints import ConstraintCompiler, ConstraintError
+from service.core.constraints import MASK_BUDGET_S, STEP_BUDGET_S, Compiled, ConstraintCompiler, ConstraintError
 from service.core.engine import Engine
 from service.core.events import DoneEvent, ErrorEvent, TextEvent
 from service.core.jobs import Job
@@ -286,8 +288,9 @@ def test_unconstrained_rows_are_untouched_and_batched_equals_unbatched(engine: E
         ("json", json.dumps({"type": "nonsense"}), "Invalid type: nonsense"),
         ("grammar", "start: foo", 'unknown name: "foo"'),
         ("choice", json.dumps(["€"]), "vocabulary lacks a character"),
-        ("regex", "((a{100}){100}){100}", "too many"),  # pathological: llguidance's limits end it
-        ("regex", "a{100000}", "costly"),  # cheap to compile, too slow to follow: refused
+        # Pathological: its first probe mask takes ~0.4 s (llguidance's lexer limits would end it a little later).
+        ("regex", "((a{100}){100}){100}", "costly"),
+        ("regex", "a{100000}", "costly"),  # cheap to compile, ~90 ms a mask (the budget is 0.5 ms): refused at once
     ],
 )
 def test_refused_with_the_compilers_message(engine: Engine, kind: str, source: str, message: str) -> None:
@@ -296,6 +299,45 @@ def test_refused_with_the_compilers_message(engine: Engine, kind: str, source: s
         with pytest.raises(ConstraintError, match=re.escape(message)):
             compiler.matcher(ConstraintSpec(kind, source))
     assert compiler.cached == 1
+
+
+def test_a_mask_far_over_the_budget_ends_the_probe_at_once(engine: Engine) -> None:
+    """With a budget no mask can meet, a cheap constraint is refused after its first mask (the probe
+    would otherwise walk 8 x 16 characters); the budget is the compiler's, so a test sets it."""
+    compiler = ConstraintCompiler(engine.info.vocab, mask_budget_s=1e-9)
+    with pytest.raises(ConstraintError, match="too costly to follow"):
+        compiler.matcher(ConstraintSpec("regex", "[a-z]{3}"))
+    cheap = ConstraintCompiler(engine.info.vocab).submit(ConstraintSpec("regex", "[a-z]{3}")).result()
+    assert 0 < cheap.mask_s < MASK_BUDGET_S  # what a request's rows are charged per step
+
+
+def test_rows_at_once_are_held_to_the_step_budget(engine: Engine) -> None:
+    """A constraint's measured mask cost times the rows that run it at once must fit STEP_BUDGET_S."""
+    compiled = ConstraintCompiler(engine.info.vocab).submit(ConstraintSpec("regex", "[a-z]{3}")).result()
+    costly = Compiled(compiled.matcher, compiled.vocab_size, mask_s=STEP_BUDGET_S / 10)
+    costly.check_rows(10)
+    with pytest.raises(ConstraintError, match=r"too costly for 11 rows at once.*at most 10 at once"):
+        costly.check_rows(11)
+
+
+def test_a_compile_in_flight_is_shared(engine: Engine) -> None:
+    """Requests for a constraint being compiled get the same future, and it is compiled once."""
+    compiler = ConstraintCompiler(engine.info.vocab)
+    spec = ConstraintSpec("regex", "[A-Z][a-z]{2,8}", "structured_outputs.regex")
+    with ThreadPoolExecutor(1) as pool:
+        held = threading.Event()
+        pool.submit(held.wait, 10)  # the one compile thread is busy: the compile below waits its turn
+        first = compiler.submit(spec, pool)
+        again = compiler.submit(ConstraintSpec("regex", "[A-Z][a-z]{2,8}", "response_format"), pool)
+        assert again is first and not first.done()
+        held.set()
+        compiled = first.result(timeout=10)
+    assert compiler.submit(spec).result() is compiled and compiler.cached == 1
+    refused = ConstraintSpec("regex", "(a|b")
+    with ThreadPoolExecutor(1) as pool:
+        errors = [compiler.submit(refused, pool) for _ in range(3)]
+        assert all(isinstance(f.exception(timeout=10), ConstraintError) for f in errors)
+    assert compiler.cached == 2
 
 
 def test_compiled_constraints_are_cached_per_model(engine: Engine) -> None:
