@@ -23,6 +23,7 @@ import resource
 import statistics
 import tempfile
 import time
+from collections import Counter
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -57,31 +58,34 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1e3 if values else 0.0
 
 
-async def _streams(port: int, count: int, chars: int) -> tuple[list[tuple[float, list[float]]], int, float]:
-    """`count` concurrent WebSocket generations: their (start, arrivals), the errors, the wall time."""
+async def _streams(port: int, count: int, chars: int) -> tuple[list[tuple[float, list[float]]], Counter[str], float]:
+    """`count` concurrent WebSocket generations: their (start, arrivals), the errors by kind, the wall time."""
+    errors: Counter[str] = Counter()
 
     async def one(seed: int) -> tuple[float, list[float]] | None:
         request: dict[str, object] = {"type": "generate", "prompt": "ROMEO:", "max_new_chars": chars, "seed": seed}
         try:
             result = await ws_client.generate("127.0.0.1", port, request)
-        except (OSError, RuntimeError, ConnectionError):
+        except (OSError, RuntimeError, ConnectionError) as exc:
+            errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
             return None
         if result.final is None or result.final.get("type") != "done":
+            errors[str(result.final.get("message") if result.final else None)[:200]] += 1
             return None
         return result.t0, result.arrivals
 
     t0 = time.perf_counter()
     outcomes = await asyncio.gather(*(one(i) for i in range(count)))
     wall = time.perf_counter() - t0
-    done = [o for o in outcomes if o is not None]
-    return done, count - len(done), wall
+    return [o for o in outcomes if o is not None], errors, wall
 
 
-def summarize(results: list[tuple[float, list[float]]], errors: int, wall: float) -> dict[str, float]:
+def summarize(results: list[tuple[float, list[float]]], errors: Counter[str], wall: float) -> dict[str, Any]:
     ttfc = [arrivals[0] - t0 for t0, arrivals in results if arrivals]
     gaps = [b - a for _, arrivals in results for a, b in pairwise(arrivals)]
     return {
-        "errors": errors,
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors.most_common(5)),
         "chars_per_s": sum(len(a) for _, a in results) / wall,
         "ttfc_p50_ms": statistics.median(ttfc) * 1e3 if ttfc else 0.0,
         "ttfc_p99_ms": _percentile(ttfc, 99),
@@ -89,14 +93,14 @@ def summarize(results: list[tuple[float, list[float]]], errors: int, wall: float
     }
 
 
-def run_streams(server: ServerProcess, count: int, chars: int) -> dict[str, float]:
+def run_streams(server: ServerProcess, count: int, chars: int) -> dict[str, Any]:
     results, errors, wall = uvloop.run(_streams(server.port, count, chars))
     out = summarize(results, errors, wall)
     out.update(server_rss_mb=server_rss(server) / 2**20, server_fds=server_fds(server))
     return out
 
 
-async def _with_idle(server: ServerProcess, idle: int, chars: int) -> dict[str, float]:
+async def _with_idle(server: ServerProcess, idle: int, chars: int) -> dict[str, Any]:
     """Open `idle` WebSocket connections, run the active streams beside them, then close them."""
     rss0, fds0 = server_rss(server), server_fds(server)
     opened: list[Any] = []
@@ -129,14 +133,19 @@ async def _with_idle(server: ServerProcess, idle: int, chars: int) -> dict[str, 
     return out
 
 
-def session_memory(server: ServerProcess, sessions: int) -> float:
-    """RSS per session held by the server, in bytes (sessions made with a short prompt)."""
+def session_memory(server: ServerProcess, sessions: int) -> dict[str, float]:
+    """What a session held by the server costs, in bytes: RSS (in the server; in Redis with workers)
+    and the server's own account of a record (sessions made with a short prompt)."""
     with httpx.Client(base_url=server.base, timeout=60) as client:
-        client.post("/v1/sessions", json={"prompt": "warm"})
+        client.post("/v1/sessions", json={"prompt": "warm"}).raise_for_status()
         before = server_rss(server)
         for _ in range(sessions):
-            client.post("/v1/sessions", json={"prompt": "A"})
-        return (server_rss(server) - before) / sessions
+            client.post("/v1/sessions", json={"prompt": "A"}).raise_for_status()
+        rss = (server_rss(server) - before) / sessions
+        metrics = client.get("/metrics").text.splitlines()
+    held = next(float(line.split()[1]) for line in metrics if line.startswith("charstream_sessions "))
+    accounted = next(float(line.split()[1]) for line in metrics if line.startswith("charstream_session_memory_bytes "))
+    return {"rss_per_session_bytes": rss, "accounted_per_session_bytes": accounted / max(1.0, held)}
 
 
 def main() -> None:
@@ -168,7 +177,8 @@ def main() -> None:
                 server = ServerProcess(args.port, REPO, **env)
                 try:
                     run_streams(server, 16, args.chars)  # warm-up: first connections pay for imports
-                    config: dict[str, Any] = {"streams": {}}
+                    # Before the big runs: memory they free would be reused by new sessions, unseen in RSS.
+                    config: dict[str, Any] = {"streams": {}, **session_memory(server, SESSIONS_FOR_MEMORY)}
                     for count in counts:
                         config["streams"][count] = result = run_streams(server, count, args.chars)
                         rows.append([workers, f"{count} streams", *_row(result)])
@@ -178,7 +188,6 @@ def main() -> None:
                     config.update(active_alone=alone, active_beside_idle=beside)
                     rows.append([workers, f"{ACTIVE_BESIDE_IDLE} alone", *_row(alone)])
                     rows.append([workers, f"{ACTIVE_BESIDE_IDLE} + {args.idle} idle", *_row(beside)])
-                    config["rss_per_session_bytes"] = session_memory(server, SESSIONS_FOR_MEMORY)
                     report["configurations"][workers] = config
                 finally:
                     server.stop()
@@ -191,17 +200,21 @@ def main() -> None:
         )
     )
     for workers, config in report["configurations"].items():
+        for count, result in config["streams"].items():
+            if result["error_kinds"]:
+                print(f"{workers} worker(s), {count} streams, errors: {result['error_kinds']}")
         beside = config["active_beside_idle"]
         print(
             f"{workers} worker(s): {beside['idle_opened']} idle held ({beside['idle_refused']} refused, "
             f"{beside['idle_dropped']} dropped), {beside['rss_per_idle_kib']:.1f} KiB RSS each; active streams at "
-            f"{beside['active_vs_alone']:.2f} of their rate alone; {config['rss_per_session_bytes'] / 1024:.1f} KiB "
-            "RSS per session"
+            f"{beside['active_vs_alone']:.2f} of their rate alone; a session "
+            f"{config['rss_per_session_bytes'] / 1024:.1f} KiB of RSS "
+            f"({config['accounted_per_session_bytes'] / 1024:.1f} KiB accounted)"
         )
     print(f"results: {write_results(args.name, report)}")
 
 
-def _row(result: dict[str, float]) -> list[Any]:
+def _row(result: dict[str, Any]) -> list[Any]:
     return [
         int(result["errors"]),
         result["chars_per_s"],

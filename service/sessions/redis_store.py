@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
@@ -131,6 +132,19 @@ def redacted(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+# Connections to Redis per process. A command takes a few hundred microseconds, so a few dozen serve
+# thousands of requests a second; past them a command waits for a free connection (up to
+# POOL_WAIT_S) instead of failing, as redis-py's default pool of 100 does, and instead of a burst
+# of streams opening hundreds of sockets to Redis at once.
+POOL_CONNECTIONS = 64
+POOL_WAIT_S = 10.0
+
+
+class SentinelBlockingConnectionPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel's pool (connections to whichever server is the primary now) that waits for a free
+    connection when all are busy, as `BlockingConnectionPool` does for one server."""
+
+
 def connect(url: str, timeout_s: float) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
     """A client of the server `url` names, and the sentinels' clients when it names sentinels.
 
@@ -142,16 +156,24 @@ def connect(url: str, timeout_s: float) -> tuple[aioredis.Redis, list[aioredis.R
         "socket_connect_timeout": timeout_s,
         "retry": Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
         "health_check_interval": 15,
+        "max_connections": POOL_CONNECTIONS,
+        "timeout": POOL_WAIT_S,  # the pool's wait for a free connection
     }
     if not url.startswith(SENTINEL_SCHEME):
-        return aioredis.from_url(url, **options), []
+        pool = aioredis.BlockingConnectionPool.from_url(url, **options)
+        return aioredis.Redis.from_pool(pool), []  # the client owns the pool: closing it closes the pool
     from redis.asyncio.sentinel import Sentinel
 
     address = parse_sentinel_url(url)
     timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
     client = sentinel.master_for(
-        address.service, db=address.db, username=address.username, password=address.password, **options
+        address.service,
+        connection_pool_class=SentinelBlockingConnectionPool,
+        db=address.db,
+        username=address.username,
+        password=address.password,
+        **options,
     )
     return client, list(sentinel.sentinels)
 

@@ -13,7 +13,7 @@ import pytest
 
 from service.errors import CorruptSession, ForeignSession, NotFound, SessionBusy, StoreUnavailable, TooManySessions
 from service.sessions.record import decode, encode
-from service.sessions.redis_store import RedisSessionStore, redacted
+from service.sessions.redis_store import POOL_CONNECTIONS, RedisSessionStore, redacted
 from service.sessions.store import Session
 from tests.redis_server import RedisServer
 from tests.utils import free_port
@@ -176,3 +176,21 @@ def test_an_unreachable_store_is_a_clear_503() -> None:
 
     run(scenario)
     assert redacted("redis://u:secret@h:6379/0") == "redis://u:***@h:6379/0"
+
+
+def test_a_burst_of_requests_waits_for_a_connection_instead_of_failing(redis_server: RedisServer) -> None:
+    """Many more concurrent operations than the pool's connections (redis-py's default pool refuses
+    past 100 with 'Too many connections'): every one succeeds, over at most POOL_CONNECTIONS sockets."""
+    burst = 4 * POOL_CONNECTIONS
+
+    async def scenario() -> None:
+        store = store_for(redis_server.url, max_sessions=10 * burst)
+        sessions = [session(seed) for seed in range(burst)]
+        await asyncio.gather(*(store.create(s) for s in sessions))
+        leased = await asyncio.gather(*(store.lease(s.id) for s in sessions))
+        assert all(await asyncio.gather(*(store.save(s, lease) for s, lease in leased)))
+        clients = int((await store.client.info("clients"))["connected_clients"])
+        assert clients <= POOL_CONNECTIONS + 1  # this test's own connections, and the one asking
+        await store.close()
+
+    run(scenario)
