@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.api.limits import MAX_INT
-from service.core.sampling import ActivationSpec, ConstraintSpec, SamplingParams, SteerSpec
+from service.api.structured import StructuredOutputs, exactly_one_of, one_given
+from service.core.sampling import ActivationSpec, SamplingParams, SteerSpec
 from service.sessions.store import Session
 
 # Bounds every number must meet before it reaches numpy (an int64 array, a uint64 seed). The
@@ -19,9 +18,6 @@ MAX_UNITS = 32
 MAX_TOP_LOGPROBS = 20
 MAX_STEER = 32
 MAX_STEER_VALUE = 100.0  # an LSTM's cell state reaches tens; h stays within [-1, 1]
-MAX_CONSTRAINT_CHARS = 16_384  # a regex, grammar or JSON Schema (as JSON) at most this long
-MAX_CHOICES = 256
-MAX_CHOICE_CHARS = 1_000
 
 # Any uint64 is accepted; the schema states the largest one a JSON double holds exactly, so that a
 # client writing the number as a float never rounds it past the limit (schemathesis did).
@@ -66,77 +62,10 @@ class ActivationRequest(BaseModel):
         return ActivationSpec(self.layer, 0 if self.state == "h" else 1, tuple(self.units), self.prompt)
 
 
-def _exactly_one_of(*names: str) -> Callable[[dict[str, Any]], None]:
-    """A schema whose fields `names` are optional, never null, and exactly one of them is present."""
-
-    def edit(schema: dict[str, Any]) -> None:
-        for prop in schema.get("properties", {}).values():
-            branches = prop.pop("anyOf", None)
-            if branches is not None:
-                prop.update(next(b for b in branches if b.get("type") != "null"))
-                prop.pop("default", None)
-        schema["oneOf"] = [{"required": [name]} for name in names]
-
-    return edit
-
-
-def _one_given(model: BaseModel, names: tuple[str, ...], message: str) -> None:
-    """Exactly one of the fields was sent, and not as null."""
-    given = [n for n in names if n in model.model_fields_set]
-    if len(given) != 1 or getattr(model, given[0]) is None:
-        raise ValueError(message)
-
-
-class StructuredOutputs(BaseModel):
-    """What every generated text must match: exactly one of regex, choice, json or grammar (vLLM's names)."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-        json_schema_extra=_exactly_one_of("regex", "choice", "json", "grammar"),
-    )
-
-    regex: str | None = Field(
-        default=None, min_length=1, max_length=MAX_CONSTRAINT_CHARS, description="the whole output matches this regex"
-    )
-    choice: list[Annotated[str, Field(min_length=1, max_length=MAX_CHOICE_CHARS)]] | None = Field(
-        default=None, min_length=1, max_length=MAX_CHOICES, description="the output is one of these strings"
-    )
-    json_schema: dict[str, Any] | None = Field(
-        default=None, alias="json", description="the output is JSON valid under this JSON Schema"
-    )
-    grammar: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=MAX_CONSTRAINT_CHARS,
-        description="the output is a sentence of this context-free grammar (Lark syntax, as llguidance reads it)",
-    )
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> StructuredOutputs:
-        _one_given(
-            self, ("regex", "choice", "json_schema", "grammar"), "give exactly one of regex, choice, json or grammar"
-        )
-        if self.json_schema is not None and len(json.dumps(self.json_schema)) > MAX_CONSTRAINT_CHARS:
-            raise ValueError(f"json is longer than {MAX_CONSTRAINT_CHARS} characters as JSON")
-        return self
-
-    def to_spec(self, field: str = "structured_outputs") -> ConstraintSpec:
-        if self.regex is not None:
-            return ConstraintSpec("regex", self.regex, f"{field}.regex")
-        if self.choice is not None:
-            return ConstraintSpec("choice", json.dumps(self.choice), f"{field}.choice")
-        if self.json_schema is not None:
-            # Key order kept: JSON Schema properties come out in the order the schema gives them.
-            return ConstraintSpec("json", json.dumps(self.json_schema), f"{field}.json")
-        assert self.grammar is not None
-        return ConstraintSpec("grammar", self.grammar, f"{field}.grammar")
-
-
 class SteerRequest(BaseModel):
     """A unit written after every step: clamped to `value`, or offset by `add` (exactly one)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=_exactly_one_of("value", "add"))
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=exactly_one_of("value", "add"))
 
     layer: int = Field(ge=0, le=MAX_INT, description="layer, from 0")
     state: Literal["h", "c"] = Field(default="h", description="h (hidden state) or c (LSTM cell state)")
@@ -148,7 +77,7 @@ class SteerRequest(BaseModel):
 
     @model_validator(mode="after")
     def _value_or_add(self) -> SteerRequest:
-        _one_given(self, ("value", "add"), "give exactly one of value or add")
+        one_given(self, ("value", "add"), "give exactly one of value or add")
         return self
 
     def to_spec(self) -> SteerSpec:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from service.api.limits import MAX_INT
-from service.api.native.schemas import StructuredOutputs
+from service.api.structured import StructuredOutputs
 from service.core.sampling import ConstraintSpec, SamplingParams
 from service.errors import InvalidInput
 

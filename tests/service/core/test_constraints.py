@@ -352,11 +352,9 @@ def test_compiled_constraints_are_cached_per_model(engine: Engine) -> None:
 
 
 def test_json_properties_come_in_the_schemas_order(json_engine: Engine) -> None:
-    from service.api.native.schemas import StructuredOutputs
-
     order = {"type": "object", "properties": {"size": {"enum": ["S", "M"]}, "id": {"type": "integer"}}}
     schema = order | {"required": ["size", "id"], "additionalProperties": False}
-    spec = StructuredOutputs.model_validate({"json": schema}).to_spec()
+    spec = ConstraintSpec("json", json.dumps(schema))  # as the API writes it (tests/service/api/test_structured.py)
     results = run_jobs(json_engine, [("\n", SamplingParams(max_new_chars=200, constraint=spec), s) for s in range(10)])
     for text, reason in results:
         if reason == "stop":
