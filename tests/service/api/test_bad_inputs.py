@@ -181,6 +181,12 @@ COMPLETION_CASES: list[tuple[dict[str, Any], str]] = [
     ({"n": 100, "prompt": ["A"] * 11}, "n"),
     ({"unique": "maybe"}, "unique"),
     ({"unique": True, "stream": True}, "unique"),
+    ({"n": 200, "structured_outputs": {"regex": "a{500}"}}, "n"),  # 200 rows of ~0.13 ms masks: ~27 ms a step
+    ({"response_format": {"type": "json_object"}}, "response_format"),  # tiny-lstm has no braces
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}},
+        "response_format.json_schema",
+    ),
 ]
 
 
