@@ -109,8 +109,12 @@ bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m benchmarks.peers_bench
 	$(PY) -m benchmarks.prefill_fairness
 	$(PY) -m benchmarks.sessions
+	$(PY) -m benchmarks.load
 	$(PY) -m benchmarks.openai_compat
 	$(PY) -m benchmarks.activations_cost
+	$(PY) -m benchmarks.constrain_score
+	$(PY) -m benchmarks.constraint_table
+	$(PY) -m benchmarks.steer_cells
 	$(PY) -m benchmarks.generate
 	$(PY) -m benchmarks.prompt_cache
 	$(PY) -m benchmarks.failover
