@@ -219,6 +219,7 @@ def _constraint(args: argparse.Namespace) -> tuple[str, str] | None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    # Flags to a GenerateConfig, one line per flag, then the run and its one-line errors.
     from pathlib import Path
     from typing import Any
 
@@ -283,6 +284,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Every sub-command's flags, declared once each in the order `--help` shows them (train's come from
+    # TrainConfig): long, but a list, not logic.
     parser = argparse.ArgumentParser(prog="charstream", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -35,6 +35,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 class Metrics:
     def __init__(self) -> None:
+        # One declaration per metric, in one place, so an operator reads every name, label and bucket
+        # here: long, but a list, not logic.
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(

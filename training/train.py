@@ -223,6 +223,8 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks) -> TrainResult:
 
 def _setup(cfg: TrainConfig, ranks: distributed.Ranks) -> Setup:
     """The data, the model and its optimizer; every process builds the same initial weights."""
+    # Read top to bottom: folder, corpus and vocabulary (a fine-tune's included), model, precision,
+    # optimizer. Each step needs the ones before it, so they stay in one function.
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InvalidSetting(f"out {out} exists and is not a folder", ("out",))

@@ -165,6 +165,8 @@ def generate(
     stdout: IO[str] | None = None,
 ) -> Summary:
     """Run the job to its n samples (or its attempt bound) and return what it did."""
+    # One run read top to bottom (set-up, resume, the loop over attempts, the summary): its steps share
+    # the run's files, counters and filters, so they stay in one function.
     check(config)
     path = model_file(config.model, config.variant)
     try:
