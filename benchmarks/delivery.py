@@ -1,7 +1,7 @@
 """Delivery settings side by side: 64 WebSocket streams against servers that differ in one
 setting each, in interleaved rounds, set against the in-process ceiling measured in the same
 rounds. Reports aggregate chars/s, its ratio to the ceiling at batch 64, the p99 gap between
-characters and its ratio to the ceiling's step time at batch 64 (the issue's two targets).
+characters and its ratio to the ceiling's step time at batch 64 (the two numbers its targets bound).
 Beside them, where the time goes: the CPU the server and the clients used (they share the
 machine's cores), and how long a decode step took against how much of it was onnxruntime
 (from the server's own step histogram), so the rest is the server's Python and its waits.

@@ -361,7 +361,7 @@ def main() -> None:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The headline tables as the README shows them."""
+    """The headline tables, as the performance page shows them."""
     load, ttfc = report["load"], report["ttfc_ms"]
     lines = [
         "| streams | charstream SSE | LitServe | charstream / LitServe | charstream WebSocket |",
