@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # A folder's modules (and the tests of core) never import these packages.
 FORBIDDEN: list[tuple[str, tuple[str, ...]]] = [
-    ("service/core", ("service.api", "service.serving")),
-    ("service/sessions", ("service.api", "service.serving")),
+    ("service/core", ("service.api", "service.serving", "service.sessions", "service.batch")),
+    ("service/sessions", ("service.api", "service.serving", "service.core", "service.batch")),
+    ("service/batch", ("service.api", "service.serving", "service.sessions")),
     ("service/serving", ("service.api",)),
     ("service/api/openai", ("service.api.native",)),  # API families share what lies in service/api itself
     ("service/api/native", ("service.api.openai",)),
@@ -43,3 +44,9 @@ def test_imports_point_down(folder: str, forbidden: tuple[str, ...]) -> None:
         if any(name == f or name.startswith(f + ".") for f in forbidden)
     ]
     assert not wrong, wrong
+
+
+def test_settings_sit_below_every_layer() -> None:
+    """Every layer reads the settings, so the settings import nothing of the service but its errors."""
+    own = {name for name in imported(ROOT / "service" / "settings.py") if name.startswith("service")}
+    assert own <= {"service.errors"}, own
