@@ -11,7 +11,6 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +45,9 @@ class LoadedModel:
     id: str
     folder: Path
     engine: Engine
+    sha256: str  # of the model file, hashed when it was loaded: a stored session belongs to exactly this file
     manifest: dict[str, Any] = field(default_factory=dict)
     stamp: Stamp | None = None  # of the model file, when it was loaded
-
-    @cached_property
-    def sha256(self) -> str:
-        """The model file's sha256: a stored session belongs to exactly this file."""
-        return contract.file_sha256(self.engine.path)
 
     def describe(self) -> dict[str, Any]:
         """The OpenAI-style model object, with the facts a client needs to use it."""
@@ -79,12 +74,14 @@ def load_folder(folder: Path, variant: str, threads: int) -> LoadedModel:
     before = stamp(path)
     try:
         engine = Engine(path, threads)
+        # Hashed here, where the file is loaded (off the event loop when a swap loads it), not on first use.
+        sha256 = contract.file_sha256(path)
         manifest_path = folder / contract.MANIFEST_NAME
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     except Exception as exc:  # any broken file is reported, never fatal
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path.name}: {reason[:300]}") from exc
-    return LoadedModel(folder.name, folder, engine, manifest, before)
+    return LoadedModel(folder.name, folder, engine, sha256, manifest, before)
 
 
 class ModelRegistry:
