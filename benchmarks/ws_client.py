@@ -24,6 +24,7 @@ class StreamResult:
     def __init__(self) -> None:
         self.t0 = 0.0  # when the generate message was sent, after the handshake
         self.arrivals: list[float] = []  # one timestamp per character received
+        self.frames = 0  # text messages received (a message carries one or more characters)
         self.final: dict[str, object] | None = None  # the done or error message
 
 
@@ -58,6 +59,7 @@ class _GenerateProtocol(asyncio.Protocol):
                 message = json.loads(bytes(event.data))
                 if message["type"] == "text":
                     self.result.arrivals.extend([now] * len(message["text"]))
+                    self.result.frames += 1
                 elif message["type"] in ("done", "error"):
                     self.result.final = message
                     self.ws.send_close()

@@ -97,6 +97,7 @@ def serve(
         # deflate context per connection, and saves nothing.
         ws_per_message_deflate=False,
         lifespan="on",
+        loop=settings.event_loop,
     )
     server = GracefulServer(config, app, settings.shutdown_grace_s)
     # With several processes on one port (workers, or containers sharing a host's port) each binds

@@ -22,6 +22,11 @@ SWITCH_INTERVAL_US = 100
 # halves the frames, the cost that bounds one process, for one step of latency per frame; frames of
 # one keep the gap between characters smallest (docs/performance.md has both measured).
 STREAM_INTERVAL = 2
+# The event loop the server runs on. uvloop does less work per event, but writes to a socket while
+# holding the GIL; asyncio's own loop releases it for each send, so the step thread samples and
+# steps while the loop sends. At 64 streams the sends are most of the loop's time, and asyncio's
+# loop delivered more characters a second (docs/performance.md measures both).
+EVENT_LOOP: Literal["asyncio", "uvloop"] = "asyncio"
 # Prompt positions read per scheduler iteration. A seq=T call costs about T times a one-character
 # step, so this bounds how long other streams wait for their next character while a long prompt
 # is read: 256 positions of the bundled 2x512 LSTM take ~25 ms on a 2-core CPU
@@ -142,6 +147,9 @@ class Settings(BaseSettings):
     max_wait_us: int = Field(default=500, ge=0, description="an idle scheduler waits this long for company")
     stream_interval: int = Field(
         default=STREAM_INTERVAL, ge=1, le=64, description="a stream sends a frame once this many characters wait"
+    )
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        default=EVENT_LOOP, description="the server's event loop: asyncio's own or uvloop (docs/performance.md)"
     )
     switch_interval_us: int = Field(
         default=SWITCH_INTERVAL_US, ge=10, le=100_000, description="longest GIL hold while another thread waits"

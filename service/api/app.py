@@ -47,7 +47,11 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         poller = asyncio.create_task(swapper.poll_forever(settings.model_poll_s)) if settings.model_poll_s else None
         log.info(
             "charstream ready",
-            extra={"models": ",".join(service.registry.models), "failed": len(service.registry.failures)},
+            extra={
+                "models": ",".join(service.registry.models),
+                "failed": len(service.registry.failures),
+                "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],  # asyncio or uvloop
+            },
         )
         try:
             yield

@@ -21,16 +21,19 @@ STREAMS = 100
 GRACE_S = 2.0
 
 
-@pytest.fixture
-def serve(models_dir: Path, tmp_path: Path) -> Iterator[ServeProcess]:
+# Both event loops the server can run on: they differ in how signals, sends and closes are handled.
+@pytest.fixture(params=["asyncio", "uvloop"])
+def serve(request: pytest.FixtureRequest, models_dir: Path, tmp_path: Path) -> Iterator[ServeProcess]:
     with serve_process(
         tmp_path / "server.log",
         CHARSTREAM_MODELS_DIR=str(models_dir),
         CHARSTREAM_DEFAULT_MODEL="tiny-lstm",
         CHARSTREAM_MAX_NEW_CHARS="1000000",
         CHARSTREAM_SHUTDOWN_GRACE_S=str(GRACE_S),
-        CHARSTREAM_LOG_JSON="false",
+        CHARSTREAM_EVENT_LOOP=request.param,
     ) as s:
+        ready = next(json.loads(line) for line in s.log.read_text().splitlines() if '"charstream ready"' in line)
+        assert ready["event_loop"] == request.param
         yield s
 
 

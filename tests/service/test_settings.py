@@ -33,6 +33,7 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CHARSTREAM_VARIANT", "int4", "CHARSTREAM_VARIANT:"),
         ("CHARSTREAM_SESSION_TTL_S", "-5", "CHARSTREAM_SESSION_TTL_S:"),
         ("CHARSTREAM_PROMPT_CACHE_BYTES", "-1", "CHARSTREAM_PROMPT_CACHE_BYTES:"),
+        ("CHARSTREAM_EVENT_LOOP", "trio", "CHARSTREAM_EVENT_LOOP: Input should be 'asyncio' or 'uvloop'"),
     ],
 )
 def test_a_wrong_setting_names_the_variable(
