@@ -13,7 +13,7 @@ import typing
 from collections.abc import Callable, Sequence
 
 if typing.TYPE_CHECKING:
-    from training.config import TrainConfig
+    pass
 
 
 def _int(text: str) -> int:
@@ -25,9 +25,10 @@ def _int(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig
     from training.train import train
 
-    result = train(_train_config(args))
+    result = train(_config(TrainConfig, args))
     if _is_main_process():
         print(
             f"trained {result.step} steps in {result.seconds:.0f}s ({result.chars_per_s:,.0f} chars/s); "
@@ -36,36 +37,57 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, in field order: `embedding_dropout` is `--embedding-dropout`.
+def _add_flags(parser: argparse.ArgumentParser, config: type) -> None:
+    """One flag per field of a config dataclass, in field order: `embedding_dropout` is `--embedding-dropout`.
 
-    Type and default come from the field, help and any further argparse keywords from its metadata.
+    Type and default come from the field, help and any further argparse keywords from its metadata
+    (`positional`: an argument, not a flag; `flag: False`: none, the command fills it itself).
     """
-    from training.config import TrainConfig
-
-    types = typing.get_type_hints(TrainConfig)
+    types = typing.get_type_hints(config)
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config):
         keywords = dict(f.metadata)
+        if not keywords.pop("flag", True):
+            continue
         target: argparse._ActionsContainer = parser
         if "exclusive" in keywords:
             name = keywords.pop("exclusive")
             if name not in groups:
                 groups[name] = parser.add_mutually_exclusive_group()
             target = groups[name]
-        flag = "--" + f.name.replace("_", "-")
+        positional = keywords.pop("positional", False)
+        flag = f.name if positional else "--" + f.name.replace("_", "-")
         value_type = _value_type(types[f.name])
         if value_type is bool:
             off = f.default is True  # a setting that is on by default is a flag that turns it off
             flag = "--no-" + flag[2:] if off else flag
             keywords.update(dest=f.name, action="store_false" if off else "store_true")
         else:
-            keywords["type"] = _int if value_type is int else value_type
-            if f.default is dataclasses.MISSING:
+            keywords["type"] = _one_line_errors(keywords["type"]) if "type" in keywords else _parser_for(value_type)
+            if positional:
+                pass
+            elif f.default is dataclasses.MISSING:
                 keywords["required"] = True
             else:
-                keywords["default"] = f.default
+                # argparse's append adds to a copy of the default, which must be a list.
+                keywords["default"] = list(f.default) if keywords.get("action") == "append" else f.default
         target.add_argument(flag, **keywords)
+
+
+def _parser_for(value_type: type) -> Callable[[str], object]:
+    return _int if value_type is int else value_type
+
+
+def _one_line_errors(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """A library's parser for a flag, its ValueError shown by argparse as the message it carries."""
+
+    def checked(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return checked
 
 
 def _value_type(annotation: object) -> type:
@@ -76,10 +98,18 @@ def _value_type(annotation: object) -> type:
     return found
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    from training.config import TrainConfig
+C = typing.TypeVar("C")
 
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+def _config(config: type[C], args: argparse.Namespace, **given: object) -> C:
+    """The config dataclass from the parsed flags (a repeated flag's list as the field's tuple) and `given`."""
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        if f.name in given or not f.metadata.get("flag", True):
+            continue
+        value = getattr(args, f.name)
+        values[f.name] = tuple(value) if isinstance(value, list) and f.metadata.get("action") == "append" else value
+    return config(**values, **given)
 
 
 def _is_main_process() -> bool:
@@ -188,13 +218,6 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(models=args.models, host=args.host, port=args.port, workers=args.workers)
 
 
-def _shard(text: str) -> tuple[int, int]:
-    i, slash, n = text.partition("/")
-    if not slash or not i.isdigit() or not n.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not i/N (e.g. 0/4)")
-    return int(i), int(n)
-
-
 def _constraint(args: argparse.Namespace) -> tuple[str, str] | None:
     """generate's structured-output flag as (kind, source); `@FILE` reads --json and --grammar from a file."""
     import json
@@ -219,40 +242,18 @@ def _constraint(args: argparse.Namespace) -> tuple[str, str] | None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    # Flags to a GenerateConfig, one line per flag, then the run and its one-line errors.
-    from pathlib import Path
+    # The flags as a GenerateConfig, then the run and its one-line errors.
     from typing import Any
 
-    from service.batch.run import BatchError, GenerateConfig, Summary, generate
+    from service.batch.config import GenerateConfig
+    from service.batch.run import BatchError, Summary, generate
 
     try:
         constraint = _constraint(args)
     except (ValueError, OSError) as exc:
         print(f"charstream generate: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    config = GenerateConfig(
-        model=Path(args.model),
-        n=args.n,
-        variant=args.variant,
-        prompt=args.prompt,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        seed=args.seed,
-        until=args.until,
-        stop=tuple(args.stop),
-        max_chars=args.max_chars,
-        unique=args.unique,
-        novel=Path(args.novel) if args.novel else None,
-        out=Path(args.out) if args.out else None,
-        resume=args.resume,
-        shard=args.shard,
-        batch=args.batch,
-        threads=args.threads,
-        max_attempts=args.max_attempts,
-        constraint=constraint,
-    )
+    config = _config(GenerateConfig, args, constraint=constraint)
     bars: list[Any] = []  # the progress bar, opened by the first sample: a bad setting prints no bar
 
     def progress(summary: Summary) -> None:
@@ -289,8 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="charstream", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from service.batch.config import GenerateConfig
+    from training.config import TrainConfig
+
     t = sub.add_parser("train", help="train a char model on UTF-8 text (under torchrun: on several processes)")
-    _add_train_flags(t)
+    _add_flags(t, TrainConfig)
     t.set_defaults(func=_train)
 
     s = sub.add_parser("sample", help="sample text from a checkpoint")
@@ -343,26 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="many samples from an exported model, written as JSONL (no torch)")
-    g.add_argument("model", help="an exported model folder or .onnx file")
-    g.add_argument("--n", type=_int, required=True, help="samples to write")
-    g.add_argument("--variant", default="fp32", help="the file of a model folder: fp32, int8 or fp16")
-    g.add_argument("--prompt", default="", help="text every sample continues (default: a line start)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=_int, default=0, help="0: off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop characters under min-p times the likeliest; 0: off")
-    g.add_argument("--seed", type=_int, default=0, help="the same command and seed write the same samples")
-    g.add_argument("--until", default=None, help="a string that ends a sample, e.g. $'\\n' for one per line")
-    g.add_argument("--stop", action="append", default=[], help="another string that ends a sample (repeatable)")
-    g.add_argument("--max-chars", type=_int, default=200, help="a sample ends here without --until")
-    g.add_argument("--unique", action="store_true", help="never write the same text twice")
-    g.add_argument("--novel", default=None, metavar="CORPUS", help="reject samples that are samples of this corpus")
-    g.add_argument("--out", default=None, help="JSONL file (text, nll, finish_reason, sample); default stdout")
-    g.add_argument("--resume", action="store_true", help="continue the --out file of a killed run")
-    g.add_argument("--shard", type=_shard, default=(0, 1), help="i/N: this process's part of an N-way split")
-    g.add_argument("--batch", type=_int, default=256, help="samples stepped together")
-    g.add_argument("--threads", type=_int, default=1, help="onnxruntime intra-op threads")
-    g.add_argument("--max-attempts", type=_int, default=None, help="give up after this many (default 10 x n)")
+    _add_flags(g, GenerateConfig)
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     shape = g.add_mutually_exclusive_group()
     shape.add_argument("--regex", default=None, help="every sample matches this regular expression")

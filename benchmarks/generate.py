@@ -23,7 +23,8 @@ import numpy as np
 
 from benchmarks.common import table, write_results
 from exports import contract
-from service.batch.run import GenerateConfig, generate
+from service.batch.config import GenerateConfig
+from service.batch.run import generate
 from service.core.engine import Engine
 
 MODEL = Path(__file__).resolve().parents[1] / "exports" / "shakespeare-lstm"

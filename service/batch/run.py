@@ -16,13 +16,14 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
 from exports import contract
+from service.batch.config import GenerateConfig
 from service.batch.constrained import ConstraintRefused
 from service.batch.loop import Sampling, StepLoop
 from service.batch.novelty import NoveltyIndex
@@ -38,44 +39,6 @@ RUN_SUFFIX = ".run.json"  # beside the output: the settings a --resume must matc
 
 class BatchError(ValueError):
     """A setting or file the job cannot run with; the message names the flag."""
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    model: Path  # an exported model folder or one .onnx file
-    n: int
-    variant: str = "fp32"  # which file of a model folder
-    prompt: str = ""
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int = 0
-    until: str | None = None  # ends a sample, cut from its text (and cuts the --novel corpus into samples)
-    stop: tuple[str, ...] = ()
-    max_chars: int = 200
-    unique: bool = False
-    novel: Path | None = None
-    out: Path | None = None  # None: JSONL on stdout
-    resume: bool = False
-    shard: tuple[int, int] = (0, 1)  # (i, N): this process runs attempts i, i + N, ...
-    batch: int = 256
-    threads: int = 1
-    max_attempts: int | None = None  # None: 10 x n, then the job ends with what it has
-    constraint: tuple[str, str] | None = None  # structured outputs: (regex, choice, json or grammar; its source)
-
-    def identity(self, sha256: str) -> dict[str, object]:
-        """What must match for --resume to continue a file: the model's bytes and every sampling setting.
-
-        n may grow (a resume that asks for more continues the same sequence); how the job is run
-        (batch, threads, attempt bound) does not change which samples it writes."""
-        ignored = ("out", "resume", "batch", "threads", "model", "n", "max_attempts")
-        keep = {k: v for k, v in asdict(self).items() if k not in ignored}
-        keep["novel"] = None if self.novel is None else str(self.novel)
-        keep["stop"] = list(self.stop)
-        keep["shard"] = list(self.shard)
-        keep["constraint"] = None if self.constraint is None else list(self.constraint)
-        return {"model_sha256": sha256, **keep}
 
 
 @dataclass

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from service.batch.config import GenerateConfig
 from service.batch.novelty import FOLDER
-from service.batch.run import BatchError, GenerateConfig, generate
+from service.batch.run import BatchError, generate
 from tests.utils import REPO
 
 pytestmark = pytest.mark.slow
