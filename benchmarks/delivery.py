@@ -69,7 +69,7 @@ def step_totals(server: serving.ServerProcess) -> tuple[float, float]:
     return totals["sum"], totals["count"]
 
 
-async def _streams(port: int, chars: int) -> tuple[float, float, list[float]]:
+async def run_streams(port: int, chars: int) -> tuple[float, float, list[float]]:
     requests = [{"type": "generate", "prompt": "ROMEO:", "max_new_chars": chars, "seed": i} for i in range(STREAMS)]
     t0 = time.perf_counter()
     results = await asyncio.gather(*(ws_client.generate("127.0.0.1", port, r) for r in requests))
@@ -82,7 +82,7 @@ def measured_run(server: serving.ServerProcess, chars: int) -> Run:
     """One round against one server, with the CPU both sides used: on two cores they compete."""
     ort0, steps0 = step_totals(server)
     wall0, server0, client0 = time.perf_counter(), server.cpu_seconds(), time.process_time()
-    rate, frame_rate, gaps = uvloop.run(_streams(server.port, chars))
+    rate, frame_rate, gaps = uvloop.run(run_streams(server.port, chars))
     wall = time.perf_counter() - wall0
     server_cores, client_cores = (server.cpu_seconds() - server0) / wall, (time.process_time() - client0) / wall
     ort1, steps1 = step_totals(server)
@@ -173,7 +173,7 @@ def main() -> None:
     alone: list[float] = []
     try:
         for server in servers.values():
-            uvloop.run(_streams(server.port, 100))  # warm-up
+            uvloop.run(run_streams(server.port, 100))  # warm-up
         for _ in range(args.rounds):
             ceilings.append(serving.ceiling(STREAMS, 300))
             alone.append(scheduler_alone(args.chars))

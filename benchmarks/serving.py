@@ -168,8 +168,10 @@ def _own_cpu_seconds() -> float:
 # -- in-process references -------------------------------------------------------------------------
 
 
-def ceiling(batch: int, steps: int) -> float:
-    """chars/s of batched onnxruntime steps + per-row sampling in one process, no server."""
+def ceiling(batch: int, steps: int, model: Path | None = None) -> float:
+    """chars/s of batched onnxruntime steps + per-row sampling in one process, no server.
+
+    `model` is a graph file; by default the bundled model's file of this run's variant."""
     from service.core.draws import RowDraws
     from service.core.engine import Engine
     from service.core.sampling import BatchSampler
@@ -177,7 +179,7 @@ def ceiling(batch: int, steps: int) -> float:
     from service.settings import load_settings
 
     settings = load_settings()
-    engine = Engine(MODELS_DIR / MODEL / VARIANT_FILES[VARIANT], settings.ort_threads)
+    engine = Engine(model or MODELS_DIR / MODEL / VARIANT_FILES[VARIANT], settings.ort_threads)
     bound = engine.binding(batch)  # the server's step: pre-bound buffers, each step's state read in place
     # The server's sampling for a steady batch: one sampler, each row's draws from its own RNG.
     ones, zeros = np.ones(batch), np.zeros(batch, np.int64)
