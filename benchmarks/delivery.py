@@ -1,4 +1,4 @@
-"""Delivery settings side by side: 64 WebSocket streams against servers that differ in one
+"""Delivery settings side by side: 64 WebSocket streams (or `--streams N`) against servers that differ in one
 setting each, in interleaved rounds, set against the in-process ceiling measured in the same
 rounds. Reports aggregate chars/s, its ratio to the ceiling at batch 64, the p99 gap between
 characters and its ratio to the ceiling's step time at batch 64 (the two numbers its targets bound).
@@ -69,8 +69,8 @@ def step_totals(server: serving.ServerProcess) -> tuple[float, float]:
     return totals["sum"], totals["count"]
 
 
-async def run_streams(port: int, chars: int) -> tuple[float, float, list[float]]:
-    requests = [{"type": "generate", "prompt": "ROMEO:", "max_new_chars": chars, "seed": i} for i in range(STREAMS)]
+async def run_streams(port: int, chars: int, streams: int = STREAMS) -> tuple[float, float, list[float]]:
+    requests = [{"type": "generate", "prompt": "ROMEO:", "max_new_chars": chars, "seed": i} for i in range(streams)]
     t0 = time.perf_counter()
     results = await asyncio.gather(*(ws_client.generate("127.0.0.1", port, r) for r in requests))
     wall = time.perf_counter() - t0
@@ -78,11 +78,11 @@ async def run_streams(port: int, chars: int) -> tuple[float, float, list[float]]
     return sum(len(r.arrivals) for r in results) / wall, sum(r.frames for r in results) / wall, gaps
 
 
-def measured_run(server: serving.ServerProcess, chars: int) -> Run:
+def measured_run(server: serving.ServerProcess, chars: int, streams: int) -> Run:
     """One round against one server, with the CPU both sides used: on two cores they compete."""
     ort0, steps0 = step_totals(server)
     wall0, server0, client0 = time.perf_counter(), server.cpu_seconds(), time.process_time()
-    rate, frame_rate, gaps = uvloop.run(run_streams(server.port, chars))
+    rate, frame_rate, gaps = uvloop.run(run_streams(server.port, chars, streams))
     wall = time.perf_counter() - wall0
     server_cores, client_cores = (server.cpu_seconds() - server0) / wall, (time.process_time() - client0) / wall
     ort1, steps1 = step_totals(server)
@@ -91,7 +91,7 @@ def measured_run(server: serving.ServerProcess, chars: int) -> Run:
     return Run(rate, frame_rate, gaps, server_cores, client_cores, period_ms, ort_ms)
 
 
-def scheduler_alone(chars: int) -> float:
+def scheduler_alone(chars: int, streams: int) -> float:
     """chars/s of 64 jobs through the scheduler in this process, no server and no network.
 
     Between the ceiling (bare steps) and a server over loopback: what the scheduler's own work
@@ -121,7 +121,7 @@ def scheduler_alone(chars: int) -> float:
                 rng=np.random.default_rng(i),
                 events=Mailbox(STREAM_INTERVAL),
             )
-            for i in range(STREAMS)
+            for i in range(streams)
         ]
 
         async def drain(job: Job) -> int:
@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--variant", default="fp32", choices=["fp32", "int8"])
     parser.add_argument("--chars", type=int, default=400, help="characters per stream")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=STREAMS, help="WebSocket streams (and the ceiling's batch)")
     parser.add_argument("--port", type=int, default=8861)
     parser.add_argument("--name", default="delivery", help="results file name")
     parser.add_argument("--client-nice", type=int, default=0, help="lower the clients' CPU priority by this much")
@@ -175,15 +176,15 @@ def main() -> None:
         for server in servers.values():
             uvloop.run(run_streams(server.port, 100))  # warm-up
         for _ in range(args.rounds):
-            ceilings.append(serving.ceiling(STREAMS, 300))
-            alone.append(scheduler_alone(args.chars))
+            ceilings.append(serving.ceiling(args.streams, 300))
+            alone.append(scheduler_alone(args.chars, args.streams))
             for spec, server in servers.items():
-                runs[spec].append(measured_run(server, args.chars))
+                runs[spec].append(measured_run(server, args.chars, args.streams))
     finally:
         for server in servers.values():
             server.stop()
     ceiling = statistics.median(ceilings)
-    step_ms = STREAMS / ceiling * 1e3
+    step_ms = args.streams / ceiling * 1e3
     rows: list[dict[str, Any]] = []
     for spec, results in runs.items():
         rate = statistics.median(r.chars_per_s for r in results)
@@ -218,14 +219,15 @@ def main() -> None:
         )
     scheduler_rate = statistics.median(alone)
     print(
-        f"{STREAMS} WebSocket streams, bundled model {args.variant}; ceiling at batch {STREAMS}: {ceiling:,.0f} chars/s"
+        f"{args.streams} WebSocket streams, bundled model {args.variant}; ceiling at batch {args.streams}: "
+        f"{ceiling:,.0f} chars/s"
         f"; clients at nice {args.client_nice}"
     )
     print(
         f"the scheduler alone (in process, no server): {scheduler_rate:,.0f} chars/s = "
         f"{scheduler_rate / ceiling:.2f} of the ceiling"
     )
-    print(f"(one step of {STREAMS} every {step_ms:.2f} ms); targets: >= {TARGET} of the ceiling, p99 gap <= 2 steps")
+    print(f"(one step of {args.streams} every {step_ms:.2f} ms); targets: >= {TARGET} of it, p99 gap <= 2 steps")
     print(
         table(
             [
@@ -255,6 +257,7 @@ def main() -> None:
             "ceiling_step_ms": step_ms,
             "scheduler_alone": scheduler_rate,
             "client_nice": args.client_nice,
+            "streams": args.streams,
             "rows": rows,
             "rounds": args.rounds,
         },
