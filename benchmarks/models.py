@@ -102,7 +102,8 @@ def main() -> None:
         r["ws_vs_first"] = r["ws_64_streams"] / base[r["variant"]]["ws_64_streams"]
     headers = ["model", "shape", "parameters", "variant", "val loss", "step us (batch 1)", "ceiling chars/s (64)",
                "64 WebSocket streams chars/s", f"vs {folders[0].name}"]  # fmt: skip
-    print(table(headers, [list(r.values()) for r in rows]))
+    shown = [{**r, "val_loss": f"{r['val_loss']:.4f}", "ws_vs_first": f"{r['ws_vs_first']:.2f}"} for r in rows]
+    print(table(headers, [list(r.values()) for r in shown]))
     path = write_results(args.name, {"rows": rows, "rounds": args.rounds, "chars": args.chars})
     print(f"wrote {path}")
 
