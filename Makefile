@@ -88,6 +88,10 @@ docs: $(ALL_STAMP)
 
 test: test-servers lint typecheck unit docs
 
+# The server's two event loops, with frames of 1 and of 2 (the default), side by side.
+LOOP_SETTINGS := CHARSTREAM_EVENT_LOOP=uvloop,CHARSTREAM_STREAM_INTERVAL=1 CHARSTREAM_STREAM_INTERVAL=1 \
+	CHARSTREAM_EVENT_LOOP=uvloop default
+
 bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m pip install -q -e '.[peers]'
 	$(PY) -m benchmarks.train_speed
@@ -100,11 +104,17 @@ bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m benchmarks.delivery --variant fp32 --name delivery-fp32 $(DELIVERY_SETTINGS)
 	$(PY) -m benchmarks.delivery --variant int8 --name delivery-int8 $(DELIVERY_SETTINGS) \
 		CHARSTREAM_STREAM_INTERVAL=4
-	for nice in 10 0; do \
-		$(PY) -m benchmarks.delivery --variant fp32 --rounds 5 --client-nice $$nice --name delivery-plan-fp32-nice$$nice \
-			CHARSTREAM_STREAM_INTERVAL=1 CHARSTREAM_STREAM_INTERVAL=2 && \
-		$(PY) -m benchmarks.delivery --variant int8 --rounds 5 --client-nice $$nice --name delivery-plan-int8-nice$$nice \
-			CHARSTREAM_STREAM_INTERVAL=1 CHARSTREAM_STREAM_INTERVAL=4 || exit 1; \
+	$(PY) -m benchmarks.delivery --variant fp32 --rounds 5 --chars 1000 --client-nice 10 --name delivery-loop-fp32-nice10 \
+		$(LOOP_SETTINGS)
+	$(PY) -m benchmarks.delivery --variant int8 --rounds 7 --chars 2000 --client-nice 10 --name delivery-loop-int8-nice10 \
+		$(LOOP_SETTINGS) CHARSTREAM_EVENT_LOOP=uvloop,CHARSTREAM_STREAM_INTERVAL=4 CHARSTREAM_STREAM_INTERVAL=4
+	$(PY) -m benchmarks.delivery --variant fp32 --rounds 5 --chars 1000 --name delivery-loop-fp32-nice0 \
+		CHARSTREAM_EVENT_LOOP=uvloop default
+	$(PY) -m benchmarks.delivery --variant int8 --rounds 5 --chars 2000 --name delivery-loop-int8-nice0 \
+		CHARSTREAM_EVENT_LOOP=uvloop default
+	for streams in 1 8; do \
+		$(PY) -m benchmarks.delivery --variant fp32 --streams $$streams --rounds 5 --chars 1000 --client-nice 10 \
+			--name delivery-loop-fp32-streams$$streams CHARSTREAM_EVENT_LOOP=uvloop default || exit 1; \
 	done
 	$(PY) -m benchmarks.peers_bench
 	$(PY) -m benchmarks.prefill_fairness
