@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.constraint_cases import JSON_CASES, SHAKESPEARE_CASES, Case, balanced, json_lines, regex
 from service.core.constraints import MASK_BUDGET_S, STEP_BUDGET_S, Compiled, ConstraintCompiler, ConstraintError
 from service.core.engine import Engine
 from service.core.events import DoneEvent, ErrorEvent, TextEvent
@@ -36,25 +35,6 @@ from tests.utils import tiny_train_config
 SAMPLES = 40  # per constraint, all in one batch
 
 
-def json_corpus(n: int, seed: int = 0) -> str:
-    """JSON lines with nested objects, lists, enums and numbers: a vocabulary JSON can be written in."""
-    rng = random.Random(seed)
-    words = ["red", "green", "blue", "alpha", "beta", "gamma", "x", "yz", "name", "id", "tags", "ok"]
-    lines = []
-    for _ in range(n):
-        obj = {
-            "name": rng.choice(words) + rng.choice(words),
-            "id": rng.randint(0, 99999),
-            "size": rng.choice(["S", "M", "L"]),
-            "tags": [rng.choice(words) for _ in range(rng.randint(0, 3))],
-            "ok": rng.choice([True, False, None]),
-            "inner": {"x": rng.randint(-50, 50), "y": round(rng.random() * 10, 2)},
-        }
-        depth = rng.randint(0, 2)
-        lines.append(json.dumps(obj) + " (" + "[" * depth + "a" + "]" * depth + ")")
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
 def json_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     """A tiny LSTM trained by the project's own loop on JSON lines, exported as the service reads it."""
@@ -63,7 +43,7 @@ def json_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
 
     folder = tmp_path_factory.mktemp("json-model")
     corpus = folder / "json.txt"
-    corpus.write_text(json_corpus(1500), encoding="utf-8")
+    corpus.write_text(json_lines(1500), encoding="utf-8")
     train(tiny_train_config(corpus, folder / "run", max_steps=80, eval_interval=80))
     export_many([str(folder / "run" / "best.pt")], str(folder / "models"), "fp32", names=["tiny-json"])
     return Engine(folder / "models" / "tiny-json" / "model.onnx")
@@ -122,115 +102,42 @@ def sample(engine: Engine, kind: str, source: str, n: int = SAMPLES, max_new: in
     return run_jobs(engine, specs)
 
 
-def balanced(text: str, complete: bool) -> bool:
-    """Brackets () and [] properly nested (a prefix of such a text when not complete)."""
-    stack: list[str] = []
-    pairs = {")": "(", "]": "["}
-    for c in text:
-        if c in "([":
-            stack.append(c)
-        elif c in ")]" and (not stack or stack.pop() != pairs[c]):
-            return False
-    return not stack if complete else True
-
-
-def regex_check(pattern: str) -> Callable[[str], bool]:
-    return lambda text: re.fullmatch(pattern, text) is not None
-
-
-NESTED_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "size": {"enum": ["S", "M", "L"]},
-        "inner": {
-            "type": "object",
-            "properties": {"x": {"type": "integer", "minimum": -50, "maximum": 50}, "ok": {"type": "boolean"}},
-            "required": ["x", "ok"],
-            "additionalProperties": False,
-        },
-        "tags": {"type": "array", "items": {"enum": ["red", "blue"]}, "maxItems": 3},
-    },
-    "required": ["size", "inner", "tags"],
-    "additionalProperties": False,
-}
 BRACKETS = """
 start: group
 group: "(" item* ")" | "[" item* "]"
 item: "a" | group
 """
-
-# (kind, source, checker) on the Shakespeare model: bounded, so every sample completes.
-SHAKESPEARE_CASES: list[tuple[str, str, Callable[[str], bool]]] = [
-    ("regex", r"[A-Z][a-z]{2,6}", regex_check(r"[A-Z][a-z]{2,6}")),
-    ("regex", r"(ROMEO|JULIET|KING)", regex_check(r"(ROMEO|JULIET|KING)")),
-    ("regex", r"[a-z]{1,10} [a-z]{1,10}\.", regex_check(r"[a-z]{1,10} [a-z]{1,10}\.")),
-    ("regex", r"(Thou|thee|thy) [a-z]{1,8}!", regex_check(r"(Thou|thee|thy) [a-z]{1,8}!")),
-    ("regex", r"[A-Z]{2,4}:\n[A-Z][a-z ,]{5,30}[.?!]", regex_check(r"[A-Z]{2,4}:\n[A-Z][a-z ,]{5,30}[.?!]")),
-    ("regex", r"(ab|a)(c|bc)?d", regex_check(r"(ab|a)(c|bc)?d")),
-    ("regex", r"[aeiou]{3}", regex_check(r"[aeiou]{3}")),
-    ("regex", r"((to|be), ){1,3}or not", regex_check(r"((to|be), ){1,3}or not")),
-    ("regex", r"[^a-zA-Z\n]{1,5}", regex_check(r"[^a-zA-Z\n]{1,5}")),
-    ("regex", r"\w{4} \w{4}", regex_check(r"[A-Za-z0-9_]{4} [A-Za-z0-9_]{4}")),
-    (
-        "choice",
-        json.dumps(["ROMEO", "JULIET", "KING HENRY VI", "a"]),
-        lambda t: t in {"ROMEO", "JULIET", "KING HENRY VI", "a"},
-    ),
-    ("choice", json.dumps(["yes", "no", "yesterday"]), lambda t: t in {"yes", "no", "yesterday"}),
-    (
-        "grammar",
-        'start: "a" start "b" | "c"',
-        lambda t: re.fullmatch(r"(a*)c(b*)", t) is not None and t.count("a") == t.count("b"),
-    ),
-    (
-        "grammar",
-        'start: name ": " line\nname: /[A-Z]{3,8}/\nline: /[a-z ]{1,20}/ "."',
-        regex_check(r"[A-Z]{3,8}: [a-z ]{1,20}\."),
-    ),
-]
-
-# On the JSON model: JSON Schemas (nested, enums), numbers, brackets.
-JSON_CASES: list[tuple[str, str, Callable[[str], bool]]] = [
-    ("json", json.dumps(NESTED_SCHEMA), lambda t: jsonschema.validate(json.loads(t), NESTED_SCHEMA) is None),
-    (
-        "json",
-        json.dumps(
-            {
-                "type": "object",
-                "properties": {"id": {"type": "integer"}},
-                "required": ["id"],
-                "additionalProperties": False,
-            }
-        ),
-        lambda t: isinstance(json.loads(t)["id"], int) and len(json.loads(t)) == 1,
-    ),
-    ("json", json.dumps({"enum": ["red", "green", 3, None]}), lambda t: json.loads(t) in ["red", "green", 3, None]),
-    ("regex", r"[0-9]{5}", regex_check(r"[0-9]{5}")),
-    ("regex", r"-?(0|[1-9][0-9]{0,3})\.[0-9]{2}", regex_check(r"-?(0|[1-9][0-9]{0,3})\.[0-9]{2}")),
-    ("regex", r'\{"id": [0-9]{1,4}\}', regex_check(r'\{"id": [0-9]{1,4}\}')),
-    ("grammar", BRACKETS, lambda t: balanced(t, True) and set(t) <= set("()[]a")),
+# The shared JSON-model cases, and two that need this model's corpus: its id lines and bracket groups.
+TINY_JSON_CASES: list[Case] = [
+    *JSON_CASES,
+    regex(r'\{"id": [0-9]{1,4}\}'),
+    (ConstraintSpec("grammar", BRACKETS), lambda t: balanced(t) and set(t) <= set("()[]a")),
 ]
 
 
-@pytest.mark.parametrize(("kind", "source", "check"), SHAKESPEARE_CASES, ids=[c[1][:30] for c in SHAKESPEARE_CASES])
-def test_every_sample_matches_shakespeare(engine: Engine, kind: str, source: str, check: Callable[[str], bool]) -> None:
-    for text, reason in sample(engine, kind, source):
+def case_id(case: Case) -> str:
+    return case[0].source[:30]
+
+
+@pytest.mark.parametrize(("spec", "check"), SHAKESPEARE_CASES, ids=[case_id(c) for c in SHAKESPEARE_CASES])
+def test_every_sample_matches_shakespeare(engine: Engine, spec: ConstraintSpec, check: Callable[[str], bool]) -> None:
+    for text, reason in sample(engine, spec.kind, spec.source):
         if reason == "stop":
-            assert check(text), (source, text)
+            assert check(text), (spec.source, text)
         else:  # only the unbounded nesting grammar may run out of characters first
-            assert reason == "length" and kind == "grammar" and re.fullmatch("a*", text), (source, text, reason)
+            assert reason == "length" and spec.kind == "grammar" and re.fullmatch("a*", text), (spec.source, text)
 
 
-@pytest.mark.parametrize(("kind", "source", "check"), JSON_CASES, ids=[c[1][:30] for c in JSON_CASES])
+@pytest.mark.parametrize(("spec", "check"), TINY_JSON_CASES, ids=[case_id(c) for c in TINY_JSON_CASES])
 def test_every_sample_matches_json_model(
-    json_engine: Engine, kind: str, source: str, check: Callable[[str], bool]
+    json_engine: Engine, spec: ConstraintSpec, check: Callable[[str], bool]
 ) -> None:
-    results = sample(json_engine, kind, source, max_new=400)
+    results = sample(json_engine, spec.kind, spec.source, max_new=400)
     stopped = [text for text, reason in results if reason == "stop"]
     assert len(stopped) >= len(results) // 2, results
     for text, reason in results:
         if reason == "stop":
-            assert check(text), (source, text)
+            assert check(text), (spec.source, text)
 
 
 # Regexes built by hypothesis from literals, classes, groups, alternation and bounded repetition: the
