@@ -48,6 +48,7 @@ class TrainConfig:
     embedding: int = setting(64, "size of a character's embedding")
     dropout: float = setting(0.0, "between layers and before the head")
     embedding_dropout: float = setting(0.0, "on the embedded chars")
+    weight_drop: float = setting(0.0, "drop units of the recurrent matrices (DropConnect, as AWD-LSTM), per window")
     forget_bias: float | None = setting(None, "initial bias of the LSTM forget gate (GRU update gate), e.g. 1")
     seq_len: int = setting(128, "characters per window of truncated backpropagation through time")
     # Under torchrun each process reads batch_size / world_size lanes.
@@ -147,4 +148,5 @@ class TrainConfig:
             embedding_size=self.embedding,
             dropout=self.dropout,
             embedding_dropout=self.embedding_dropout,
+            weight_drop=self.weight_drop,
         )

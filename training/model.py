@@ -32,6 +32,9 @@ class ModelConfig:
     embedding_size: int = 64
     dropout: float = 0.0  # between recurrent layers and before the head
     embedding_dropout: float = 0.0  # on the embedded characters; training only, the graph is unchanged
+    # DropConnect on the recurrent matrices (weight_hh), one mask per forward pass, as AWD-LSTM does:
+    # it regularises the recurrence itself, which dropout between layers leaves alone. Training only.
+    weight_drop: float = 0.0
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -39,7 +42,7 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "embedding_size", "vocab_size"):
             value = getattr(self, name)
             check(value >= 1, name, f"must be at least 1, got {value}")
-        for name in ("dropout", "embedding_dropout"):
+        for name in ("dropout", "embedding_dropout", "weight_drop"):
             value = getattr(self, name)
             check(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
 
@@ -100,14 +103,26 @@ class CharRNN(nn.Module):
         if state is None:
             state = self.init_state(tokens.shape[0], tokens.device)
         x = self.embedding_drop(self.embedding(tokens))  # (batch, seq, embedding)
-        if self.config.cell == "lstm":
-            out, (h, c) = self.rnn(x, (state[0], state[1]))
-            new_state: State = (h, c)
+        carried = (state[0], state[1]) if self.config.cell == "lstm" else state[0]
+        if self.training and self.config.weight_drop > 0:
+            out, new = torch.func.functional_call(self.rnn, self._dropped_recurrent_weights(), (x, carried))
         else:
-            out, h = self.rnn(x, state[0])
-            new_state = (h,)
+            out, new = self.rnn(x, carried)
+        new_state: State = tuple(new) if self.config.cell == "lstm" else (new,)
         logits = self.head(self.drop(out))  # (batch, seq, vocab)
         return logits, new_state
+
+    def _dropped_recurrent_weights(self) -> dict[str, Tensor]:
+        """Each layer's weight_hh with whole columns (the units of the previous state) dropped and the
+        rest scaled by 1 / (1 - p): a unit's recurrent input is cut for the whole window."""
+        p = self.config.weight_drop
+        dropped = {}
+        for layer in range(self.config.num_layers):
+            name = f"weight_hh_l{layer}"
+            weight = getattr(self.rnn, name)
+            keep = torch.bernoulli(torch.full((1, weight.shape[1]), 1 - p, device=weight.device))
+            dropped[name] = weight * keep / (1 - p)
+        return dropped
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

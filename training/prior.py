@@ -71,12 +71,18 @@ def load_prior(path_text: str) -> Prior:
     return Prior(config=config, vocab=vocab, state=state, path=str(path), sha256=contract.file_sha256(path))
 
 
-def extend(prior: Prior, text: str, dropout: float, embedding_dropout: float) -> tuple[CharRNN, list[str]]:
+def extend(
+    prior: Prior, text: str, dropout: float, embedding_dropout: float, weight_drop: float = 0.0
+) -> tuple[CharRNN, list[str]]:
     """The prior's model with room for `text`'s new characters (see the module docstring), and those characters."""
     new_chars = sorted(set(text) - set(prior.vocab.chars))
     vocab_size = len(prior.vocab) + len(new_chars)
     config = dataclasses.replace(
-        prior.config, vocab_size=vocab_size, dropout=dropout, embedding_dropout=embedding_dropout
+        prior.config,
+        vocab_size=vocab_size,
+        dropout=dropout,
+        embedding_dropout=embedding_dropout,
+        weight_drop=weight_drop,
     )
     state = dict(prior.state)
     if new_chars:

@@ -265,7 +265,7 @@ def _setup(cfg: TrainConfig, ranks: distributed.Ranks) -> Setup:
             model.set_forget_bias(cfg.forget_bias)
     else:
         # The prior's trained weights, never re-initialised (no forget bias); a fresh optimizer.
-        model, _ = extend(prior, corpus.text, cfg.dropout, cfg.embedding_dropout)
+        model, _ = extend(prior, corpus.text, cfg.dropout, cfg.embedding_dropout, cfg.weight_drop)
         freeze_layers(model, cfg.freeze_layers)
     model = model.to(device)
     if ranks.distributed:

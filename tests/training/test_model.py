@@ -30,6 +30,28 @@ def test_carrying_state_equals_one_long_call(cell: str) -> None:
     assert torch.allclose(torch.cat([first, second], dim=1), whole, atol=1e-6)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_weight_drop_cuts_recurrent_units_in_training_only(cell: str) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=7, cell=cell, hidden_size=12, embedding_size=4, weight_drop=0.5)
+    model = CharRNN(cfg)
+    plain = CharRNN(ModelConfig(vocab_size=7, cell=cell, hidden_size=12, embedding_size=4))
+    plain.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 7, (2, 20))
+    model.train(), plain.train()
+    dropped, _ = model(tokens)
+    assert not torch.allclose(dropped, plain(tokens)[0])
+    # Only the recurrence is cut: the first character, read from a zero state, is the same.
+    assert torch.allclose(dropped[:, 0], plain(tokens)[0][:, 0], atol=1e-6)
+    # The loss reaches the weights through the mask, and dropped units get no gradient.
+    dropped.sum().backward()
+    grad = model.rnn.weight_hh_l0.grad
+    assert grad is not None and (grad.abs().sum(0) == 0).sum() > 0
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(tokens)[0], plain(tokens)[0])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -38,6 +60,7 @@ def test_carrying_state_equals_one_long_call(cell: str) -> None:
         ({"cell": "tanh"}, "cell must be one of lstm, gru, rnn"),
         ({"dropout": 1.5}, "dropout must be in"),
         ({"embedding_dropout": -0.1}, "embedding_dropout must be in"),
+        ({"weight_drop": 1.0}, "weight_drop must be in"),
     ],
 )
 def test_nonsense_hyper_parameters(kwargs: dict[str, object], message: str) -> None:

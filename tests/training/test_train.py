@@ -44,7 +44,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("cell", CELLS)
 def test_resume_is_exact(tmp_path: Path, corpus_file: Path, cell: str) -> None:
     """N steps straight == N/2 steps, then --resume to N (model, optimizer, schedule, RNG, carried state)."""
-    common = dict(cell=cell, max_steps=40, lr_decay_steps=40, eval_interval=20, dropout=0.2, warmup_steps=5)
+    common = dict(
+        cell=cell, max_steps=40, lr_decay_steps=40, eval_interval=20, dropout=0.2, weight_drop=0.2, warmup_steps=5
+    )
     # 26 windows per epoch at these sizes, so the run crosses an epoch boundary after the resume point.
     train(tiny_train_config(corpus_file, tmp_path / "straight", **common, batch_size=128))
     half = dict(common, max_steps=20)
