@@ -38,16 +38,19 @@ def test_weight_drop_cuts_recurrent_units_in_training_only(cell: str) -> None:
     plain = CharRNN(ModelConfig(vocab_size=7, cell=cell, hidden_size=12, embedding_size=4))
     plain.load_state_dict(model.state_dict())
     tokens = torch.randint(0, 7, (2, 20))
-    model.train(), plain.train()
+    model.train()
+    plain.train()
     dropped, _ = model(tokens)
     assert not torch.allclose(dropped, plain(tokens)[0])
     # Only the recurrence is cut: the first character, read from a zero state, is the same.
     assert torch.allclose(dropped[:, 0], plain(tokens)[0][:, 0], atol=1e-6)
     # The loss reaches the weights through the mask, and dropped units get no gradient.
     dropped.sum().backward()
-    grad = model.rnn.weight_hh_l0.grad
-    assert grad is not None and (grad.abs().sum(0) == 0).sum() > 0
-    model.eval(), plain.eval()
+    weight = model.rnn.weight_hh_l0
+    assert isinstance(weight, torch.Tensor) and weight.grad is not None
+    assert (weight.grad.abs().sum(0) == 0).sum() > 0
+    model.eval()
+    plain.eval()
     with torch.no_grad():
         assert torch.equal(model(tokens)[0], plain(tokens)[0])
 
