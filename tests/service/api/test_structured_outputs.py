@@ -123,13 +123,13 @@ def test_max_new_chars_first_ends_with_length_and_a_prefix(server: Server) -> No
 @pytest.fixture(scope="module")
 def json_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server whose only model was trained on JSON lines (its vocabulary has braces, quotes, digits)."""
-    from tests.service.core.test_constraints import json_corpus
+    from benchmarks.constraint_cases import json_lines
     from training.export import export_many
     from training.train import train
 
     folder = tmp_path_factory.mktemp("json-server")
     corpus = folder / "json.txt"
-    corpus.write_text(json_corpus(1500), encoding="utf-8")
+    corpus.write_text(json_lines(1500), encoding="utf-8")
     train(tiny_train_config(corpus, folder / "run", max_steps=80, eval_interval=80))
     export_many([str(folder / "run" / "best.pt")], str(folder / "models"), "fp32", names=["tiny-json"])
     with run_server(models_dir=folder / "models", default_model="tiny-json") as s:
