@@ -29,6 +29,8 @@ FROM build AS train
 COPY training/ /app/training/
 COPY exports/ /app/exports/
 COPY interpret/ /app/interpret/
+# The command line builds every sub-command's flags from its settings, generate's from service/.
+COPY service/ /app/service/
 COPY charstream_cli.py /app/
 RUN if ls /wheelhouse/*.whl > /dev/null 2>&1; then FROM_WHEELS="--no-index --find-links /wheelhouse"; \
     else FROM_WHEELS="--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple"; fi \

@@ -12,9 +12,6 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 
-if typing.TYPE_CHECKING:
-    pass
-
 
 def _int(text: str) -> int:
     try:
@@ -63,19 +60,15 @@ def _add_flags(parser: argparse.ArgumentParser, config: type) -> None:
             flag = "--no-" + flag[2:] if off else flag
             keywords.update(dest=f.name, action="store_false" if off else "store_true")
         else:
-            keywords["type"] = _one_line_errors(keywords["type"]) if "type" in keywords else _parser_for(value_type)
-            if positional:
-                pass
-            elif f.default is dataclasses.MISSING:
-                keywords["required"] = True
+            parse = keywords.get("type")
+            keywords["type"] = _one_line_errors(parse) if parse else _int if value_type is int else value_type
+            if f.default is dataclasses.MISSING:
+                if not positional:  # an argument is required by being one
+                    keywords["required"] = True
             else:
                 # argparse's append adds to a copy of the default, which must be a list.
                 keywords["default"] = list(f.default) if keywords.get("action") == "append" else f.default
         target.add_argument(flag, **keywords)
-
-
-def _parser_for(value_type: type) -> Callable[[str], object]:
-    return _int if value_type is int else value_type
 
 
 def _one_line_errors(parse: Callable[[str], object]) -> Callable[[str], object]:
