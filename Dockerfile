@@ -4,20 +4,22 @@
 #   docker build -t charstream .                                   # with network access
 #   docker build --build-arg BASE_IMAGE=localhost/python:3.11-slim -t charstream .   # offline, with wheelhouse/
 #
-# When wheelhouse/ holds wheels, Python packages install from it alone (--no-index);
-# otherwise from the package index.
+# Python packages install from the hashed locks in requirements/ (exact versions, --require-hashes,
+# --no-deps): the serving stage from serve.txt, the training stage from train.txt. When wheelhouse/
+# holds wheels, they install from it alone (--no-index); otherwise from the package index, and
+# PyTorch's CPU build (the lock's torch==...+cpu) from PyTorch's own wheel page.
 ARG BASE_IMAGE=python:3.11-slim
 
-# ---- build: a virtual environment with the serve extra's requirements -------------------------
+# ---- build: a virtual environment with the serving side's locked requirements ----------------
 FROM ${BASE_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml ./
+COPY requirements/serve.txt ./requirements.txt
 COPY wheelhouse/ /wheelhouse/
-RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['serve']))" > requirements.txt \
- && python3 -m venv /opt/venv \
+RUN python3 -m venv /opt/venv \
  && if ls /wheelhouse/*.whl > /dev/null 2>&1; then FROM_WHEELS="--no-index --find-links /wheelhouse"; fi \
- && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check $FROM_WHEELS -r requirements.txt \
+ && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --require-hashes --no-deps \
+      $FROM_WHEELS -r requirements.txt \
+ && /opt/venv/bin/pip check \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
 # ---- runtime venv: the same, without the installer ---------------------------------------------
@@ -25,16 +27,22 @@ FROM build AS venv
 RUN /opt/venv/bin/pip uninstall -q -y pip setuptools
 
 # ---- train: torch (CPU build) for `docker compose --profile train run train ...` ---------------
-FROM build AS train
+FROM ${BASE_IMAGE} AS train
+WORKDIR /src
+COPY requirements/train.txt ./requirements.txt
+COPY wheelhouse/ /wheelhouse/
+RUN python3 -m venv /opt/venv \
+ && if ls /wheelhouse/*.whl > /dev/null 2>&1; then FROM_WHEELS="--no-index --find-links /wheelhouse"; \
+    else FROM_WHEELS="--find-links https://download.pytorch.org/whl/cpu/torch/"; fi \
+ && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --require-hashes --no-deps \
+      $FROM_WHEELS -r requirements.txt \
+ && /opt/venv/bin/pip check
 COPY training/ /app/training/
 COPY exports/ /app/exports/
 COPY interpret/ /app/interpret/
 # The command line builds every sub-command's flags from its settings, generate's from service/.
 COPY service/ /app/service/
 COPY charstream_cli.py /app/
-RUN if ls /wheelhouse/*.whl > /dev/null 2>&1; then FROM_WHEELS="--no-index --find-links /wheelhouse"; \
-    else FROM_WHEELS="--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple"; fi \
- && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check $FROM_WHEELS "torch>=2.4" onnx tqdm matplotlib
 ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/app PYTHONUNBUFFERED=1
 WORKDIR /work
 ENTRYPOINT ["python", "-m", "charstream_cli"]

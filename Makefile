@@ -2,19 +2,31 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU build of PyTorch goes in first: any other torch requirement would pull CUDA wheels.
-TORCH_SPEC ?= torch==2.13.0
+# Every install comes from the hashed locks in requirements/ (`make lock` compiles them from
+# pyproject.toml): exact versions, --no-deps, so nothing resolves on the day of the install. The
+# locks name PyTorch's CPU build (torch==...+cpu), which pip finds under TORCH_FIND_LINKS: the
+# find-links pip is configured with where there is one, else PyTorch's own CPU wheels.
+TORCH_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null || echo https://download.pytorch.org/whl/cpu/torch/)
+PIP_LOCKED = $(PY) -m pip install -q --require-hashes --no-deps
+# The project itself, editable, built with the locked setuptools (no isolated build environment to download).
+PIP_PROJECT = $(PY) -m pip install -q --no-deps --no-build-isolation -e .
+# make lock UPGRADE=1 moves every pin to the newest release pyproject.toml allows; plain make lock
+# keeps the pins it can and only resolves what pyproject.toml changed.
+UPGRADE ?=
+LOCK = $(VENV)/bin/uv pip compile --quiet --universal --generate-hashes --custom-compile-command 'make lock' \
+	$(if $(UPGRADE),--upgrade) pyproject.toml requirements/build.in
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
 SERVE_STAMP := $(VENV)/.serve-installed
 ALL_STAMP := $(VENV)/.all-installed
 # onnxruntime-web's WebAssembly build, served by the app so the playground can run models in the
-# browser. npm is needed only here, at setup; the files land in a git-ignored folder of the service
-# package, which the Dockerfile copies with the rest of service/.
-ORT_WEB_VERSION ?= 1.30.0
+# browser. npm is needed only here, at setup: `npm ci` installs exactly what requirements/web's
+# package-lock.json names (integrity hashes included), and the files land in a git-ignored folder of
+# the service package, which the Dockerfile copies with the rest of service/.
 ORT_WEB := service/api/playground/static/ort
 ORT_WEB_STAMP := $(ORT_WEB)/VERSION
+WEB_LOCK := requirements/web/package.json requirements/web/package-lock.json
 ORT_WEB_FILES := ort.wasm.min.mjs ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
 
 # The delivery settings the performance page compares (Python's own GIL switch interval, then ours).
@@ -28,26 +40,39 @@ COMPARE_VARIANT ?= fp32
 COMPARE_SETTINGS ?= default
 COMPARE_ROUNDS ?= 5
 
-.PHONY: serve test lint typecheck unit docs bench bench-compare container-test clean web test-servers
+.PHONY: lock serve test lint typecheck unit docs bench bench-compare container-test clean web test-servers
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(SERVE_STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q -e '.[serve]'
+$(SERVE_STAMP): requirements/serve.txt pyproject.toml | $(VENV)/bin/python
+	$(PIP_LOCKED) -r requirements/serve.txt
+	$(PIP_PROJECT)
+	$(PY) -m pip check
 	touch $@
 
-$(ALL_STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q '$(TORCH_SPEC)'
-	$(PY) -m pip install -q -e '.[train,serve,dev]'
+$(ALL_STAMP): requirements/dev.txt pyproject.toml | $(VENV)/bin/python
+	$(PIP_LOCKED) --find-links $(TORCH_FIND_LINKS) -r requirements/dev.txt
+	$(PIP_PROJECT)
+	$(PY) -m pip check
 	touch $@ $(SERVE_STAMP)
 
-$(ORT_WEB_STAMP):
+# The test environment (dev) is resolved first; the serving image's and the training image's locks
+# are constrained to its versions, so the tests run what the images ship.
+lock: $(ALL_STAMP)
+	$(LOCK) requirements/torch-cpu.in --extra train --extra serve --extra dev \
+		--find-links $(TORCH_FIND_LINKS) -o requirements/dev.txt
+	$(LOCK) --extra serve -c requirements/dev.txt -o requirements/serve.txt
+	$(LOCK) requirements/torch-cpu.in --extra train --find-links $(TORCH_FIND_LINKS) \
+		-c requirements/dev.txt -o requirements/train.txt
+
+$(ORT_WEB_STAMP): $(WEB_LOCK)
 	@command -v npm > /dev/null || { echo "make web: npm is needed to install onnxruntime-web (apt-get install -y npm)"; exit 1; }
-	mkdir -p build/ort-web $(ORT_WEB)
-	npm install --prefix build/ort-web --no-save --no-audit --no-fund --loglevel=error onnxruntime-web@$(ORT_WEB_VERSION)
+	rm -rf build/ort-web && mkdir -p build/ort-web $(ORT_WEB)
+	cp $(WEB_LOCK) build/ort-web/
+	npm ci --prefix build/ort-web --no-audit --no-fund --loglevel=error
 	cd build/ort-web/node_modules/onnxruntime-web && cp $(addprefix dist/,$(ORT_WEB_FILES)) README.md $(CURDIR)/$(ORT_WEB)/
-	echo $(ORT_WEB_VERSION) > $@
+	node -p "require('./build/ort-web/node_modules/onnxruntime-web/package.json').version" > $@
 
 web: $(ORT_WEB_STAMP)
 
@@ -80,7 +105,7 @@ test-servers:
 	fi
 
 unit: $(ALL_STAMP) $(ORT_WEB_STAMP) test-servers
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --require-all-parts
 
 # The documentation site; --strict fails on a broken link or anchor and on a page left out of the nav.
 docs: $(ALL_STAMP)

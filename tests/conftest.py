@@ -4,7 +4,32 @@ from pathlib import Path
 
 import pytest
 
+from tests.parts import REQUIRE_ALL_PARTS
 from tests.utils import CELLS, SHAKESPEARE, tiny_train_config
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        REQUIRE_ALL_PARTS,
+        action="store_true",
+        help="a missing real part (Chromium, a container engine, onnxruntime-web) fails its tests;"
+        " any skip fails the run",
+    )
+
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under --require-all-parts a run that skipped anything is not a pass: a skip hides a failure."""
+    if session.config.getoption(REQUIRE_ALL_PARTS) and _skipped and exitstatus == pytest.ExitCode.OK:
+        print(f"\n{len(_skipped)} skipped under {REQUIRE_ALL_PARTS}, which fails the run: {', '.join(_skipped[:5])}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -132,3 +132,14 @@ def leased_sessions(server: Server) -> int:
     """Sessions the server's (memory) store holds leased right now."""
     service = server.app.state.service  # type: ignore[attr-defined]
     return int(asyncio.run(service.store.stats()).busy)
+
+
+def bf16_cell() -> str:
+    """A cell this machine trains under bf16 autocast: the LSTM where its kernels exist (oneDNN has
+    no bf16 LSTM without AVX-512), else the GRU, whose embedding and head still run in bf16."""
+    import torch
+
+    from training.precision import cannot_run
+
+    cpu = torch.device("cpu")
+    return next(cell for cell in ("lstm", "gru") if cannot_run("bf16", cpu, cell) is None)

@@ -20,7 +20,7 @@ CELLS = ("lstm", "gru", "rnn")
 # The recurrent state: (h, c) for an LSTM, (h,) for a GRU or a vanilla RNN; each (layers, batch, hidden).
 State = tuple[Tensor, ...]
 
-_RNN_CLASSES: dict[str, Callable[..., nn.Module]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}  # rnn: tanh
+RNN_CLASSES: dict[str, Callable[..., nn.Module]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}  # rnn: tanh
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class CharRNN(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_size)
         self.embedding_drop = nn.Dropout(config.embedding_dropout)
-        self.rnn = _RNN_CLASSES[config.cell](
+        self.rnn = RNN_CLASSES[config.cell](
             input_size=config.embedding_size,
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,

@@ -3,10 +3,9 @@
 Only the forward pass and the loss run under `torch.autocast`; the weights, the optimizer state,
 the carried state and the checkpoints stay float32, and validation and export run in float32
 outside autocast. `auto` picks bfloat16 only where it trains faster: a CUDA device that supports
-it, or a CPU with AMX (amx_bf16). A CPU with AVX-512 BF16 but no AMX multiplies bf16 matrices
-faster than fp32 ones, yet trains an LSTM slower under autocast: measured on this project's AMD
-EPYC (avx512_bf16, no AMX), a 2x512 LSTM step took 3.1x as long in bf16 as in fp32 (oneDNN's bf16
-recurrent kernels), so `auto` stays float32 there; `--precision bf16` still forces it.
+it, or a CPU with AMX (amx_bf16); with AVX-512 BF16 alone oneDNN's bf16 recurrent kernels were
+measured slower than fp32 ones (the training docs keep the numbers). A precision the device's
+kernels cannot run for the run's cell is refused when asked for, and `auto` keeps fp32.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import torch
 
 from training.config import PRECISIONS
 from training.errors import InvalidSetting
+from training.model import RNN_CLASSES
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,10 +66,42 @@ def cpu_bf16_flags() -> list[str]:
     return sorted(found)
 
 
-def resolve(name: str, device: torch.device) -> Precision:
+def cannot_run(name: str, device: torch.device, cell: str) -> str | None:
+    """Why a `cell` layer cannot train under `name` autocast on `device`, or None when it can.
+
+    Native support is a property of the kernels, not only of the flags: oneDNN has no bf16 LSTM
+    primitive on a CPU without AVX-512, while GRU and RNN fall back to other kernels there. So a
+    two-step forward and backward of a tiny layer of the run's own cell is tried, which costs
+    milliseconds."""
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        return None
+    layer = RNN_CLASSES[cell](4, 8, num_layers=1, batch_first=True).to(device)
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            out, _ = layer(torch.randn(2, 2, 4, device=device))
+        out.float().sum().backward()
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0].split(". ")[0]
+    return None
+
+
+def resolve(name: str, device: torch.device, cell: str = "lstm") -> Precision:
     """The precision a run trains in: `name` as asked, or for `auto` what this device runs fast."""
     if name not in PRECISIONS:
         raise InvalidSetting(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}", ("precision",))
+    precision = _resolve(name, device)
+    if precision.dtype is not None and (why := cannot_run(precision.name, device, cell)):
+        if name == "auto":
+            return Precision("fp32", device.type, f"auto: {precision.name} cannot run a {cell} here ({why})")
+        where = "CUDA device" if device.type == "cuda" else "CPU"
+        raise InvalidSetting(
+            f"precision {name} asked for, but this {where} cannot train a {cell} in it: {why}", ("precision",)
+        )
+    return precision
+
+
+def _resolve(name: str, device: torch.device) -> Precision:
     kind = device.type
     if kind == "cuda":
         native_bf16 = torch.cuda.is_bf16_supported()

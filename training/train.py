@@ -281,7 +281,7 @@ def _setup(cfg: TrainConfig, ranks: distributed.Ranks) -> Setup:
         lr=cfg.peak_lr,
         betas=(0.9, 0.99),
     )
-    precision = resolve(cfg.precision, device)
+    precision = resolve(cfg.precision, device, model.config.cell)
     return Setup(
         cfg=cfg,
         ranks=ranks,

@@ -166,7 +166,7 @@ def connect(url: str, timeout_s: float) -> tuple[aioredis.Redis, list[aioredis.R
 
     address = parse_sentinel_url(url)
     timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=timeouts)
     client = sentinel.master_for(
         address.service,
         connection_pool_class=SentinelBlockingConnectionPool,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +13,7 @@ import pytest
 from benchmarks.peers_bench import ServerProcess, peer_stream, start_peer
 from tests.utils import free_port, run_server
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("litserve") is None,
-        reason="litserve is not installed: it is a benchmark dependency (pip install -e '.[peers]')",
-    ),
-]
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -8,23 +8,24 @@ from typing import Any
 import pytest
 
 from tests.browser.parts import CHROMIUM_ARGS, PartUnavailable, ensure_chromium, ensure_ort_web
+from tests.parts import part_missing
 from tests.utils import Server, run_server
 
 
 @pytest.fixture(scope="session")
-def chromium() -> str:
+def chromium(pytestconfig: pytest.Config) -> str:
     try:
         return ensure_chromium()
     except PartUnavailable as exc:
-        pytest.skip(str(exc))
+        part_missing(pytestconfig, "Chromium", "apt-get install -y chromium", str(exc))
 
 
 @pytest.fixture(scope="session")
-def ort_web() -> Path:
+def ort_web(pytestconfig: pytest.Config) -> Path:
     try:
         return ensure_ort_web()
     except PartUnavailable as exc:
-        pytest.skip(str(exc))
+        part_missing(pytestconfig, "onnxruntime-web", "apt-get install -y npm && make web", str(exc))
 
 
 @pytest.fixture(scope="session")

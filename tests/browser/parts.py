@@ -1,6 +1,6 @@
 """The real parts the browser tests need, installed by the project's own setup when missing:
 Debian's chromium (driven by Playwright for Python, never a downloaded browser) and
-onnxruntime-web's files under service/static/ort/ (`make web`)."""
+onnxruntime-web's files under service/api/playground/static/ort/ (`make web`)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ORT_WEB_STAMP = REPO / "service" / "static" / "ort" / "VERSION"
+ORT_WEB_STAMP = REPO / "service" / "api" / "playground" / "static" / "ort" / "VERSION"  # the Makefile's ORT_WEB_STAMP
 
 
 class PartUnavailable(Exception):

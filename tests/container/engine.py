@@ -12,9 +12,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
-
 from tests.debian import CannotInstall, apt_install
+from tests.locks import LOCKS, REQUIREMENTS, for_linux_cpython_311, read_lock
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_BASE = "localhost/python:3.11-slim"
@@ -137,18 +136,41 @@ def deploy_images(engine: Engine) -> None:
             engine.run("tag", LOCAL_DEPLOY_PARTS, ref)
 
 
-def build_wheelhouse() -> Path:
-    """Wheels of the serve requirements, built on the host, so the image builds with no index."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["serve"]
-    # What the image's Python needs beyond the host's: redis wants async-timeout below Python
-    # 3.11.3, and Debian bookworm's python3 (the locally made base image) is 3.11.2.
-    requirements += ["async-timeout>=4.0.3"]
+def build_wheelhouse(*locks: str) -> Path:
+    """Wheels of what the named locks (requirements/<lock>.txt) install on any Linux CPython 3.11,
+    checked against the lock's hashes on the host, so the image builds with no index and installs
+    the same files with --require-hashes."""
+    pins = {
+        pin.line(): pin
+        for lock in locks or ("serve",)
+        for pin in for_linux_cpython_311(read_lock(REQUIREMENTS / LOCKS[lock]))
+    }
     wheelhouse = REPO / "wheelhouse"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheelhouse), *requirements],
-        check=True,
-        capture_output=True,
-        timeout=900,
-    )
+    for old in wheelhouse.glob("*.whl"):  # a wheel of an earlier lock would only sit there
+        if not any(
+            old.name.lower().startswith(f"{pin.name.replace('-', '_')}-{pin.version}-") for pin in pins.values()
+        ):
+            old.unlink()
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="charstream-wheelhouse-") as requirements:
+        requirements.write("\n".join(pins) + "\n")
+        requirements.flush()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "-q",
+                "--no-deps",
+                "--require-hashes",
+                "--wheel-dir",
+                str(wheelhouse),
+                "-r",
+                requirements.name,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
     return wheelhouse

@@ -27,6 +27,7 @@ from tests.container.engine import (
     deploy_images,
     find_engine,
 )
+from tests.parts import part_missing
 from tests.utils import free_port
 
 # A fresh machine installs Podman and makes a base image first: minutes, not seconds.
@@ -35,11 +36,16 @@ IMAGE = "localhost/charstream-smoke:test"
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
+def engine(pytestconfig: pytest.Config) -> Engine:
     try:
-        return find_engine()
+        engine = find_engine()
     except EngineUnavailable as exc:
-        pytest.skip(str(exc))
+        part_missing(
+            pytestconfig, "a container engine", "apt-get install -y podman runc debootstrap podman-compose", str(exc)
+        )
+    if not engine.compose:
+        part_missing(pytestconfig, f"a compose command for {engine.command}", "apt-get install -y podman-compose")
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +183,6 @@ def test_a_wrong_setting_fails_with_one_line(engine: Engine, image: str, contain
 
 
 def test_compose_up_serves(engine: Engine, image: str) -> None:
-    if not engine.compose:
-        pytest.skip("no compose command for this engine")
     project = f"charstream-smoke-{secrets.token_hex(3)}"
     port = free_port()
     env = {**os.environ, **engine.env, "CHARSTREAM_PUBLISH_PORT": str(port)}
@@ -207,8 +211,6 @@ def test_compose_up_serves(engine: Engine, image: str) -> None:
 
 def test_scaled_deployment_survives_a_killed_replica(engine: Engine, image: str) -> None:
     """compose.scale.yaml unchanged: nginx + 2 replicas + Redis; a session continues after its replica is killed."""
-    if not engine.compose:
-        pytest.skip("no compose command for this engine")
     deploy_images(engine)
     project = f"charstream-scale-{secrets.token_hex(3)}"
     port = free_port()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tests.utils import REPO, tiny_train_config
+from tests.utils import REPO, bf16_cell, tiny_train_config
 from training.checkpoint import load_checkpoint
 from training.train import train
 
@@ -89,9 +89,9 @@ def test_two_processes_match_one_process_on_the_same_batch(tmp_path: Path, corpu
 
 def test_bf16_under_two_processes(tmp_path: Path, corpus_file: Path) -> None:
     """bf16 autocast under DDP: trains, keeps fp32 weights, and lands where one process does."""
-    bf16 = {**SETTINGS, "precision": "bf16"}
+    bf16 = {**SETTINGS, "precision": "bf16", "cell": bf16_cell()}
     train(tiny_train_config(corpus_file, tmp_path / "one", max_steps=20, **bf16))  # type: ignore[arg-type]
-    two = _torchrun(tmp_path / "two", corpus_file, 20, "--precision=bf16")
+    two = _torchrun(tmp_path / "two", corpus_file, 20, "--precision=bf16", f"--cell={bf16['cell']}")
     assert two.returncode == 0, two.stderr[-3000:]
     assert "precision bf16 (bf16 autocast, fp32 weights; as asked)" in two.stdout
     one_ckpt = load_checkpoint(tmp_path / "one" / "last.pt")

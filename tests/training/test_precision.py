@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.utils import tiny_train_config
+from tests.utils import bf16_cell, tiny_train_config
 from training.checkpoint import load_checkpoint, load_model
 from training.corpus import read_corpus
+from training.errors import InvalidSetting
 from training.evaluate import evaluate_loss, unigram_entropy
-from training.precision import cpu_bf16_flags, resolve
+from training.precision import cannot_run, cpu_bf16_flags, resolve
 from training.train import train
 
 
@@ -21,13 +22,28 @@ def test_auto_picks_bf16_only_where_the_cpu_has_amx() -> None:
     assert chosen.name == ("bf16" if "amx_bf16" in flags else "fp32")
     assert chosen.reason.startswith("auto: ") and all(flag in chosen.reason for flag in flags)
     assert resolve("fp32", torch.device("cpu")).dtype is None
-    assert resolve("bf16", torch.device("cpu")).dtype == torch.bfloat16
+    assert resolve("bf16", torch.device("cpu"), bf16_cell()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_bf16_is_refused_with_the_reason_where_the_cell_cannot_run_it(cell: str) -> None:
+    """Where this CPU's kernels lack a bf16 version of the cell, asking for bf16 is a one-line
+    refusal naming the cell, and auto keeps fp32; where they have one, bf16 is granted."""
+    why = cannot_run("bf16", torch.device("cpu"), cell)
+    if why is None:
+        assert resolve("bf16", torch.device("cpu"), cell).name == "bf16"
+        return
+    with pytest.raises(InvalidSetting, match=f"cannot train a {cell} in it: "):
+        resolve("bf16", torch.device("cpu"), cell)
+    assert resolve("auto", torch.device("cpu"), cell).name == "fp32"
 
 
 def test_bf16_trains_with_fp32_weights_optimizer_state_and_checkpoints(
     tmp_path: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    train(tiny_train_config(corpus_file, tmp_path, precision="bf16", max_steps=100, eval_interval=100))
+    train(
+        tiny_train_config(corpus_file, tmp_path, cell=bf16_cell(), precision="bf16", max_steps=100, eval_interval=100)
+    )
     assert "precision bf16 (bf16 autocast, fp32 weights; as asked)" in capsys.readouterr().out
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt["precision"] == "bf16"
@@ -45,7 +61,15 @@ def test_bf16_trains_with_fp32_weights_optimizer_state_and_checkpoints(
 
 
 def test_bf16_resume_is_exact(tmp_path: Path, corpus_file: Path) -> None:
-    common = dict(precision="bf16", max_steps=30, lr_decay_steps=30, eval_interval=15, dropout=0.2, warmup_steps=5)
+    common = dict(
+        cell=bf16_cell(),
+        precision="bf16",
+        max_steps=30,
+        lr_decay_steps=30,
+        eval_interval=15,
+        dropout=0.2,
+        warmup_steps=5,
+    )
     train(tiny_train_config(corpus_file, tmp_path / "straight", **common))
     train(tiny_train_config(corpus_file, tmp_path / "resumed", **dict(common, max_steps=15)))
     train(tiny_train_config(corpus_file, tmp_path / "resumed", **common, resume=True))
