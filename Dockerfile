@@ -37,11 +37,10 @@ RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --require-hashes --no-deps \
       $FROM_WHEELS -r requirements.txt \
  && /opt/venv/bin/pip check
+# The training side only: `charstream` imports the side of the sub-command it runs.
 COPY training/ /app/training/
 COPY exports/ /app/exports/
 COPY interpret/ /app/interpret/
-# The command line builds every sub-command's flags from its settings, generate's from service/.
-COPY service/ /app/service/
 COPY charstream_cli.py /app/
 ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/app PYTHONUNBUFFERED=1
 WORKDIR /work
@@ -53,6 +52,7 @@ RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin charstream
 COPY --from=venv /opt/venv /opt/venv
 COPY exports/ /app/exports/
 COPY service/ /app/service/
+COPY charstream_cli.py /app/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \

@@ -86,6 +86,7 @@ serve: $(SERVE_STAMP)
 lint: $(ALL_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: $(ALL_STAMP)
 	$(VENV)/bin/mypy training service exports interpret benchmarks charstream_cli.py

@@ -1,6 +1,6 @@
 """The training settings, stated once: each field's default, type and command-line help.
 
-`charstream train` has one flag per field, made from these declarations (charstream_cli.py):
+`charstream train` has one flag per field, made from these declarations (training/cli.py):
 `embedding_dropout` is `--embedding-dropout`, with the field's type and default; the field's
 metadata holds its help and any further argparse keywords. This module imports no torch, so
 building the command line costs nothing on a machine that only serves.
@@ -9,8 +9,9 @@ building the command line costs nothing on a machine that only serves.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
+from exports.cli import setting
 from training.errors import InvalidSetting, check
 from training.schedule import SCHEDULES
 
@@ -25,17 +26,6 @@ LR = 2e-3
 FINE_TUNE_LR = 5e-4
 # As training/precision.py, which imports torch; this module must not.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-T = TypeVar("T")
-
-
-def setting(default: T, help: str, **flag: Any) -> T:
-    """A field with its default, its `--help` line and any further argparse keywords (`nargs`, `choices`).
-
-    `exclusive="<group>"` puts the flag in a mutually exclusive group with the others of that name.
-    A bool that defaults to True is the flag `--no-<name>`; its help says what the flag does.
-    """
-    return field(default=default, metadata={"help": help, **flag})
 
 
 @dataclass

@@ -33,6 +33,7 @@ from tests.utils import free_port
 # A fresh machine installs Podman and makes a base image first: minutes, not seconds.
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 IMAGE = "localhost/charstream-smoke:test"
+TRAIN_IMAGE = "localhost/charstream-smoke-train:test"
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +49,8 @@ def engine(pytestconfig: pytest.Config) -> Engine:
     return engine
 
 
-@pytest.fixture(scope="module")
-def image(engine: Engine) -> Iterator[str]:
-    base = base_image(engine)
-    build_wheelhouse()
-    ensure_ort_web()  # the playground's onnxruntime-web files travel in the build context
+def build(engine: Engine, target: str, tag: str) -> float:
+    """Build one stage of the Dockerfile as `tag`; the seconds it took."""
     t0 = time.perf_counter()
     # Podman's default OCI format has no HEALTHCHECK; the docker format keeps it.
     fmt = ["--format", "docker"] if engine.command == "podman" else []
@@ -60,22 +58,61 @@ def image(engine: Engine) -> Iterator[str]:
         "build",
         *fmt,
         "--build-arg",
-        f"BASE_IMAGE={base}",
+        f"BASE_IMAGE={base_image(engine)}",
         "--target",
-        "serve",
+        target,
         "-t",
-        IMAGE,
+        tag,
         str(REPO),
         check=False,
         timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    seconds = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def image(engine: Engine) -> Iterator[str]:
+    build_wheelhouse("serve", "train")  # one wheelhouse for both images, so neither build removes the other's
+    ensure_ort_web()  # the playground's onnxruntime-web files travel in the build context
+    seconds = build(engine, "serve", IMAGE)
     size = int(engine.run("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip())
-    print(f"\nimage built in {seconds:.1f}s from {base}; size {size / 1e6:.0f} MB")
+    print(f"\nimage built in {seconds:.1f}s; size {size / 1e6:.0f} MB")
     assert size < 400e6, f"image is {size / 1e6:.0f} MB"
     yield IMAGE
     engine.run("rmi", "-f", IMAGE, check=False)
+
+
+@pytest.fixture(scope="module")
+def train_image(engine: Engine, image: str) -> Iterator[str]:
+    """The training image (torch's CPU build, the training side, no service)."""
+    seconds = build(engine, "train", TRAIN_IMAGE)
+    print(f"\ntraining image built in {seconds:.1f}s")
+    yield TRAIN_IMAGE
+    engine.run("rmi", "-f", TRAIN_IMAGE, check=False)
+
+
+SERVING_COMMANDS = ("serve", "generate")
+TRAINING_COMMANDS = ("train", "sample", "eval", "export", "cells")
+
+
+@pytest.mark.parametrize("which", ["serve", "train"])
+def test_each_image_runs_its_sides_commands_and_refuses_the_others(
+    engine: Engine, image: str, train_image: str, which: str
+) -> None:
+    """`--help` of every sub-command: its own side's answer; the other side's a one-line refusal."""
+    tag, own = (image, SERVING_COMMANDS) if which == "serve" else (train_image, TRAINING_COMMANDS)
+    entry = [] if which == "train" else ["--entrypoint", "python", tag, "-m", "charstream_cli"]
+    for command in (*SERVING_COMMANDS, *TRAINING_COMMANDS):
+        args = ["run", "--rm", *(entry or [tag]), command, "--help"]
+        result = engine.run(*args, check=False, timeout=120)
+        if command in own:
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert result.stdout.startswith(f"usage: charstream {command}"), result.stdout[:200]
+        else:
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+            assert lines[0].startswith(f"charstream {command}: error: this install cannot run it"), lines[0]
 
 
 class Container:
