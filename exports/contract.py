@@ -97,6 +97,20 @@ class ContractError(ValueError):
     """A file that does not follow the charstream graph contract."""
 
 
+def model_file(model: Path, variant: str = "fp32") -> Path:
+    """The .onnx file a model argument names: the file itself, or the variant's file in a model folder."""
+    if model.is_dir():
+        if variant not in VARIANT_FILES:
+            raise ContractError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        path = model / VARIANT_FILES[variant]
+        if not path.is_file():
+            raise ContractError(f"{model} has no {path.name} (variant {variant})")
+        return path
+    if model.suffix != ".onnx" or not model.is_file():
+        raise ContractError(f"{model} is neither an exported model folder nor an .onnx file")
+    return model
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a charstream graph says about itself in its metadata."""

@@ -1,4 +1,5 @@
-"""Reference runner for a charstream .onnx file: numpy + onnxruntime only, copyable to an edge device.
+"""Reference runner for a charstream .onnx file: numpy + onnxruntime only; with exports/sampling.py
+(the sampler the service uses) it is all an edge device needs.
 
     python -m exports.run model.onnx --prime "ROMEO:" --length 200 --temperature 0.8 --seed 1
 
@@ -13,6 +14,8 @@ import sys
 
 import numpy as np
 import onnxruntime as ort
+
+from exports.sampling import Sampling
 
 
 def load(path: str) -> tuple[ort.InferenceSession, list[str], dict[str, str]]:
@@ -41,15 +44,8 @@ def step(
     return outputs[0], outputs[1:]
 
 
-def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
-    if temperature == 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    return int(rng.choice(p.size, p=p / p.sum()))
-
-
 def generate(path: str, prime: str, length: int, temperature: float, seed: int | None) -> str:
+    sampling = Sampling(temperature=temperature)
     session, vocab, meta = load(path)
     index = {ch: i for i, ch in enumerate(vocab)}
     unknown = sorted({ch for ch in prime if ch not in index})
@@ -61,7 +57,7 @@ def generate(path: str, prime: str, length: int, temperature: float, seed: int |
     logits, state = step(session, np.array([[index[ch] for ch in prime]], np.int64), state)
     out = []
     for _ in range(length):
-        nxt = sample(logits[0, -1], temperature, rng)
+        nxt = sampling.sample(logits[0, -1], rng)
         out.append(vocab[nxt])
         logits, state = step(session, np.array([[nxt]], np.int64), state)
     return "".join(out)
@@ -78,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.prime:
             raise ValueError("--prime must hold at least one character")
-        if args.length < 0 or args.temperature < 0:
-            raise ValueError("--length and --temperature must be at least 0")
+        if args.length < 0:
+            raise ValueError("--length must be at least 0")
         text = generate(args.model, args.prime, args.length, args.temperature, args.seed)
     except (ValueError, OSError) as exc:
         print(

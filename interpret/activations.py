@@ -38,9 +38,7 @@ def open_model(path: Path) -> tuple[Any, contract.ModelInfo, Path]:
     """An onnxruntime session for a model folder (its model.onnx) or an .onnx file, with its metadata."""
     import onnxruntime as ort
 
-    file = path / contract.MODEL_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"{path} is neither an .onnx file nor a model folder holding {contract.MODEL_FILE}")
+    file = contract.model_file(path)  # a ContractError is a ValueError: the command's one line
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     try:

@@ -10,23 +10,21 @@ the next attempt in the same step: the batch stays full and the graph's shape ne
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from exports.sampling import Sampling
 from service.batch.constrained import RowConstraints
 from service.core.engine import Engine, StepBinding
 from service.core.sampling import BatchSampler, ConstraintSpec
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """The per-sample settings the loop needs: sampling parameters, terminators and a length bound."""
+class SampleSpec:
+    """The per-sample settings the loop needs: how to sample, terminators and a length bound."""
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
+    sampling: Sampling = field(default_factory=Sampling)
     terminators: tuple[tuple[int, ...], ...] = ()  # id sequences that end a sample (not part of its text)
     max_chars: int = 200  # a sample that reaches this many characters without a terminator ends here
     constraint: ConstraintSpec | None = None  # structured outputs: what every sample's text must match
@@ -79,11 +77,11 @@ def uniforms(keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
 class StepLoop:
     """Runs attempts through the model at a fixed batch size and yields each as it finishes."""
 
-    def __init__(self, engine: Engine, prompt: list[int], sampling: Sampling, batch: int) -> None:
+    def __init__(self, engine: Engine, prompt: list[int], spec: SampleSpec, batch: int) -> None:
         if not prompt:
             raise ValueError("the prompt needs at least one character")
         self.engine = engine
-        self.sampling = sampling
+        self.spec = spec
         self.batch = batch
         info = engine.info
         self._last = prompt[-1]
@@ -93,31 +91,31 @@ class StepLoop:
             _, self._start = engine.run(np.array([prompt[:-1]], np.int64), engine.zero_state(1))
         else:
             self._start = engine.zero_state(1)
-        temperature = np.full(batch, sampling.temperature)
+        temperature = np.full(batch, spec.sampling.temperature)
         self._sampler = BatchSampler(
             temperature,
-            np.full(batch, sampling.top_k),
-            np.full(batch, sampling.top_p),
+            np.full(batch, spec.sampling.top_k),
+            np.full(batch, spec.sampling.top_p),
             info.vocab_size,
-            min_p=np.full(batch, sampling.min_p),
+            min_p=np.full(batch, spec.sampling.min_p),
         )
         self._constraints = None
-        if sampling.constraint is not None:
-            self._constraints = RowConstraints(sampling.constraint, info.vocab, batch)
+        if spec.constraint is not None:
+            self._constraints = RowConstraints(spec.constraint, info.vocab, batch)
         self.steps = 0
 
     def run(self, attempts: Iterator[int], seed: int) -> Iterator[Finished]:
         """Attempts in, finished attempts out (in the order they finish), until `attempts` runs dry."""
         b = self.batch
-        sampling = self.sampling
+        spec = self.spec
         binding = self.engine.binding(b)
         keys = np.zeros(b, np.uint64)  # each row's draw stream: its attempt's key
         rows = np.arange(b)
         attempt = np.full(b, -1, np.int64)  # the attempt each row runs; -1: idle (no attempts left)
         length = np.zeros(b, np.intp)
         nll = np.zeros(b)
-        ids = np.zeros((b, sampling.max_chars), np.int64)
-        stops = [(np.array(t, np.int64), len(t)) for t in sampling.terminators]
+        ids = np.zeros((b, spec.max_chars), np.int64)
+        stops = [(np.array(t, np.int64), len(t)) for t in spec.terminators]
         for row in range(b):
             self._start_row(row, next(attempts, -1), binding, keys, attempt, length, nll, seed)
         tokens = binding.tokens[:, 0]
@@ -148,7 +146,7 @@ class StepLoop:
             if constraints is not None:
                 complete, dead = constraints.advance(drawn)
                 stopped |= complete
-            done = np.flatnonzero((stopped | dead | (length >= sampling.max_chars)) & (attempt >= 0))
+            done = np.flatnonzero((stopped | dead | (length >= spec.max_chars)) & (attempt >= 0))
             tokens[:] = drawn
             if idle:
                 length[attempt < 0] = 0  # an idle row's characters are never read

@@ -23,9 +23,10 @@ from typing import IO
 import numpy as np
 
 from exports import contract
+from exports.sampling import InvalidSampling, Sampling
 from service.batch.config import GenerateConfig
 from service.batch.constrained import ConstraintRefused
-from service.batch.loop import Sampling, StepLoop
+from service.batch.loop import SampleSpec, StepLoop
 from service.batch.novelty import NoveltyIndex
 from service.core.engine import Engine
 from service.core.sampling import ConstraintSpec
@@ -77,27 +78,11 @@ class Summary:
         )
 
 
-def model_file(model: Path, variant: str) -> Path:
-    """The .onnx file a model argument names: the file itself, or the variant's file in a folder."""
-    if model.is_dir():
-        path = model / contract.VARIANT_FILES[variant]
-        if not path.exists():
-            raise BatchError(f"MODEL: {model} has no {path.name} (--variant {variant})")
-        return path
-    if model.suffix != ".onnx" or not model.is_file():
-        raise BatchError(f"MODEL: {model} is neither an exported model folder nor an .onnx file")
-    return model
-
-
 def check(config: GenerateConfig) -> None:
     """Settings that are wrong whatever the model: one message naming the flag."""
     i, shards = config.shard
     rules = [
         (config.n >= 1, f"--n must be at least 1, got {config.n}"),
-        (config.temperature >= 0, f"--temperature must be at least 0, got {config.temperature}"),
-        (config.top_k >= 0, f"--top-k must be at least 0, got {config.top_k}"),
-        (0 < config.top_p <= 1, f"--top-p must be in (0, 1], got {config.top_p}"),
-        (0 <= config.min_p <= 1, f"--min-p must be in [0, 1], got {config.min_p}"),
         (config.max_chars >= 1, f"--max-chars must be at least 1, got {config.max_chars}"),
         (config.until != "", "--until must not be empty"),
         (all(config.stop), "--stop must not be empty"),
@@ -114,6 +99,15 @@ def check(config: GenerateConfig) -> None:
     for ok, message in rules:
         if not ok:
             raise BatchError(message)
+    sampling_of(config)
+
+
+def sampling_of(config: GenerateConfig) -> Sampling:
+    """The job's sampler, its bounds refused in the flags' names."""
+    try:
+        return Sampling(config.temperature, config.top_k, config.top_p, config.min_p)
+    except InvalidSampling as exc:
+        raise BatchError(f"--{exc}".replace(exc.field, exc.field.replace("_", "-"), 1)) from None
 
 
 def shard_share(n: int, shard: tuple[int, int]) -> int:
@@ -131,7 +125,10 @@ def generate(
     # One run read top to bottom (set-up, resume, the loop over attempts, the summary): its steps share
     # the run's files, counters and filters, so they stay in one function.
     check(config)
-    path = model_file(config.model, config.variant)
+    try:
+        path = contract.model_file(config.model, config.variant)
+    except contract.ContractError as exc:
+        raise BatchError(f"MODEL: {exc}".replace("(variant ", "(--variant ")) from None
     try:
         engine = Engine(path, config.threads)
     except Exception as exc:  # onnxruntime's own classes for a damaged file; a contract error
@@ -157,18 +154,15 @@ def generate(
         return summary
 
     i, shards = config.shard
-    sampling = Sampling(
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        min_p=config.min_p,
+    spec = SampleSpec(
+        sampling=sampling_of(config),
         terminators=terminators,
         max_chars=config.max_chars,
         constraint=None if config.constraint is None else ConstraintSpec(*config.constraint),
     )
     batch = min(config.batch, summary.wanted - summary.samples)
     try:
-        loop = StepLoop(engine, prompt, sampling, batch)
+        loop = StepLoop(engine, prompt, spec, batch)
     except ConstraintRefused as exc:
         assert config.constraint is not None
         raise BatchError(f"--{config.constraint[0]} cannot be used with this model: {exc}") from None

@@ -1,4 +1,4 @@
-"""Sampling the next character for every row of a batch, each row with its own parameters and RNG.
+"""What a generation asks of each step beside the sampler: its parameters, penalties, stops and annotations.
 
 A row's result depends only on its own logits, parameters and uniform draw, so a session
 samples the same text whether it is stepped alone or alongside others.
@@ -10,13 +10,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Temperatures below this sample greedily, as vLLM does: dividing logits by a denormal temperature
-# overflows to inf and the distribution is NaN (found by fuzzing with temperature 5e-324).
-GREEDY_BELOW = 1e-5
+# The sampler and its parameters' bounds are the artifact contract's, shared with the training
+# side and the edge runner; the service adds what only a server does (penalties, stops, constraints).
+from exports.sampling import GREEDY_BELOW, BatchSampler, Sampling, is_greedy
 
-
-def is_greedy(temperature: float) -> bool:
-    return temperature < GREEDY_BELOW
+__all__ = [
+    "GREEDY_BELOW",
+    "ActivationSpec",
+    "BatchSampler",
+    "ConstraintSpec",
+    "SamplingParams",
+    "SteerSpec",
+    "StopMatcher",
+    "is_greedy",
+    "log_softmax",
+    "penalise",
+    "top_alternatives",
+]
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,10 @@ class SamplingParams:
     constraint: ConstraintSpec | None = None
     steer: tuple[SteerSpec, ...] = ()
 
+    def __post_init__(self) -> None:
+        # The sampler's own bounds, checked where every entry point's parameters meet.
+        Sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+
     @property
     def penalised(self) -> bool:
         """Whether the row's logits depend on the characters it has seen."""
@@ -88,81 +102,6 @@ class SamplingParams:
     def steps_prompt(self) -> bool:
         """The prompt is read one character per step (to report unit values after each), not in chunks."""
         return self.activations is not None and self.activations.prompt
-
-
-class BatchSampler:
-    """Samples rows of logits, each row with its own temperature, top-k and top-p.
-
-    One uniform draw per row picks a token by inverse CDF over the vocabulary in its own order.
-    Only rows that ask for top-k or top-p are sorted, to find their cut-off, and a row's result
-    depends only on its own logits, parameters and draw, never on which rows share its batch.
-
-    What depends only on the parameters (which rows are greedy or filtered, whether any row
-    scales its logits) is worked out once: a batch that keeps its rows from step to step samples
-    with the same sampler, and the common all-default batch skips those operations every step.
-    """
-
-    def __init__(
-        self,
-        temperature: np.ndarray,
-        top_k: np.ndarray,
-        top_p: np.ndarray,
-        vocab: int,
-        min_p: np.ndarray | None = None,
-    ) -> None:
-        self.greedy = temperature < GREEDY_BELOW
-        self.all_greedy = bool(self.greedy.all())
-        self.any_greedy = bool(self.greedy.any())
-        scaled = (temperature != 1.0) & ~self.greedy
-        self._scale = np.where(self.greedy, 1.0, temperature)[:, None] if scaled.any() else None
-        if min_p is None:
-            min_p = np.zeros(len(temperature))
-        filtered = (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0) | (min_p > 0.0)) & ~self.greedy
-        self._filtered = np.flatnonzero(filtered)
-        self._top_k, self._top_p = top_k[self._filtered], top_p[self._filtered]
-        self._min_p = min_p[self._filtered]
-
-    def sample(self, logits: np.ndarray, uniform: np.ndarray) -> np.ndarray:
-        """Token ids (batch,) from logits (batch, vocab) and one uniform draw per row (ignored when greedy)."""
-        best: np.ndarray | None = logits.argmax(axis=1) if self.any_greedy else None
-        if best is not None and self.all_greedy:
-            return best
-        z = logits.astype(np.float64)
-        if self._scale is not None:
-            z /= self._scale
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z, out=z)  # unnormalised: the draw below scales by each row's total
-        if self._filtered.size:
-            rows = self._filtered
-            p[rows] = _keep_top(p[rows], self._top_k, self._top_p, self._min_p)
-        cdf = np.cumsum(p, axis=1)
-        total = cdf[:, -1]
-        # Kept below the total even when uniform * total rounds up, so some token always passes.
-        target = np.minimum(uniform * total, np.nextafter(total, 0.0))
-        # The first token whose CDF passes the draw; a token with probability zero never passes.
-        drawn: np.ndarray = (cdf <= target[:, None]).sum(axis=1)
-        return drawn if best is None else np.where(self.greedy, best, drawn)
-
-
-def _keep_top(p: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray) -> np.ndarray:
-    """Zero every probability below the row's cut-off: min-p, then the k most likely tokens, then the nucleus.
-
-    min-p (vLLM's and llama.cpp's) drops tokens less likely than min_p times the most likely one,
-    after temperature. The nucleus keeps a token while the mass of the tokens before it is still
-    under top_p, so the most likely token is always kept. Tokens tied with the last one kept are
-    kept too, as Hugging Face's top-k does.
-    """
-    rows, vocab = p.shape
-    if min_p.any():
-        p = np.where(p >= min_p[:, None] * p.max(axis=1, keepdims=True), p, 0.0)
-    ranked = -np.sort(-p, axis=1)  # each row's (unnormalised) probabilities, largest first
-    cum = np.cumsum(ranked, axis=1)
-    before = (cum - ranked) / cum[:, -1:]
-    k = np.where(top_k > 0, top_k, vocab)
-    kept = ((np.arange(vocab)[None, :] < k[:, None]) & (before < top_p[:, None])).sum(axis=1)
-    cutoff = ranked[np.arange(rows), kept - 1]
-    out: np.ndarray = np.where(p >= cutoff[:, None], p, 0.0)
-    return out
 
 
 def penalise(logits: np.ndarray, seen: np.ndarray, counts: np.ndarray, params: SamplingParams) -> None:

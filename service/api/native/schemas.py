@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from exports.sampling import TEMPERATURE_MAX
 from service.api.limits import MAX_INT
 from service.api.structured import StructuredOutputs, exactly_one_of, one_given
 from service.core.sampling import ActivationSpec, SamplingParams, SteerSpec
@@ -95,7 +96,7 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_new_chars: int = Field(default=256, ge=1, le=MAX_INT, description="characters to generate at most")
-    temperature: float = Field(default=1.0, ge=0.0, le=10.0, description="0 = greedy")
+    temperature: float = Field(default=1.0, ge=0.0, le=TEMPERATURE_MAX, description="0 = greedy")
     top_k: int = Field(default=0, ge=0, le=MAX_INT, description="keep the k most likely characters; 0 = off")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus mass to keep; 1 = off")
     stop: list[StopSequence] = Field(default_factory=list, max_length=8, description="stop sequences (not returned)")

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
+from exports.sampling import TEMPERATURE_MAX
 from service.api.limits import MAX_INT
 from service.api.structured import StructuredOutputs
 from service.core.sampling import ConstraintSpec, SamplingParams
@@ -115,7 +116,7 @@ class CompletionRequest(BaseModel):
         le=MAX_INT,
         description=f"characters to generate at most (a token is a character); {DEFAULT_MAX_TOKENS} if unset",
     )
-    temperature: float | None = Field(default=None, ge=0.0, le=10.0, description="0 = greedy; 1 if unset")
+    temperature: float | None = Field(default=None, ge=0.0, le=TEMPERATURE_MAX, description="0 = greedy; 1 if unset")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="nucleus mass to keep; 1 = off")
     top_k: int | None = Field(
         default=None, ge=-1, le=MAX_INT, description="the k most likely characters; 0 or -1 = off"
