@@ -76,13 +76,15 @@ def cannot_run(name: str, device: torch.device, cell: str) -> str | None:
     dtype = _DTYPES.get(name)
     if dtype is None:
         return None
-    layer = RNN_CLASSES[cell](4, 8, num_layers=1, batch_first=True).to(device)
-    try:
-        with torch.autocast(device.type, dtype=dtype):
-            out, _ = layer(torch.randn(2, 2, 4, device=device))
-        out.float().sum().backward()
-    except RuntimeError as exc:
-        return str(exc).splitlines()[0].split(". ")[0]
+    # The probe draws its weights and inputs from forked generators: the run's seeded ones are untouched.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        layer = RNN_CLASSES[cell](4, 8, num_layers=1, batch_first=True).to(device)
+        try:
+            with torch.autocast(device.type, dtype=dtype):
+                out, _ = layer(torch.randn(2, 2, 4, device=device))
+            out.float().sum().backward()
+        except RuntimeError as exc:
+            return str(exc).splitlines()[0].split(". ")[0]
     return None
 
 
