@@ -34,17 +34,30 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
+    """Every metric the service exports, declared in this class only, in groups an operator reads
+    top to bottom: HTTP, generations (vLLM's names), onnxruntime calls, sessions, connections and
+    the prompt-state cache."""
+
     def __init__(self) -> None:
-        # One declaration per metric, in one place, so an operator reads every name, label and bucket
-        # here: long, but a list, not logic.
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._http(self.registry)
+        self._generations(self.registry)
+        self._calls(self.registry)
+        self._sessions(self.registry)
+        self._connections(self.registry)
+        self._prompt_cache(self.registry)
+
+    def _http(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "charstream_requests",
             "HTTP requests by route and status",
             ["method", "route", "status"],
             registry=r,
         )
+        self.errors = Counter("charstream_generation_errors", "Generations ended by an error", ["code"], registry=r)
+
+    def _generations(self, r: CollectorRegistry) -> None:
+        """vLLM's metrics, by vLLM's name pattern, label and buckets."""
         self.generated_chars = Counter(
             "charstream:generation_chars", "Characters sampled and sent", ["model_name"], registry=r
         )
@@ -109,6 +122,8 @@ class Metrics:
             (self.prompt_chars, "charstream_prompt_chars"),
         ]
         r.register(Aliases(old_names))
+
+    def _calls(self, r: CollectorRegistry) -> None:
         self.step_latency = Histogram(
             "charstream_step_seconds",
             "Wall time of one onnxruntime call",
@@ -123,6 +138,14 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.active_generations = Gauge(
+            "charstream_active_generations",
+            "Generations and feeds in the scheduler",
+            ["model"],
+            registry=r,
+        )
+
+    def _sessions(self, r: CollectorRegistry) -> None:
         self.active_sessions = Gauge("charstream_sessions", "Sessions held by the server", registry=r)
         self.busy_sessions = Gauge("charstream_sessions_busy", "Sessions with a request running", registry=r)
         self.session_state_bytes = Gauge(
@@ -135,12 +158,9 @@ class Metrics:
             "State plus bookkeeping bytes of all sessions",
             registry=r,
         )
-        self.active_generations = Gauge(
-            "charstream_active_generations",
-            "Generations and feeds in the scheduler",
-            ["model"],
-            registry=r,
-        )
+        self.evicted = Counter("charstream_sessions_evicted", "Sessions dropped after their TTL", registry=r)
+
+    def _connections(self, r: CollectorRegistry) -> None:
         self.websockets = Gauge("charstream_websocket_connections", "Open WebSocket connections", registry=r)
         self.open_connections = Gauge(
             "charstream_open_connections",
@@ -152,8 +172,8 @@ class Metrics:
             "Requests and WebSockets refused past CHARSTREAM_MAX_CONNECTIONS",
             registry=r,
         )
-        self.evicted = Counter("charstream_sessions_evicted", "Sessions dropped after their TTL", registry=r)
-        self.errors = Counter("charstream_generation_errors", "Generations ended by an error", ["code"], registry=r)
+
+    def _prompt_cache(self, r: CollectorRegistry) -> None:
         self.prompt_cache_hits = Counter(
             "charstream_prompt_cache_hits",
             "Stateless prompts started from a cached prefix state",
