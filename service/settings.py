@@ -14,8 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.errors import ServiceConfigError
 
 SECRET_SETTINGS = ("api_key", "session_store")  # never echoed: a key, a URL with a password
-# How long a thread may hold the GIL while another waits for it, set at start-up. Python's default,
-# 5 ms, lets the event loop keep it through a whole step's worth of sends after onnxruntime returns,
+# How long a thread may hold the GIL while another waits for it, set at start-up. Python's default
+# lets the event loop keep it through a whole step's worth of sends after onnxruntime returns,
 # so the step thread idles instead of starting the next step (docs/performance.md measures both).
 SWITCH_INTERVAL_US = 100
 # Characters a stream collects before it is woken to send a frame (vLLM's stream_interval). Two
@@ -29,8 +29,8 @@ STREAM_INTERVAL = 2
 EVENT_LOOP: Literal["asyncio", "uvloop"] = "asyncio"
 # Prompt positions read per scheduler iteration. A seq=T call costs about T times a one-character
 # step, so this bounds how long other streams wait for their next character while a long prompt
-# is read: 256 positions of the bundled 2x512 LSTM take ~25 ms on a 2-core CPU
-# (benchmarks/prefill_fairness.py measures the gap), against ~2.2x faster reading than stepping.
+# is read, against reading faster than stepping (benchmarks/prefill_fairness.py measures both; the
+# performance docs keep the numbers).
 PREFILL_CHUNK = 256
 
 # -- session store URLs: checked here, so that a bad one stops the start with one line -------------
@@ -90,8 +90,8 @@ def _host_port(item: str) -> tuple[str, int]:
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
-# 64 MiB holds ~8,000 states of the bundled 2 x 512 LSTM (8 KiB each): every chunk boundary of
-# 2,000,000 characters of distinct prompt prefixes at the default 256-character chunk.
+# A budget in bytes, not states: a state is layers x hidden x 2 floats (an LSTM's), so this holds
+# thousands of chunk boundaries of the bundled model's prompt prefixes.
 PROMPT_CACHE_BYTES = 64 * 2**20
 
 

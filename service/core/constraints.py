@@ -35,8 +35,8 @@ from service.core.sampling import ConstraintSpec
 KINDS = ("regex", "choice", "json", "grammar")
 COMPILED_KEPT = 256  # compiled constraints kept per model (each a few kB to a few MB of lexer states)
 # llguidance's own limits, lowered for a server that compiles what clients send: the lexer's
-# fuel bounds the time spent building a regex (~50k units per ms: about 20 ms here) and its
-# states the memory (1-2 kB each: at most ~40 MB).
+# fuel bounds the time spent building a regex and its states bound the memory (the constraints
+# docs give what they cost on the project's machine).
 LIMITS = dict(
     initial_lexer_fuel=1_000_000,
     step_lexer_fuel=200_000,
@@ -47,9 +47,9 @@ LIMITS = dict(
 # Probes of this many walks of this many characters after compiling.
 PROBE_CHARS = 16
 PROBE_WALKS = 8
-# A character's mask may take this long (the probe's median), per row. For scale: a mask of a regex
-# or JSON Schema takes 6-13 us here, and one engine step of 64 streams ~3 ms; a{15000} takes ~6 ms a
-# mask, so 64 rows of it would add ~400 ms to every step of every stream of the model.
+# A character's mask may take this long (the probe's median), per row: an ordinary regex or JSON
+# Schema's mask is tens of times cheaper, while a pathological one (a{15000}) on 64 rows would add
+# more to every step of every stream of the model than the step itself costs.
 MASK_BUDGET_S = 0.0005
 # The probe stops at the first mask this many times over the budget: a{100000} is refused after
 # one mask rather than after all of them.
