@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from exports.cli import fail, int_value, run
+from exports.cli import Command, fail, int_value, run
 
 
 def _cells(args: argparse.Namespace) -> int:
@@ -43,8 +43,7 @@ def _cells(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(command: str, argv: Sequence[str], description: str) -> int:
-    parser = argparse.ArgumentParser(prog=f"charstream {command}", description=description)
+def _cells_flags(parser: argparse.ArgumentParser) -> Command:
     parser.add_argument("model", help="an exported model folder or .onnx file")
     parser.add_argument("--data", nargs="+", required=True, help="file(s) or a folder of UTF-8 text to read")
     parser.add_argument("--out", default=None, help="report folder (default runs/cells/MODEL)")
@@ -56,4 +55,13 @@ def main(command: str, argv: Sequence[str], description: str) -> int:
     parser.add_argument("--top", type=int_value, default=5, help="units kept per feature")
     parser.add_argument("--no-images", action="store_true", help="skip the PNG images")
     parser.add_argument("--no-model-copy", action="store_true", help="do not write cells.json next to the model")
-    return run(command, _cells, parser.parse_args(argv), ())
+    return _cells
+
+
+COMMANDS = {"cells": _cells_flags}
+
+
+def main(command: str, argv: Sequence[str], description: str) -> int:
+    parser = argparse.ArgumentParser(prog=f"charstream {command}", description=description)
+    func = COMMANDS[command](parser)
+    return run(command, func, parser.parse_args(argv), ())

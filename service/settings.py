@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     models_dir: Path = Field(default_factory=bundled_models_dir, description="folder of exported models")
     default_model: str | None = Field(default=None, description="model used when a request names none")
     variant: Literal["fp32", "int8", "fp16"] = Field(default="fp32", description="which file of each model to load")
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", description="address to listen on (the image sets 0.0.0.0)")
     port: int = Field(default=8000, ge=0, le=65535, description="0 picks a free port")
     session_ttl_s: float = Field(default=900.0, gt=0, description="idle sessions expire after this")
     max_sessions: int = Field(default=10_000, ge=1, description="sessions held at most (across replicas for Redis)")
@@ -139,11 +139,11 @@ class Settings(BaseSettings):
         description="open /v1 requests and WebSockets per process; past it HTTP gets 429, a WebSocket close 1013",
     )
     reuse_port: bool = Field(default=False, description="bind with SO_REUSEPORT (set for each worker)")
-    max_prompt_chars: int = Field(default=100_000, ge=1)
-    max_new_chars: int = Field(default=4096, ge=1)
+    max_prompt_chars: int = Field(default=100_000, ge=1, description="longer prompts or feeds answer 413")
+    max_new_chars: int = Field(default=4096, ge=1, description="a larger max_new_chars (max_tokens) is refused")
     ort_threads: int = Field(default_factory=_default_threads, ge=1, description="onnxruntime intra-op threads")
     batching: bool = Field(default=True, description="share one onnxruntime step across sessions")
-    max_batch_size: int = Field(default=256, ge=1)
+    max_batch_size: int = Field(default=256, ge=1, description="rows per onnxruntime call at most")
     max_wait_us: int = Field(default=500, ge=0, description="an idle scheduler waits this long for company")
     stream_interval: int = Field(
         default=STREAM_INTERVAL, ge=1, le=64, description="a stream sends a frame once this many characters wait"
@@ -173,7 +173,7 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(default=None, description="when set, /v1 needs this key")
     require_models: bool = Field(default=False, description="exit at start-up unless every model loads")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="the log's threshold")
     log_json: bool = Field(default=True, description="one JSON object per log line")
 
     @field_validator("session_store")

@@ -109,7 +109,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=128, description="a model id from GET /v1/models")
-    prompt: PromptField
+    prompt: PromptField = Field(description="a string, or a list of up to 16 strings (token ids are refused)")
     max_tokens: int | None = Field(
         default=None,
         ge=0,
@@ -133,7 +133,9 @@ class CompletionRequest(BaseModel):
         "again with the next seed; fewer than n choices come back when the model cannot make n distinct texts)",
     )
     stream: bool | None = Field(default=False, description="answer as Server-Sent Events, ending in `data: [DONE]`")
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(
+        default=None, description='{"include_usage": true}: a last chunk with usage and no choices'
+    )
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = Field(
         default=None, description=f"up to {MAX_STOP} stop sequences (not returned)"
     )
@@ -161,8 +163,12 @@ class CompletionRequest(BaseModel):
         description="charstream's extension: continue this server-kept session (POST /v1/sessions) and keep its state",
     )
     # OpenAI's, refused unless neutral: see check_supported.
-    suffix: Annotated[str | None, _only(None, "not supported: must be null")] = None
-    best_of: Annotated[int | None, _only(None, "not supported beyond best_of = n")] = None
+    suffix: Annotated[str | None, _only(None, "not supported: must be null")] = Field(
+        default=None, description="refused unless null or empty: a character model continues left to right"
+    )
+    best_of: Annotated[int | None, _only(None, "not supported beyond best_of = n")] = Field(
+        default=None, description="accepted only when null or equal to n"
+    )
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         default=None,
         max_length=MAX_LOGIT_BIAS,
