@@ -1,5 +1,6 @@
 """A real redis-server for the tests: installed from Debian's packages when missing, started on a
-free loopback port as a child of the test, with no persistence, and stopped by its own PID."""
+free loopback port as a child of the test, with no persistence unless asked for (an append-only
+file in its folder), and stopped by its own PID."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ def redis_server_binary() -> str:
 class RedisServer:
     """`redis-server` on 127.0.0.1; `stop()` and `start()` again on the same port (a restart)."""
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, appendonly: bool = False) -> None:
         self.folder = folder
+        self.appendonly = appendonly
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -46,7 +48,7 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.appendonly else "no",
                 "--dir",
                 str(self.folder),
                 "--protected-mode",

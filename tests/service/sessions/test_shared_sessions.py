@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from redis import RedisError
 
 from service.sessions.record import encode
 from service.sessions.store import Session
@@ -41,14 +42,16 @@ def replica(
         yield server
 
 
-def calls(base_urls: list[str], sid: str) -> list[str]:
+CALLS: list[dict[str, Any]] = [
+    {"prompt": "ROMEO:", "max_new_chars": 30, "temperature": 0.8},
+    {"max_new_chars": 30, "temperature": 0.8, "top_k": 10},
+    {"prompt": "\nJULIET:", "max_new_chars": 30},
+    {"max_new_chars": 20, "temperature": 0},
+]
+
+
+def calls(base_urls: list[str], sid: str, bodies: list[dict[str, Any]] = CALLS) -> list[str]:
     """The same sequence of calls on one session, each through the next server in turn."""
-    bodies: list[dict[str, Any]] = [
-        {"prompt": "ROMEO:", "max_new_chars": 30, "temperature": 0.8},
-        {"max_new_chars": 30, "temperature": 0.8, "top_k": 10},
-        {"prompt": "\nJULIET:", "max_new_chars": 30},
-        {"max_new_chars": 20, "temperature": 0},
-    ]
     texts = []
     for i, body in enumerate(bodies):
         with httpx.Client(base_url=base_urls[i % len(base_urls)], timeout=30) as c:
@@ -76,6 +79,27 @@ def test_any_replica_continues_any_session_exactly(models_dir: Path, redis_serve
         with httpx.Client(base_url=b.base_url) as c:
             info = c.get(f"/v1/sessions/{sid}").json()
         assert info["history_chars"] == 6 + 30 + 30 + 8 + 30 + 20
+
+
+def test_sessions_survive_a_restart_of_a_persistent_redis(models_dir: Path, tmp_path: Path) -> None:
+    """With an append-only file (as compose.scale.yaml runs Redis), a restart on the same data
+    directory keeps every session: it continues to exactly the text an uninterrupted one gives."""
+    expected = reference_texts(models_dir)
+    redis = RedisServer(tmp_path / "aof", appendonly=True).start()
+    try:
+        with replica(models_dir, redis, tmp_path / "r.log") as server:
+            with httpx.Client(base_url=server.base_url) as c:
+                sid = c.post("/v1/sessions", json={"seed": 77}).json()["id"]
+            before = calls([server.base_url], sid, CALLS[:2])
+            redis.stop()  # SIGTERM: what a container restart sends
+            with pytest.raises(RedisError):  # really down: nothing is kept in a process
+                redis.client().ping()
+            assert any((tmp_path / "aof").rglob("*.aof")), "no append-only file was written"
+            redis.start()
+            after = calls([server.base_url], sid, CALLS[2:])
+        assert before + after == expected
+    finally:
+        redis.stop()
 
 
 def test_workers_share_one_port_and_every_session(models_dir: Path, redis_server: RedisServer, tmp_path: Path) -> None:
