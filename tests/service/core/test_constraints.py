@@ -22,7 +22,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.constraint_cases import JSON_CASES, SHAKESPEARE_CASES, Case, balanced, json_lines, regex
-from service.core.constraints import MASK_BUDGET_S, STEP_BUDGET_S, Compiled, ConstraintCompiler, ConstraintError
+from service.core.constraints import (
+    MASK_BUDGET_S,
+    PROBE_GIVE_UP,
+    STEP_BUDGET_S,
+    Compiled,
+    ConstraintCompiler,
+    ConstraintError,
+    TooCostly,
+)
 from service.core.engine import Engine
 from service.core.events import DoneEvent, ErrorEvent, TextEvent
 from service.core.jobs import Job
@@ -351,3 +359,27 @@ def test_characters_of_several_bytes_are_matched_whole(kind: str, source: str, c
     compiler = ConstraintCompiler(list('\n "acefitxé漢字'))
     texts = {walk(compiler, ConstraintSpec(kind, source), seed) for seed in range(12)}
     assert all(check(t) for t in texts), texts
+
+
+class _MeasuredCostly(ConstraintCompiler):
+    """A compiler whose probe measures every constraint at `over` times the budget."""
+
+    def __init__(self, vocab: tuple[str, ...], over: float) -> None:
+        super().__init__(vocab)
+        self.over = over
+        self.compiles = 0
+
+    def _compile(self, spec: ConstraintSpec) -> Compiled:
+        self.compiles += 1
+        raise TooCostly(self.over * self.mask_budget_s, self.mask_budget_s)
+
+
+@pytest.mark.parametrize(("over", "kept"), [(2.0, False), (PROBE_GIVE_UP * 2.0, True)])
+def test_only_a_verdict_far_over_the_budget_is_cached(engine: Engine, over: float, kept: bool) -> None:
+    """A mask measured near the budget could measure under it next time: it is refused, not cached."""
+    compiler = _MeasuredCostly(engine.info.vocab, over)
+    for _ in range(2):
+        with pytest.raises(TooCostly, match="too costly to follow"):
+            compiler.matcher(ConstraintSpec("regex", "[a-z]{3}"))
+    assert compiler.cached == (1 if kept else 0)
+    assert compiler.compiles == (1 if kept else 2)
