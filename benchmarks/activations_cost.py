@@ -15,8 +15,7 @@ from typing import Any
 import uvloop
 
 from benchmarks import ws_client
-from benchmarks.common import table, write_results
-from benchmarks.serving import ServerProcess
+from benchmarks.common import start_charstream, table, write_results
 
 STREAMS = 64
 UNITS = [3, 17, 64, 101, 222, 301, 400, 511]
@@ -46,7 +45,7 @@ def main() -> None:
         "8 units (layer 1 c)": {"activations": {"layer": 1, "state": "c", "units": UNITS}},
         "8 units + top 5": {"activations": {"layer": 1, "state": "c", "units": UNITS}, "top_logprobs": 5},
     }
-    server = ServerProcess(args.port)
+    server = start_charstream(args.port)
     runs: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for extra in variants.values():

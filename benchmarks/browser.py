@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import sys
 import time
@@ -23,8 +22,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from benchmarks.common import table, write_results
-from benchmarks.serving import MODEL, ServerProcess, ws_stream
+from benchmarks.common import MODEL, free_port, start_charstream, table, write_results
+from benchmarks.serving import ws_stream
 from tests.browser.parts import CHROMIUM, CHROMIUM_ARGS
 
 PROMPT = "ROMEO:"
@@ -48,12 +47,6 @@ async ([model, variant, steps]) => {
   return steps / ((performance.now() - t0) / 1000);
 }
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_ws(port: int, chars: int) -> float:
@@ -86,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
-    server = ServerProcess(free_port())
+    server = start_charstream(free_port())
     samples: dict[str, list[float]] = {}
     try:
         with sync_playwright() as p:

@@ -39,7 +39,7 @@ import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import serving, ws_client
-from benchmarks.common import table, write_results
+from benchmarks.common import REPO, ServerProcess, model_file, own_cpu_seconds, start_charstream, table, write_results
 from service.core.events import TextEvent
 
 STREAMS = 64
@@ -56,7 +56,7 @@ class Run(NamedTuple):
     step_ort_ms: float  # of which inside onnxruntime (the server's own step histogram)
 
 
-def step_totals(server: serving.ServerProcess) -> tuple[float, float]:
+def step_totals(server: ServerProcess) -> tuple[float, float]:
     """(seconds, calls) of the server's one-character onnxruntime steps so far, from /metrics."""
     text = httpx.get(f"{server.base}/metrics", timeout=10).text
     totals = {"sum": 0.0, "count": 0.0}
@@ -78,21 +78,22 @@ async def run_streams(port: int, chars: int, streams: int = STREAMS) -> tuple[fl
     return sum(len(r.arrivals) for r in results) / wall, sum(r.frames for r in results) / wall, gaps
 
 
-def measured_run(server: serving.ServerProcess, chars: int, streams: int) -> Run:
+def measured_run(server: ServerProcess, chars: int, streams: int) -> Run:
     """One round against one server, with the CPU both sides used: on two cores they compete."""
     ort0, steps0 = step_totals(server)
-    wall0, server0, client0 = time.perf_counter(), server.cpu_seconds(), time.process_time()
+    wall0, server0, client0 = time.perf_counter(), server.cpu_seconds(), own_cpu_seconds()
     rate, frame_rate, gaps = uvloop.run(run_streams(server.port, chars, streams))
     wall = time.perf_counter() - wall0
-    server_cores, client_cores = (server.cpu_seconds() - server0) / wall, (time.process_time() - client0) / wall
+    server_cores, client_cores = (server.cpu_seconds() - server0) / wall, (own_cpu_seconds() - client0) / wall
     ort1, steps1 = step_totals(server)
     steps = max(1.0, steps1 - steps0)
     period_ms, ort_ms = wall / steps * 1e3, (ort1 - ort0) / steps * 1e3
     return Run(rate, frame_rate, gaps, server_cores, client_cores, period_ms, ort_ms)
 
 
-def scheduler_alone(chars: int, streams: int) -> float:
-    """chars/s of 64 jobs through the scheduler in this process, no server and no network.
+def scheduler_alone(chars: int, streams: int, model: Path) -> float:
+    """chars/s of 64 jobs through the scheduler in this process, no server and no network, on the
+    graph file `model`.
 
     Between the ceiling (bare steps) and a server over loopback: what the scheduler's own work
     per step (rows, sampling parameters, stops, events, one hand-off to the event loop) costs.
@@ -102,10 +103,9 @@ def scheduler_alone(chars: int, streams: int) -> float:
     from service.core.sampling import SamplingParams
     from service.core.scheduler import Scheduler
     from service.metrics import Metrics
-    from service.serving.registry import VARIANT_FILES
     from service.settings import STREAM_INTERVAL, load_settings
 
-    engine = Engine(serving.MODELS_DIR / serving.MODEL / VARIANT_FILES[serving.VARIANT], load_settings().ort_threads)
+    engine = Engine(model, load_settings().ort_threads)
     info = engine.info
     prompt = [info.vocab_index[c] for c in "ROMEO:"]
 
@@ -144,16 +144,14 @@ def scheduler_alone(chars: int, streams: int) -> float:
     return uvloop.run(run())
 
 
-def server_for(spec: str, port: int) -> serving.ServerProcess:
+def server_for(spec: str, port: int, variant: str) -> ServerProcess:
     """A server for 'default' or NAME=VALUE[,NAME=VALUE]: environment settings, or checkout=PATH."""
     settings = {} if spec == "default" else dict(item.split("=", 1) for item in spec.split(","))
-    checkout = Path(settings.pop("checkout", serving.REPO))
-    return serving.ServerProcess(port, checkout, **settings)
+    checkout = Path(settings.pop("checkout", REPO))
+    return start_charstream(port, checkout, variant=variant, **settings)
 
 
-def main() -> None:
-    # One run read top to bottom (arguments, the runs side by side, the table, the results file):
-    # its steps share the run's servers and numbers, so they stay in one function.
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "settings", nargs="+", help="'default' or NAME=VALUE[,NAME=VALUE] per server (checkout=PATH: other code)"
@@ -165,59 +163,92 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8861)
     parser.add_argument("--name", default="delivery", help="results file name")
     parser.add_argument("--client-nice", type=int, default=0, help="lower the clients' CPU priority by this much")
-    args = parser.parse_args()
-    serving.VARIANT = args.variant
-    servers = {spec: server_for(spec, args.port + i) for i, spec in enumerate(args.settings)}
+    return parser.parse_args()
+
+
+class Rounds(NamedTuple):
+    runs: dict[str, list[Run]]  # settings -> one Run a round
+    ceilings: list[float]  # chars/s, one a round
+    alone: list[float]  # the scheduler alone, chars/s, one a round
+
+
+def measure(args: argparse.Namespace) -> Rounds:
+    """Every server started, warmed up, then the ceiling, the scheduler alone and each server, in rounds."""
+    servers = {spec: server_for(spec, args.port + i, args.variant) for i, spec in enumerate(args.settings)}
     os.nice(args.client_nice)  # after the servers started: they keep the default priority
-    runs: dict[str, list[Run]] = {spec: [] for spec in servers}
-    ceilings: list[float] = []
-    alone: list[float] = []
+    rounds = Rounds({spec: [] for spec in servers}, [], [])
+    model = model_file(args.variant)
     try:
         for server in servers.values():
             uvloop.run(run_streams(server.port, 100))  # warm-up
         for _ in range(args.rounds):
-            ceilings.append(serving.ceiling(args.streams, 300))
-            alone.append(scheduler_alone(args.chars, args.streams))
+            rounds.ceilings.append(serving.ceiling(args.streams, 300, model))
+            rounds.alone.append(scheduler_alone(args.chars, args.streams, model))
             for spec, server in servers.items():
-                runs[spec].append(measured_run(server, args.chars, args.streams))
+                rounds.runs[spec].append(measured_run(server, args.chars, args.streams))
     finally:
         for server in servers.values():
             server.stop()
-    ceiling = statistics.median(ceilings)
+    return rounds
+
+
+def row(spec: str, results: list[Run], ceiling: float, step_ms: float) -> dict[str, Any]:
+    """One server's medians over the rounds, and what they make of the targets."""
+    rate = statistics.median(r.chars_per_s for r in results)
+    p99 = statistics.median(float(np.percentile(r.gaps, 99)) for r in results) * 1e3
+    # The server's CPU outside onnxruntime (the step thread's Python, the event loop, framing,
+    # sends), per frame delivered; almost all of it runs under the one GIL. At 0.9 of the
+    # ceiling the same frame size needs this many cores of it: above 1, one process cannot.
+    outside_us = statistics.median(
+        (r.server_cores - r.step_ort_ms / r.step_period_ms) / r.frames_per_s * 1e6 for r in results
+    )
+    frames_per_char = statistics.median(r.frames_per_s / r.chars_per_s for r in results)
+    client_us = statistics.median(r.client_cores / r.frames_per_s * 1e6 for r in results)
+    return {
+        "settings": spec,
+        "chars_per_s": rate,
+        "vs_ceiling": rate / ceiling,
+        "p99_gap_ms": p99,
+        "p99_gap_vs_step": p99 / step_ms,
+        "server_cores": statistics.median(r.server_cores for r in results),
+        "client_cores": statistics.median(r.client_cores for r in results),
+        "step_period_ms": statistics.median(r.step_period_ms for r in results),
+        "step_ort_ms": statistics.median(r.step_ort_ms for r in results),
+        "chars_per_frame": 1 / frames_per_char,
+        "server_us_per_frame": outside_us,
+        "client_us_per_frame": client_us,
+        "python_cores_at_target": outside_us * frames_per_char * TARGET * ceiling / 1e6,
+        # onnxruntime busy TARGET of the time at the ceiling's step, plus the server's other
+        # work and the clients' at the frames that rate makes: against the machine's cores.
+        "cores_at_target": TARGET + (outside_us + client_us) * frames_per_char * TARGET * ceiling / 1e6,
+    }
+
+
+HEADERS = [
+    "settings",
+    "chars/s",
+    "vs ceiling",
+    "p99 gap ms",
+    "p99 gap / step",
+    "server cores",
+    "client cores",
+    "step every ms",
+    "of it onnxruntime ms",
+    "chars per frame",
+    "server us/frame outside onnxruntime",
+    "client us/frame",
+    f"server Python cores needed at {TARGET}",
+    f"all cores needed at {TARGET}",
+]
+
+
+def main() -> None:
+    args = parse_args()
+    rounds = measure(args)
+    ceiling = statistics.median(rounds.ceilings)
     step_ms = args.streams / ceiling * 1e3
-    rows: list[dict[str, Any]] = []
-    for spec, results in runs.items():
-        rate = statistics.median(r.chars_per_s for r in results)
-        p99 = statistics.median(float(np.percentile(r.gaps, 99)) for r in results) * 1e3
-        # The server's CPU outside onnxruntime (the step thread's Python, the event loop, framing,
-        # sends), per frame delivered; almost all of it runs under the one GIL. At 0.9 of the
-        # ceiling the same frame size needs this many cores of it: above 1, one process cannot.
-        outside_us = statistics.median(
-            (r.server_cores - r.step_ort_ms / r.step_period_ms) / r.frames_per_s * 1e6 for r in results
-        )
-        frames_per_char = statistics.median(r.frames_per_s / r.chars_per_s for r in results)
-        client_us = statistics.median(r.client_cores / r.frames_per_s * 1e6 for r in results)
-        rows.append(
-            {
-                "settings": spec,
-                "chars_per_s": rate,
-                "vs_ceiling": rate / ceiling,
-                "p99_gap_ms": p99,
-                "p99_gap_vs_step": p99 / step_ms,
-                "server_cores": statistics.median(r.server_cores for r in results),
-                "client_cores": statistics.median(r.client_cores for r in results),
-                "step_period_ms": statistics.median(r.step_period_ms for r in results),
-                "step_ort_ms": statistics.median(r.step_ort_ms for r in results),
-                "chars_per_frame": 1 / frames_per_char,
-                "server_us_per_frame": outside_us,
-                "client_us_per_frame": client_us,
-                "python_cores_at_target": outside_us * frames_per_char * TARGET * ceiling / 1e6,
-                # onnxruntime busy TARGET of the time at the ceiling's step, plus the server's other
-                # work and the clients' at the frames that rate makes: against the machine's cores.
-                "cores_at_target": TARGET + (outside_us + client_us) * frames_per_char * TARGET * ceiling / 1e6,
-            }
-        )
-    scheduler_rate = statistics.median(alone)
+    rows = [row(spec, results, ceiling, step_ms) for spec, results in rounds.runs.items()]
+    scheduler_rate = statistics.median(rounds.alone)
     print(
         f"{args.streams} WebSocket streams, bundled model {args.variant}; ceiling at batch {args.streams}: "
         f"{ceiling:,.0f} chars/s"
@@ -228,27 +259,7 @@ def main() -> None:
         f"{scheduler_rate / ceiling:.2f} of the ceiling"
     )
     print(f"(one step of {args.streams} every {step_ms:.2f} ms); targets: >= {TARGET} of it, p99 gap <= 2 steps")
-    print(
-        table(
-            [
-                "settings",
-                "chars/s",
-                "vs ceiling",
-                "p99 gap ms",
-                "p99 gap / step",
-                "server cores",
-                "client cores",
-                "step every ms",
-                "of it onnxruntime ms",
-                "chars per frame",
-                "server us/frame outside onnxruntime",
-                "client us/frame",
-                f"server Python cores needed at {TARGET}",
-                f"all cores needed at {TARGET}",
-            ],
-            [list(r.values()) for r in rows],
-        )
-    )
+    print(table(HEADERS, [list(r.values()) for r in rows]))
     path = write_results(
         args.name,
         {

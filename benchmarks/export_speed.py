@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -46,35 +47,17 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def main() -> None:
-    # One run read top to bottom (arguments, the runs side by side, the table, the results file):
-    # its steps share the run's servers and numbers, so they stay in one function.
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=str(REPO / "exports" / "shakespeare-lstm"))
-    parser.add_argument("--checkpoint", default=str(REPO / "runs" / "shakespeare-lstm" / "best.pt"))
-    parser.add_argument("--runs", type=int, default=2000, help="timed calls per candidate, over all rounds")
-    parser.add_argument("--rounds", type=int, default=10)
-    args = parser.parse_args()
-    folder = Path(args.model)
-    manifest = json.loads((folder / contract.MANIFEST_NAME).read_text())
-    torch.set_num_threads(1)
-
-    fp32 = session(folder / "model.onnx")
-    int8 = session(folder / "model.int8.onnx")
-    layers, hidden = manifest["num_layers"], manifest["hidden_size"]
-    n_state = 2 if manifest["cell"] == "lstm" else 1
-    names = ["tokens", "h", "c"][: 1 + n_state]
-    state = [np.zeros((layers, 1, hidden), np.float32) for _ in range(n_state)]
-    feed = dict(zip(names, [np.zeros((1, 1), np.int64), *state], strict=True))
-
-    # Candidates are timed in interleaved rounds and each keeps the median of its round medians,
-    # so machine noise (this step is memory-bound: every weight is read per character) hits all alike.
+def step_candidates(
+    fp32: ort.InferenceSession, int8: ort.InferenceSession, manifest: dict[str, Any], checkpoint: Path
+) -> dict[str, Callable[[], object]]:
+    """One batch-1 step of each candidate: onnxruntime fp32 and int8, and torch eager where the checkpoint is."""
+    feed = dict(zip(input_names(manifest), [np.zeros((1, 1), np.int64), *zero_state(manifest)], strict=True))
     candidates: dict[str, Callable[[], object]] = {
         "onnxruntime fp32 step, batch 1": lambda: fp32.run(None, feed),
         "onnxruntime int8 step, batch 1": lambda: int8.run(None, feed),
     }
-    if Path(args.checkpoint).exists():
-        model, _, _ = load_model(args.checkpoint)
+    if checkpoint.exists():
+        model, _, _ = load_model(checkpoint)
         tok = torch.zeros((1, 1), dtype=torch.long)
         st = model.init_state(1)
 
@@ -88,20 +71,39 @@ def main() -> None:
 
         candidates["torch eager step (default), batch 1"] = torch_step
         candidates["torch eager step (mkldnn off), batch 1"] = torch_step_no_mkldnn
-    rounds: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(args.rounds):
-        for name, fn in candidates.items():
-            rounds[name].append(median_us(fn, args.runs // args.rounds, warmup=10))
-    timed = {name: statistics.median(v) for name, v in rounds.items()}
-    rows: list[dict[str, object]] = [{"what": k, "us": v} for k, v in timed.items()]
-    ort_fp32, ort_int8 = timed["onnxruntime fp32 step, batch 1"], timed["onnxruntime int8 step, batch 1"]
-    torch_rows = {
-        "default": timed.get("torch eager step (default), batch 1", float("nan")),
-        "mkldnn off": timed.get("torch eager step (mkldnn off), batch 1", float("nan")),
-    }
+    return candidates
 
+
+def input_names(manifest: dict[str, Any]) -> list[str]:
+    return ["tokens", "h", "c"][: 1 + n_states(manifest)]
+
+
+def n_states(manifest: dict[str, Any]) -> int:
+    return 2 if manifest["cell"] == "lstm" else 1
+
+
+def zero_state(manifest: dict[str, Any]) -> list[np.ndarray]:
+    shape = (manifest["num_layers"], 1, manifest["hidden_size"])
+    return [np.zeros(shape, np.float32) for _ in range(n_states(manifest))]
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], runs: int, rounds: int) -> dict[str, float]:
+    """Each candidate's median of its round medians, in microseconds.
+
+    Candidates are timed in interleaved rounds, so machine noise (this step is memory-bound:
+    every weight is read per character) hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            times[name].append(median_us(fn, runs // rounds, warmup=10))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def prime_us(fp32: ort.InferenceSession, manifest: dict[str, Any]) -> tuple[float, float]:
+    """Microseconds to prime a 1,000-character prompt: one seq=1000 call, and 1,000 seq=1 calls."""
+    names = input_names(manifest)
     prompt = np.random.default_rng(0).integers(0, manifest["vocab_size"], (1, 1000)).astype(np.int64)
-    state0 = [np.zeros((layers, 1, hidden), np.float32) for _ in range(n_state)]
+    state0 = zero_state(manifest)
 
     def prime_once() -> None:
         fp32.run(None, dict(zip(names, [prompt, *state0], strict=True)))
@@ -112,24 +114,10 @@ def main() -> None:
             out = fp32.run(None, dict(zip(names, [prompt[:, t : t + 1], *st], strict=True)))
             st = out[1:]
 
-    prime_one = median_us(prime_once, 30, warmup=3)
-    prime_steps = median_us(prime_stepwise, 5, warmup=1)
-    rows.append({"what": "prime 1,000 chars: one seq=1000 call", "us": prime_one})
-    rows.append({"what": "prime 1,000 chars: 1,000 seq=1 calls", "us": prime_steps})
+    return median_us(prime_once, 30, warmup=3), median_us(prime_stepwise, 5, warmup=1)
 
-    v32, v8 = manifest["variants"]["fp32"], manifest["variants"].get("int8", {})
-    ratios = {
-        "ort_vs_torch_default": torch_rows["default"] / ort_fp32,
-        "ort_vs_torch_mkldnn_off": torch_rows["mkldnn off"] / ort_fp32,
-        "ort_int8_vs_torch_mkldnn_off": torch_rows["mkldnn off"] / ort_int8,
-        "int8_smaller": v32["bytes"] / v8["bytes"] if v8 else float("nan"),
-        "int8_faster": ort_fp32 / ort_int8,
-        "int8_val_loss_change": v8.get("val_loss_change"),
-        "prime_one_call_faster": prime_steps / prime_one,
-    }
-    print(f"model {folder.name}: {manifest['cell']} {layers}x{hidden}, one thread")
-    print(table(["measurement", "microseconds"], [[r["what"], r["us"]] for r in rows]))
-    print()
+
+def print_ratios(ratios: dict[str, Any]) -> None:
     print(
         table(
             ["ratio", "value", "target"],
@@ -144,6 +132,44 @@ def main() -> None:
             ],
         )
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=str(REPO / "exports" / "shakespeare-lstm"))
+    parser.add_argument("--checkpoint", default=str(REPO / "runs" / "shakespeare-lstm" / "best.pt"))
+    parser.add_argument("--runs", type=int, default=2000, help="timed calls per candidate, over all rounds")
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    folder = Path(args.model)
+    manifest = json.loads((folder / contract.MANIFEST_NAME).read_text())
+    torch.set_num_threads(1)
+
+    fp32 = session(folder / "model.onnx")
+    candidates = step_candidates(fp32, session(folder / "model.int8.onnx"), manifest, Path(args.checkpoint))
+    timed = interleaved(candidates, args.runs, args.rounds)
+    rows: list[dict[str, object]] = [{"what": k, "us": v} for k, v in timed.items()]
+    ort_fp32, ort_int8 = timed["onnxruntime fp32 step, batch 1"], timed["onnxruntime int8 step, batch 1"]
+    torch_default = timed.get("torch eager step (default), batch 1", float("nan"))
+    torch_no_mkldnn = timed.get("torch eager step (mkldnn off), batch 1", float("nan"))
+    prime_one, prime_steps = prime_us(fp32, manifest)
+    rows.append({"what": "prime 1,000 chars: one seq=1000 call", "us": prime_one})
+    rows.append({"what": "prime 1,000 chars: 1,000 seq=1 calls", "us": prime_steps})
+
+    v32, v8 = manifest["variants"]["fp32"], manifest["variants"].get("int8", {})
+    ratios = {
+        "ort_vs_torch_default": torch_default / ort_fp32,
+        "ort_vs_torch_mkldnn_off": torch_no_mkldnn / ort_fp32,
+        "ort_int8_vs_torch_mkldnn_off": torch_no_mkldnn / ort_int8,
+        "int8_smaller": v32["bytes"] / v8["bytes"] if v8 else float("nan"),
+        "int8_faster": ort_fp32 / ort_int8,
+        "int8_val_loss_change": v8.get("val_loss_change"),
+        "prime_one_call_faster": prime_steps / prime_one,
+    }
+    print(f"model {folder.name}: {manifest['cell']} {manifest['num_layers']}x{manifest['hidden_size']}, one thread")
+    print(table(["measurement", "microseconds"], [[r["what"], r["us"]] for r in rows]))
+    print()
+    print_ratios(ratios)
     path = write_results("export_speed", {"model": folder.name, "rows": rows, "ratios": ratios})
     print(f"results: {path}")
 

@@ -23,11 +23,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.common import table, write_results
+from benchmarks.common import SERVE, ServerProcess, free_port, table, write_results
 from service.sessions.redis_store import RedisSessionStore
 from service.sessions.store import Session
 from tests.redis_sentinel import SentinelGroup, wait_for
-from tests.utils import free_port, serve_process
 
 BODY = {"max_new_chars": 4, "temperature": 0.8}
 
@@ -95,14 +94,17 @@ def failovers(folder: Path, wait: int, runs: int, clients: int) -> list[dict[str
     for run in range(runs):
         group = SentinelGroup(folder / f"w{wait}r{run}", replicas=2).start()
         try:
+            port = free_port()
             env = {
+                "CHARSTREAM_HOST": "127.0.0.1",
+                "CHARSTREAM_PORT": str(port),
                 "CHARSTREAM_SESSION_STORE": group.url,
                 "CHARSTREAM_REDIS_WAIT_REPLICAS": str(wait),
                 "CHARSTREAM_LEASE_TTL_S": "1",
                 "CHARSTREAM_LOG_JSON": "false",
             }
-            with serve_process(folder / f"server-w{wait}r{run}.log", free_port(), **env) as server:
-                results.append({"wait_replicas": wait, **asyncio.run(one_run(server.base_url, group, clients))})
+            with ServerProcess(SERVE, port, env=env, log=folder / f"server-w{wait}r{run}.log") as server:
+                results.append({"wait_replicas": wait, **asyncio.run(one_run(server.base, group, clients))})
         finally:
             group.stop()
     return results

@@ -18,8 +18,7 @@ import httpx
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from benchmarks.common import table, write_results
-from tests.utils import serve_process
+from benchmarks.common import SERVE, ServerProcess, free_port, table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 # A real traceback, not a fuzzed path that happens to hold the word.
@@ -34,87 +33,99 @@ def _positions(text: str, needle: str) -> list[int]:
     return found
 
 
-def main() -> None:
-    # One run read top to bottom (arguments, the runs side by side, the table, the results file):
-    # its steps share the run's servers and numbers, so they stay in one function.
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=300, help="examples per operation")
-    args = parser.parse_args()
-    statuses: Counter[int] = Counter()
-    failures: list[str] = []
-    hung = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "server.log"
-        env = {
-            "CHARSTREAM_MODELS_DIR": str(REPO / "exports"),
-            "CHARSTREAM_MAX_NEW_CHARS": "300",
-            "CHARSTREAM_MAX_PROMPT_CHARS": "2000",
-            "CHARSTREAM_LOG_JSON": "false",
-        }
-        with serve_process(log, None, **env) as server:
-            schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
-            operations: list[Any] = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
-            t0 = time.perf_counter()
-            for operation in operations:
-                label = operation.label
+class Findings:
+    """What the fuzzed requests met: answers by status, findings of the schema checks, requests that hung."""
 
-                @given(case=operation.as_strategy())
-                @settings(
-                    max_examples=args.examples,
-                    deadline=None,
-                    suppress_health_check=list(HealthCheck),
-                    database=None,
-                )
-                def fuzz(case: schemathesis.Case[Any]) -> None:
-                    nonlocal hung
-                    try:
-                        response = case.call(timeout=60)
-                    except httpx.TimeoutException:
-                        hung += 1
-                        return
-                    statuses[response.status_code] += 1
-                    try:
-                        case.validate_response(response)
-                    except (KeyboardInterrupt, SystemExit):
-                        raise
-                    except BaseException as exc:  # a finding (an exception group): recorded, the run goes on
-                        failures.append(f"{label}: {str(exc).splitlines()[0]}")  # noqa: B023 (run at once)
+    def __init__(self) -> None:
+        self.statuses: Counter[int] = Counter()
+        self.failures: list[str] = []
+        self.hung = 0
 
-                fuzz()
-            wall = time.perf_counter() - t0
-            with httpx.Client(base_url=server.base_url) as c:
-                metrics = c.get("/metrics").text
-            busy = next(float(x.split()[1]) for x in metrics.splitlines() if x.startswith("charstream_sessions_busy "))
-            running = sum(
-                float(x.split()[1]) for x in metrics.splitlines() if x.startswith("charstream_active_generations{")
-            )
-        server_log = log.read_text()
-        tracebacks = server_log.count(TRACEBACK)
-        excerpts = [server_log[i : i + 3000] for i in _positions(server_log, TRACEBACK)][:5]
-    total = sum(statuses.values())
-    result: dict[str, Any] = {
+    def fuzz(self, operation: Any, examples: int) -> None:
+        """`examples` cases of one operation, each sent and its answer checked against the schema."""
+        label = operation.label
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def fuzz(case: schemathesis.Case[Any]) -> None:
+            try:
+                response = case.call(timeout=60)
+            except httpx.TimeoutException:
+                self.hung += 1
+                return
+            self.statuses[response.status_code] += 1
+            try:
+                case.validate_response(response)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # a finding (an exception group): recorded, the run goes on
+                self.failures.append(f"{label}: {str(exc).splitlines()[0]}")
+
+        fuzz()
+
+
+def left_running(base: str) -> tuple[float, float]:
+    """Sessions left leased and generations left running, from the server's /metrics."""
+    with httpx.Client(base_url=base) as c:
+        metrics = c.get("/metrics").text.splitlines()
+    busy = next(float(x.split()[1]) for x in metrics if x.startswith("charstream_sessions_busy "))
+    running = sum(float(x.split()[1]) for x in metrics if x.startswith("charstream_active_generations{"))
+    return busy, running
+
+
+def run(examples: int, log: Path) -> dict[str, Any]:
+    """Every operation of the server's schema fuzzed, then what it left behind and what its log holds."""
+    port = free_port()
+    env = {
+        "CHARSTREAM_HOST": "127.0.0.1",
+        "CHARSTREAM_PORT": str(port),
+        "CHARSTREAM_MODELS_DIR": str(REPO / "exports"),
+        "CHARSTREAM_MAX_NEW_CHARS": "300",
+        "CHARSTREAM_MAX_PROMPT_CHARS": "2000",
+        "CHARSTREAM_LOG_JSON": "false",
+    }
+    found = Findings()
+    with ServerProcess(SERVE, port, env=env, log=log) as server:
+        schema = schemathesis.openapi.from_url(f"{server.base}/openapi.json")
+        operations: list[Any] = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
+        t0 = time.perf_counter()
+        for operation in operations:
+            found.fuzz(operation, examples)
+        wall = time.perf_counter() - t0
+        busy, running = left_running(server.base)
+    server_log = log.read_text()
+    statuses = found.statuses
+    return {
         "operations": len(operations),
-        "requests": total,
+        "requests": sum(statuses.values()),
         "seconds": wall,
         "statuses": dict(sorted(statuses.items())),
         "server_errors_5xx": sum(n for s, n in statuses.items() if s >= 500 and s != 503),
-        "hung": hung,
-        "tracebacks": tracebacks,
+        "hung": found.hung,
+        "tracebacks": server_log.count(TRACEBACK),
         "leased_after": busy,
         "running_after": running,
-        "findings": sorted(set(failures)),
-        "traceback_excerpts": excerpts,
+        "findings": sorted(set(found.failures)),
+        "traceback_excerpts": [server_log[i : i + 3000] for i in _positions(server_log, TRACEBACK)][:5],
     }
-    print(table(["status", "answers"], sorted(statuses.items())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=300, help="examples per operation")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(args.examples, Path(tmp) / "server.log")
+    print(table(["status", "answers"], list(result["statuses"].items())))
     print(
-        f"\n{total:,} requests over {len(operations)} operations in {wall:.0f} s: "
-        f"5xx (other than 503) {result['server_errors_5xx']}, hung {hung}, tracebacks {tracebacks}, "
-        f"sessions left leased {busy:.0f}, generations left running {running:.0f}, "
-        f"schema findings {len(result['findings'])}"
+        f"\n{result['requests']:,} requests over {result['operations']} operations in {result['seconds']:.0f} s: "
+        f"5xx (other than 503) {result['server_errors_5xx']}, hung {result['hung']}, "
+        f"tracebacks {result['tracebacks']}, sessions left leased {result['leased_after']:.0f}, "
+        f"generations left running {result['running_after']:.0f}, schema findings {len(result['findings'])}"
     )
     for finding in result["findings"][:20]:
         print("  ", finding)
-    for excerpt in excerpts:
+    for excerpt in result["traceback_excerpts"]:
         print(excerpt)
     print(f"wrote {write_results('fuzz', result)}")
 

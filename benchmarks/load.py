@@ -30,28 +30,14 @@ from typing import Any
 
 import httpx
 import numpy as np
-import psutil
 import uvloop
 
 from benchmarks import ws_client
-from benchmarks.common import table, write_results
-from benchmarks.serving import REPO, ServerProcess
+from benchmarks.common import ServerProcess, start_charstream, table, write_results
 from tests.redis_server import RedisServer
 
 ACTIVE_BESIDE_IDLE = 64
 SESSIONS_FOR_MEMORY = 2000
-
-
-def _processes(server: ServerProcess) -> list[psutil.Process]:
-    return [server.ps, *server.ps.children(recursive=True)]
-
-
-def server_rss(server: ServerProcess) -> int:
-    return sum(p.memory_info().rss for p in _processes(server))
-
-
-def server_fds(server: ServerProcess) -> int:
-    return sum(p.num_fds() for p in _processes(server))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -96,13 +82,13 @@ def summarize(results: list[tuple[float, list[float]]], errors: Counter[str], wa
 def run_streams(server: ServerProcess, count: int, chars: int) -> dict[str, Any]:
     results, errors, wall = uvloop.run(_streams(server.port, count, chars))
     out = summarize(results, errors, wall)
-    out.update(server_rss_mb=server_rss(server) / 2**20, server_fds=server_fds(server))
+    out.update(server_rss_mb=server.rss() / 2**20, server_fds=server.fds())
     return out
 
 
 async def _with_idle(server: ServerProcess, idle: int, chars: int) -> dict[str, Any]:
     """Open `idle` WebSocket connections, run the active streams beside them, then close them."""
-    rss0, fds0 = server_rss(server), server_fds(server)
+    rss0, fds0 = server.rss(), server.fds()
     opened: list[Any] = []
     failed = 0
     from websockets.asyncio.client import connect
@@ -116,7 +102,7 @@ async def _with_idle(server: ServerProcess, idle: int, chars: int) -> dict[str, 
 
     for start in range(0, idle, 500):  # in waves: a burst of 10,000 handshakes is its own test
         await asyncio.gather(*(open_one() for _ in range(min(500, idle - start))))
-    held_rss, held_fds = server_rss(server), server_fds(server)
+    held_rss, held_fds = server.rss(), server.fds()
     results, errors, wall = await _streams(server.port, ACTIVE_BESIDE_IDLE, chars)
     still_open = sum(1 for ws in opened if ws.state.name == "OPEN")
     await asyncio.gather(*(ws.close() for ws in opened), return_exceptions=True)
@@ -138,10 +124,10 @@ def session_memory(server: ServerProcess, sessions: int) -> dict[str, float]:
     and the server's own account of a record (sessions made with a short prompt)."""
     with httpx.Client(base_url=server.base, timeout=60) as client:
         client.post("/v1/sessions", json={"prompt": "warm"}).raise_for_status()
-        before = server_rss(server)
+        before = server.rss()
         for _ in range(sessions):
             client.post("/v1/sessions", json={"prompt": "A"}).raise_for_status()
-        rss = (server_rss(server) - before) / sessions
+        rss = (server.rss() - before) / sessions
         metrics = client.get("/metrics").text.splitlines()
     held = next(float(line.split()[1]) for line in metrics if line.startswith("charstream_sessions "))
     accounted = next(float(line.split()[1]) for line in metrics if line.startswith("charstream_session_memory_bytes "))
@@ -174,7 +160,7 @@ def main() -> None:
                 }
                 if workers > 1:
                     env["CHARSTREAM_SESSION_STORE"] = redis.url
-                server = ServerProcess(args.port, REPO, **env)
+                server = start_charstream(args.port, **env)
                 try:
                     run_streams(server, 16, args.chars)  # warm-up: first connections pay for imports
                     # Before the big runs: memory they free would be reused by new sessions, unseen in RSS.

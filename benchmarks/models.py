@@ -22,10 +22,9 @@ from typing import Any
 import uvloop
 
 from benchmarks import delivery, serving
-from benchmarks.common import table, write_results
+from benchmarks.common import start_charstream, table, write_results
 from exports import contract
 from service.core.engine import Engine
-from service.serving.registry import VARIANT_FILES
 from service.settings import load_settings
 
 VARIANTS = ("fp32", "int8")
@@ -60,12 +59,7 @@ def main() -> None:
     manifests = {f: json.loads((f / contract.MANIFEST_NAME).read_text()) for f in folders}
     cases = [(f, v) for f in folders for v in VARIANTS]
     servers = {
-        case: serving.ServerProcess(
-            args.port + i,
-            CHARSTREAM_MODELS_DIR=str(case[0].parent),
-            CHARSTREAM_DEFAULT_MODEL=case[0].name,
-            CHARSTREAM_VARIANT=case[1],
-        )
+        case: start_charstream(args.port + i, models_dir=case[0].parent, model=case[0].name, variant=case[1])
         for i, case in enumerate(cases)
     }
     measured: dict[tuple[Path, str], dict[str, list[float]]] = {c: {"step": [], "ceiling": [], "ws": []} for c in cases}
@@ -74,7 +68,7 @@ def main() -> None:
             uvloop.run(delivery.run_streams(server.port, 100))  # warm-up
         for _ in range(args.rounds):
             for case, server in servers.items():
-                path = case[0] / VARIANT_FILES[case[1]]
+                path = case[0] / contract.VARIANT_FILES[case[1]]
                 measured[case]["step"].append(step_us(path, 2000))
                 measured[case]["ceiling"].append(serving.ceiling(delivery.STREAMS, 300, path))
                 measured[case]["ws"].append(uvloop.run(delivery.run_streams(server.port, args.chars))[0])

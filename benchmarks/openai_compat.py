@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import uvloop
 
-from benchmarks.common import table, write_results
-from benchmarks.serving import MODEL, VARIANT, ServerProcess, _own_cpu_seconds, sse_stream, summarize
+from benchmarks.common import MODEL, VARIANT, ServerProcess, own_cpu_seconds, start_charstream, table, write_results
+from benchmarks.serving import sse_stream, summarize
 
 TARGET = 0.9
 
@@ -55,7 +55,7 @@ def run_load(server: ServerProcess, route: str, streams: int, chars: int) -> dic
             res = await asyncio.gather(*(one(client, chars, i) for i in range(streams)))
             return list(res), time.perf_counter() - t0
 
-    cpu0, client0 = server.cpu_seconds(), _own_cpu_seconds()
+    cpu0, client0 = server.cpu_seconds(), own_cpu_seconds()
     results, wall = uvloop.run(go())
     out = summarize(results, wall)
     expected = streams * chars
@@ -63,7 +63,7 @@ def run_load(server: ServerProcess, route: str, streams: int, chars: int) -> dic
     if got != expected:
         raise RuntimeError(f"{route}: {got} characters arrived, {expected} were asked for")
     out["server_cpu_pct"] = 100 * (server.cpu_seconds() - cpu0) / wall
-    out["client_cpu_pct"] = 100 * (_own_cpu_seconds() - client0) / wall
+    out["client_cpu_pct"] = 100 * (own_cpu_seconds() - client0) / wall
     out["server_cpu_us_per_char"] = 1e6 * (server.cpu_seconds() - cpu0) / got
     return out
 
@@ -80,7 +80,7 @@ def main() -> None:
     levels = [int(x) for x in args.streams.split(",")]
     routes = ("native", "completions")
 
-    server = ServerProcess(args.port)
+    server = start_charstream(args.port)
     try:
         for route in routes:  # first connections and steps pay for imports and buffers: not measured
             run_load(server, route, 8, 200)

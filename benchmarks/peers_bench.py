@@ -23,25 +23,29 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import resource
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
-import psutil
 import uvloop
 
 from benchmarks import ws_client
-from benchmarks.common import save_figure, table, write_results
+from benchmarks.common import (
+    REPO,
+    SERVE,
+    ServerProcess,
+    median_of_runs,
+    own_cpu_seconds,
+    save_figure,
+    table,
+    write_results,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 HISTORY_CHARS = 10_000
 Result = tuple[float, list[float]]  # when the request was sent, and the arrival time of every character
@@ -50,60 +54,8 @@ Result = tuple[float, list[float]]  # when the request was sent, and the arrival
 # -- servers, each a process group of its own --------------------------------------------------------
 
 
-class ServerProcess:
-    def __init__(self, name: str, command: list[str], port: int, ready_path: str, env: dict[str, str]) -> None:
-        self.name = name
-        self.port = port
-        self.ready_path = ready_path
-        self.base = f"http://127.0.0.1:{port}"
-        # A session of its own: LitServe starts worker processes, and stop() ends the whole group.
-        self.proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(self.base + ready_path, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"{name} did not become ready")
-            time.sleep(0.2)
-        self.ps = psutil.Process(self.proc.pid)
-
-    def cpu_seconds(self) -> float:
-        """CPU time of the server and every process it started (LitServe: API server and worker)."""
-        total = 0.0
-        for p in [self.ps, *self.ps.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """The whole group stopped (SIGSTOP) while another server is measured, resumed after."""
-        os.killpg(self.proc.pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            os.killpg(self.proc.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        with contextlib.suppress(ProcessLookupError):  # workers that outlived their parent
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def start_charstream(models_dir: Path, model: str, port: int) -> ServerProcess:
+def start_grouped_charstream(models_dir: Path, model: str, port: int) -> ServerProcess:
+    """charstream in a process group of its own, as the peer is, with the limits this comparison needs."""
     env = {
         "CHARSTREAM_MODELS_DIR": str(models_dir),
         "CHARSTREAM_DEFAULT_MODEL": model,
@@ -112,12 +64,13 @@ def start_charstream(models_dir: Path, model: str, port: int) -> ServerProcess:
         "CHARSTREAM_MAX_NEW_CHARS": "100000",
         "CHARSTREAM_MAX_PROMPT_CHARS": "100000",
     }
-    return ServerProcess("charstream", [sys.executable, "-m", "service"], port, "/readyz", env)
+    return ServerProcess(SERVE, port, env=env, own_group=True, ready_timeout_s=120)
 
 
 def start_peer(model_file: Path, port: int, *options: str) -> ServerProcess:
+    """The LitServe peer: a group of its own, as it starts worker processes that stop() must end too."""
     command = [sys.executable, "-m", "benchmarks.peers.litserve_server", str(model_file), "--port", str(port), *options]
-    return ServerProcess("litserve", command, port, "/health", {})
+    return ServerProcess(command, port, name="litserve", ready_path="/health", own_group=True, ready_timeout_s=120)
 
 
 # -- clients ---------------------------------------------------------------------------------------
@@ -188,7 +141,7 @@ def run_load(kind: str, server: ServerProcess, streams: int, chars: int) -> dict
             results = await asyncio.gather(*tasks)
             return list(results), time.perf_counter() - t0
 
-    cpu0, client0 = server.cpu_seconds(), _own_cpu_seconds()
+    cpu0, client0 = server.cpu_seconds(), own_cpu_seconds()
     results, wall = uvloop.run(go())
     total = sum(len(a) for _, a in results)
     if total != streams * chars:
@@ -198,17 +151,8 @@ def run_load(kind: str, server: ServerProcess, streams: int, chars: int) -> dict
         "ttfc_p50_ms": statistics.median(a[0] - t0 for t0, a in results) * 1e3,
         "ttfc_max_ms": max(a[0] - t0 for t0, a in results) * 1e3,
         "server_cpu_pct": 100 * (server.cpu_seconds() - cpu0) / wall,
-        "client_cpu_pct": 100 * (_own_cpu_seconds() - client0) / wall,
+        "client_cpu_pct": 100 * (own_cpu_seconds() - client0) / wall,
     }
-
-
-def _own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _median(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def first_char_ms(request: Callable[[], Result], repeats: int) -> float:
@@ -230,9 +174,16 @@ def idle_cpu_pct(server: ServerProcess, seconds: float) -> float:
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    # One run read top to bottom (arguments, the runs side by side, the table, the results file):
-    # its steps share the run's servers and numbers, so they stay in one function.
+KINDS = ("sse", "ws", "peer")  # charstream's SSE and WebSocket routes, and the peer's streaming
+
+
+class Runs(NamedTuple):
+    load: dict[str, dict[int, list[dict[str, float]]]]  # kind -> streams -> each round's run_load
+    ttfc: dict[str, list[float]]  # case -> each round's first-character ms
+    idle_cpu_pct: dict[str, float]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", default=str(REPO / "exports"))
     parser.add_argument("--model", default="shakespeare-lstm")
@@ -246,21 +197,27 @@ def main() -> None:
     parser.add_argument("--peer-batch-timeout", type=float, default=0.01, help="LitServe's batch_timeout (s)")
     parser.add_argument("--name", default="peers", help="results file name")
     parser.add_argument("--plot", default=str(DOCS / "peers.png"))
-    args = parser.parse_args()
-    models_dir = Path(args.models_dir)
-    levels = [int(x) for x in args.streams.split(",")]
-    history = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:HISTORY_CHARS]
-    kinds = ("sse", "ws", "peer")
+    return parser.parse_args()
 
-    charstream = start_charstream(models_dir, args.model, 8941)
-    peer = start_peer(
-        models_dir / args.model / "model.onnx",
-        8942,
-        "--max-batch-size",
-        str(max(2, *levels)),
-        "--batch-timeout",
-        str(args.peer_batch_timeout),
-    )
+
+def ttfc_cases(charstream: ServerProcess, peer: ServerProcess, history: str) -> dict[str, Callable[[], Result]]:
+    """The first-character requests compared; charstream's session holding `history` is made here."""
+    with httpx.Client(base_url=charstream.base, timeout=300) as c:
+        session = c.post("/v1/sessions", json={"prompt": history}).json()["id"]
+    short = {"prompt": "ROMEO:", "max_new_chars": 1}
+    return {
+        "fresh: charstream": lambda: stream_once("sse", charstream, short),
+        "fresh: litserve": lambda: stream_once("peer", peer, short),
+        "history: charstream, session continued": lambda: stream_once(
+            "sse", charstream, {"max_new_chars": 1}, f"/v1/sessions/{session}/generate"
+        ),
+        "history: litserve, re-read": lambda: stream_once("peer", peer, {"prompt": history, "max_new_chars": 1}),
+        "history: charstream, re-read": lambda: stream_once("sse", charstream, {"prompt": history, "max_new_chars": 1}),
+    }
+
+
+def measure(args: argparse.Namespace, levels: list[int], charstream: ServerProcess, peer: ServerProcess) -> Runs:
+    """Warm-up, idle CPU, then every kind at every level and every first-character case, each round."""
     servers = {"sse": charstream, "ws": charstream, "peer": peer}
 
     def quiet(kind: str) -> contextlib.AbstractContextManager[None]:
@@ -268,47 +225,30 @@ def main() -> None:
         # cores that polling would be taken from charstream, so the peer is paused meanwhile.
         return peer.paused() if kind != "peer" else contextlib.nullcontext()
 
-    try:
-        # First requests pay for imports, code paths and buffers: not measured.
-        for kind in kinds:
-            run_load(kind, servers[kind], 8, 200)
-        idle = {"charstream": idle_cpu_pct(charstream, 3), "litserve": idle_cpu_pct(peer, 3)}
-        with httpx.Client(base_url=charstream.base, timeout=300) as c:
-            session = c.post("/v1/sessions", json={"prompt": history}).json()["id"]
-        short = {"prompt": "ROMEO:", "max_new_chars": 1}
-        ttfc_cases: dict[str, Callable[[], Result]] = {
-            "fresh: charstream": lambda: stream_once("sse", charstream, short),
-            "fresh: litserve": lambda: stream_once("peer", peer, short),
-            "history: charstream, session continued": lambda: stream_once(
-                "sse", charstream, {"max_new_chars": 1}, f"/v1/sessions/{session}/generate"
-            ),
-            "history: litserve, re-read": lambda: stream_once("peer", peer, {"prompt": history, "max_new_chars": 1}),
-            "history: charstream, re-read": lambda: stream_once(
-                "sse", charstream, {"prompt": history, "max_new_chars": 1}
-            ),
-        }
-        load_runs: dict[str, dict[int, list[dict[str, float]]]] = {k: {n: [] for n in levels} for k in kinds}
-        ttfc_runs: dict[str, list[float]] = {case: [] for case in ttfc_cases}
-        for r in range(args.rounds):
-            order = kinds[r % 3 :] + kinds[: r % 3]  # who goes first changes each round
-            for n in levels:
-                for kind in order:
-                    with quiet(kind):
-                        run = run_load(kind, servers[kind], n, max(args.chars, args.level_chars // n))
-                    load_runs[kind][n].append(run)
-                    print(
-                        f"round {r + 1} {kind:>4} {n:>3} streams: {load_runs[kind][n][-1]['chars_per_s']:,.0f} chars/s"
-                    )
-            for case, request in ttfc_cases.items():
-                with quiet("peer" if "litserve" in case else "sse"):
-                    ttfc_runs[case].append(first_char_ms(request, args.repeats))
-    finally:
-        charstream.stop()
-        peer.stop()
+    # First requests pay for imports, code paths and buffers: not measured.
+    for kind in KINDS:
+        run_load(kind, servers[kind], 8, 200)
+    idle = {"charstream": idle_cpu_pct(charstream, 3), "litserve": idle_cpu_pct(peer, 3)}
+    history = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:HISTORY_CHARS]
+    cases = ttfc_cases(charstream, peer, history)
+    runs = Runs({k: {n: [] for n in levels} for k in KINDS}, {case: [] for case in cases}, idle)
+    for r in range(args.rounds):
+        order = KINDS[r % 3 :] + KINDS[: r % 3]  # who goes first changes each round
+        for n in levels:
+            for kind in order:
+                with quiet(kind):
+                    run = run_load(kind, servers[kind], n, max(args.chars, args.level_chars // n))
+                runs.load[kind][n].append(run)
+                print(f"round {r + 1} {kind:>4} {n:>3} streams: {run['chars_per_s']:,.0f} chars/s")
+        for case, request in cases.items():
+            with quiet("peer" if "litserve" in case else "sse"):
+                runs.ttfc[case].append(first_char_ms(request, args.repeats))
+    return runs
 
-    load = {kind: {n: _median(runs) for n, runs in by_n.items()} for kind, by_n in load_runs.items()}
-    ttfc = {case: statistics.median(v) for case, v in ttfc_runs.items()}
-    ratios = {
+
+def ratios(load: dict[str, dict[int, dict[str, float]]], ttfc: dict[str, float]) -> dict[str, float]:
+    levels = list(load["peer"])
+    return {
         **{f"sse_vs_litserve_{n}": load["sse"][n]["chars_per_s"] / load["peer"][n]["chars_per_s"] for n in levels},
         **{f"ws_vs_litserve_{n}": load["ws"][n]["chars_per_s"] / load["peer"][n]["chars_per_s"] for n in levels},
         "fresh_ttfc_litserve_vs_charstream": ttfc["fresh: litserve"] / ttfc["fresh: charstream"],
@@ -316,8 +256,12 @@ def main() -> None:
         / ttfc["history: charstream, session continued"],
     }
 
+
+def print_tables(report: dict[str, Any], levels: list[int]) -> None:
+    load = {"sse": report["load"]["charstream_sse"], "ws": report["load"]["charstream_ws"]}
+    load["peer"] = report["load"]["litserve"]
     print()
-    print(f"Aggregate chars/s, model {args.model} fp32 (median of {args.rounds} interleaved rounds)")
+    print(f"Aggregate chars/s, model {report['model']} fp32 (median of {report['rounds']} interleaved rounds)")
     headers = ["streams", "charstream SSE", "LitServe", "SSE / LitServe", "charstream WebSocket"]
     headers += ["ttfc p50 ms SSE", "ttfc p50 ms LitServe", "server cpu % SSE", "server cpu % LitServe"]
     rows = [
@@ -325,7 +269,7 @@ def main() -> None:
             n,
             load["sse"][n]["chars_per_s"],
             load["peer"][n]["chars_per_s"],
-            ratios[f"sse_vs_litserve_{n}"],
+            report["ratios"][f"sse_vs_litserve_{n}"],
             load["ws"][n]["chars_per_s"],
             load["sse"][n]["ttfc_p50_ms"],
             load["peer"][n]["ttfc_p50_ms"],
@@ -337,11 +281,27 @@ def main() -> None:
     print(table(headers, rows))
     print()
     print("Time to first character, one request at a time (ms)")
-    print(table(["case", "ms"], [[case, v] for case, v in ttfc.items()]))
+    print(table(["case", "ms"], [[case, v] for case, v in report["ttfc_ms"].items()]))
     print()
-    print(table(["ratio", "value"], [[k, v] for k, v in ratios.items()]))
-    print(f"idle server CPU %: {idle}")
+    print(table(["ratio", "value"], [[k, v] for k, v in report["ratios"].items()]))
+    print(f"idle server CPU %: {report['idle_cpu_pct']}")
 
+
+def main() -> None:
+    args = parse_args()
+    models_dir = Path(args.models_dir)
+    levels = [int(x) for x in args.streams.split(",")]
+    charstream = start_grouped_charstream(models_dir, args.model, 8941)
+    peer_options = ["--max-batch-size", str(max(2, *levels)), "--batch-timeout", str(args.peer_batch_timeout)]
+    peer = start_peer(models_dir / args.model / "model.onnx", 8942, *peer_options)
+    try:
+        runs = measure(args, levels, charstream, peer)
+    finally:
+        charstream.stop()
+        peer.stop()
+
+    load = {kind: {n: median_of_runs(r) for n, r in by_n.items()} for kind, by_n in runs.load.items()}
+    ttfc = {case: statistics.median(v) for case, v in runs.ttfc.items()}
     report = {
         "commit": _commit(),
         "model": args.model,
@@ -350,9 +310,10 @@ def main() -> None:
         "peer": {"server": "litserve", "max_batch_size": max(2, *levels), "batch_timeout_s": args.peer_batch_timeout},
         "load": {"charstream_sse": load["sse"], "charstream_ws": load["ws"], "litserve": load["peer"]},
         "ttfc_ms": ttfc,
-        "ratios": ratios,
-        "idle_cpu_pct": idle,
+        "ratios": ratios(load, ttfc),
+        "idle_cpu_pct": runs.idle_cpu_pct,
     }
+    print_tables(report, levels)
     print()
     print(markdown(report))
     path = write_results(args.name, report)

@@ -22,9 +22,7 @@ import numpy as np
 import uvloop
 
 from benchmarks import ws_client
-from benchmarks.common import table, write_results
-from benchmarks.serving import MODEL, MODELS_DIR, REPO, ServerProcess
-from exports.contract import VARIANT_FILES
+from benchmarks.common import MODEL, REPO, model_file, start_charstream, table, write_results
 from service.core.engine import Engine
 from service.settings import PREFILL_CHUNK
 
@@ -35,7 +33,7 @@ TARGET_GAP_MS = 100.0
 
 
 def chunk_costs(rounds: int) -> list[dict[str, float]]:
-    engine = Engine(MODELS_DIR / MODEL / VARIANT_FILES["fp32"], threads=1)
+    engine = Engine(model_file("fp32"), threads=1)
     rng = np.random.default_rng(0)
     rows = []
     for t in (1, *CHUNKS):
@@ -92,7 +90,7 @@ async def _while_prompt_is_read(port: int, prompt: str) -> dict[str, Any]:
 
 
 def server_run(chunk: int, prompt: str, port: int) -> dict[str, Any]:
-    server = ServerProcess(port, CHARSTREAM_PREFILL_CHUNK=str(chunk), CHARSTREAM_MAX_NEW_CHARS="100000")
+    server = start_charstream(port, CHARSTREAM_PREFILL_CHUNK=str(chunk), CHARSTREAM_MAX_NEW_CHARS="100000")
     try:
         return {"chunk": chunk, **uvloop.run(_while_prompt_is_read(port, prompt))}
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 import uvloop
 
 from benchmarks import ws_client
-from benchmarks.serving import REPO, ServerProcess
+from benchmarks.common import REPO, start_charstream
 
 STREAMS = 64
 
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "docs"), help="folder for the flame graph and the top list")
     args = parser.parse_args()
     out = Path(args.out)
-    server = ServerProcess(args.port, CHARSTREAM_VARIANT=args.variant)
+    server = start_charstream(args.port, variant=args.variant)
     try:
         uvloop.run(load(args.port, 3))  # warm-up
         collapsed = Path(tempfile.mkdtemp()) / "collapsed.txt"  # raw stacks: summarised below, not kept

@@ -19,8 +19,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import table, write_results
-from benchmarks.serving import ServerProcess
+from benchmarks.common import start_charstream, table, write_results
 from tests.utils import SHAKESPEARE
 
 
@@ -51,7 +50,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8873)
     args = parser.parse_args()
     corpus = SHAKESPEARE.read_text(encoding="utf-8")
-    server = ServerProcess(args.port, CHARSTREAM_VARIANT=args.variant)
+    server = start_charstream(args.port, variant=args.variant)
     firsts: list[float] = []
     repeats: list[float] = []
     same = True

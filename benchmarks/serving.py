@@ -18,11 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -30,62 +26,24 @@ from typing import Any
 
 import httpx
 import numpy as np
-import psutil
 import uvloop
 
 from benchmarks import ws_client
-from benchmarks.common import RESULTS, save_figure, table, write_results
-
-REPO = Path(__file__).resolve().parents[1]
-MODELS_DIR = REPO / "exports"
-MODEL = "shakespeare-lstm"
-VARIANT = "fp32"
-
-
-# -- a real server ---------------------------------------------------------------------------------
-
-
-class ServerProcess:
-    def __init__(self, port: int, checkout: Path = REPO, **env: str) -> None:
-        """`python -m service` from `checkout` (another checkout of this repository compares code versions)."""
-        self.port = port
-        self.base = f"http://127.0.0.1:{port}"
-        full_env = dict(os.environ)
-        full_env.update(
-            CHARSTREAM_MODELS_DIR=str(MODELS_DIR),
-            CHARSTREAM_DEFAULT_MODEL=MODEL,
-            CHARSTREAM_VARIANT=VARIANT,
-            CHARSTREAM_PORT=str(port),
-            CHARSTREAM_LOG_LEVEL="warning",
-            CHARSTREAM_MAX_SESSIONS="20000",
-            CHARSTREAM_MAX_NEW_CHARS="100000",
-            CHARSTREAM_MAX_PROMPT_CHARS="100000",
-        )
-        full_env.update(env)
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=checkout, env=full_env)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.1)
-        self.ps = psutil.Process(self.proc.pid)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-    def cpu_seconds(self) -> float:
-        t = self.ps.cpu_times()
-        return float(t.user + t.system)
-
-    def rss(self) -> int:
-        return int(self.ps.memory_info().rss)
-
+from benchmarks.common import (
+    MODEL,
+    MODELS_DIR,
+    REPO,
+    RESULTS,
+    VARIANT,
+    ServerProcess,
+    median_of_runs,
+    model_file,
+    own_cpu_seconds,
+    save_figure,
+    start_charstream,
+    table,
+    write_results,
+)
 
 # -- clients ---------------------------------------------------------------------------------------
 
@@ -109,10 +67,6 @@ async def sse_stream(client: httpx.AsyncClient, chars: int, seed: int) -> tuple[
                 now = time.perf_counter()
                 arrivals.extend([now] * len(json.loads(line[6:])["text"]))
     return t0, arrivals
-
-
-def _median(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
 def warm_up(server: ServerProcess) -> None:
@@ -150,36 +104,30 @@ def run_load(server: ServerProcess, protocol: str, streams: int, chars: int) -> 
             res = await asyncio.gather(*tasks)
             return list(res), time.perf_counter() - t0
 
-    cpu0, client0 = server.cpu_seconds(), _own_cpu_seconds()
+    cpu0, client0 = server.cpu_seconds(), own_cpu_seconds()
     # uvloop on the client side too: the client's cost per message is taken from the server's cores.
     results, wall = uvloop.run(go())
     out = summarize(results, wall)
     out["server_cpu_pct"] = 100 * (server.cpu_seconds() - cpu0) / wall
-    out["client_cpu_pct"] = 100 * (_own_cpu_seconds() - client0) / wall
+    out["client_cpu_pct"] = 100 * (own_cpu_seconds() - client0) / wall
     out["server_rss_mb"] = server.rss() / 2**20
     return out
-
-
-def _own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 # -- in-process references -------------------------------------------------------------------------
 
 
-def ceiling(batch: int, steps: int, model: Path | None = None) -> float:
+def ceiling(batch: int, steps: int, model: Path) -> float:
     """chars/s of batched onnxruntime steps + per-row sampling in one process, no server.
 
-    `model` is a graph file; by default the bundled model's file of this run's variant."""
+    `model` is a graph file (`common.model_file`)."""
     from service.core.draws import RowDraws
     from service.core.engine import Engine
     from service.core.sampling import BatchSampler
-    from service.serving.registry import VARIANT_FILES
     from service.settings import load_settings
 
     settings = load_settings()
-    engine = Engine(model or MODELS_DIR / MODEL / VARIANT_FILES[VARIANT], settings.ort_threads)
+    engine = Engine(model, settings.ort_threads)
     bound = engine.binding(batch)  # the server's step: pre-bound buffers, each step's state read in place
     # The server's sampling for a steady batch: one sampler, each row's draws from its own RNG.
     ones, zeros = np.ones(batch), np.zeros(batch, np.int64)
@@ -196,8 +144,9 @@ def ceiling(batch: int, steps: int, model: Path | None = None) -> float:
     return batch * steps / (time.perf_counter() - t0)
 
 
-def torch_eager(steps: int) -> float | None:
-    ckpt = REPO / "runs" / MODEL / "best.pt"
+def torch_eager(steps: int, model_name: str = MODEL) -> float | None:
+    """chars/s of PyTorch eager stepping one stream, from the model's checkpoint where there is one."""
+    ckpt = REPO / "runs" / model_name / "best.pt"
     if not ckpt.exists():
         return None
     import torch
@@ -263,10 +212,7 @@ def idle_memory(server: ServerProcess, sessions: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    # One run read top to bottom (arguments, the runs side by side, the table, the results file):
-    # its steps share the run's servers and numbers, so they stay in one function.
-    global MODELS_DIR, MODEL, VARIANT
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chars", type=int, default=400, help="characters per stream")
     parser.add_argument("--streams", default="1,8,32,64,128,256")
@@ -276,21 +222,22 @@ def main() -> None:
     parser.add_argument("--model", default=MODEL, help="model folder name (its checkpoint: runs/NAME/best.pt)")
     parser.add_argument("--variant", default=VARIANT, choices=["fp32", "int8"], help="which file of the model to serve")
     parser.add_argument("--name", default="serving", help="results file name")
-    args = parser.parse_args()
-    MODELS_DIR, MODEL, VARIANT = Path(args.models_dir), args.model, args.variant
-    levels = [int(x) for x in args.streams.split(",")]
-    if args.quick:
-        levels = [1, 8, 64]
-    report: dict[str, Any] = {}
+    return parser.parse_args()
 
-    report["torch_eager_chars_per_s"] = torch_eager(1000)
 
+def measure(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
+    """The ceiling and both servers' streams in interleaved rounds, then history and memory."""
+    models_dir = Path(args.models_dir)
+    graph = model_file(args.variant, args.model, models_dir)
     # Both servers run side by side (the one not measured sits idle) and the levels are measured
     # in interleaved rounds, the median kept: this machine's speed drifts by tens of percent
     # within minutes, and a ratio of two numbers taken minutes apart would measure the drift.
     port = 8931
-    batched = ServerProcess(port)
-    unbatched = ServerProcess(port + 1, CHARSTREAM_BATCHING="false")
+    batched = start_charstream(port, models_dir=models_dir, model=args.model, variant=args.variant)
+    unbatched = start_charstream(
+        port + 1, models_dir=models_dir, model=args.model, variant=args.variant, CHARSTREAM_BATCHING="false"
+    )
+    report: dict[str, Any] = {}
     try:
         warm_up(batched)
         warm_up(unbatched)
@@ -300,7 +247,7 @@ def main() -> None:
         ceiling_runs: dict[int, list[float]] = {b: [] for b in (1, 8, 32, 64, 128)}
         for _ in range(args.rounds):
             for b in ceiling_runs:  # in-process, while both servers sit idle
-                ceiling_runs[b].append(ceiling(b, max(200, 16000 // b)))
+                ceiling_runs[b].append(ceiling(b, max(200, 16000 // b), graph))
             for n in levels:
                 ws_runs[n].append(run_load(batched, "ws", n, args.chars))
             for n in off_runs:
@@ -308,68 +255,22 @@ def main() -> None:
             for n in sse_runs:
                 sse_runs[n].append(run_load(batched, "sse", n, args.chars))
         report["ceiling"] = {b: statistics.median(r) for b, r in ceiling_runs.items()}
-        report["ws"] = {n: _median(r) for n, r in ws_runs.items()}
-        report["ws_unbatched"] = {n: _median(r) for n, r in off_runs.items()}
-        report["sse"] = {n: _median(r) for n, r in sse_runs.items()}
+        report["ws"] = {n: median_of_runs(r) for n, r in ws_runs.items()}
+        report["ws_unbatched"] = {n: median_of_runs(r) for n, r in off_runs.items()}
+        report["sse"] = {n: median_of_runs(r) for n, r in sse_runs.items()}
         report["rounds"] = args.rounds
         report["history"] = history_ttfc(batched, 10_000)
         report["memory"] = idle_memory(batched, 2000 if args.quick else 10_000)
     finally:
         batched.stop()
         unbatched.stop()
+    return report
 
-    rows = []
-    for n, r in report["ws"].items():
-        off = report["ws_unbatched"].get(n)
-        rows.append(
-            [
-                n,
-                r["chars_per_s"],
-                off["chars_per_s"] if off else "",
-                r["ttfc_p50_ms"],
-                r["inter_char_p50_ms"],
-                r["inter_char_p99_ms"],
-                r["server_cpu_pct"],
-                r["client_cpu_pct"],
-                r["server_rss_mb"],
-            ]
-        )
-    print(f"WebSocket streams, model {MODEL} {VARIANT} (batching on; 'off' = CHARSTREAM_BATCHING=false)")
-    print(
-        table(
-            [
-                "streams",
-                "chars/s",
-                "chars/s off",
-                "ttfc p50 ms",
-                "gap p50 ms",
-                "gap p99 ms",
-                "server cpu %",
-                "client cpu %",
-                "rss MB",
-            ],
-            rows,
-        )
-    )
-    print()
-    print("SSE streams")
-    print(
-        table(
-            ["streams", "chars/s", "ttfc p50 ms", "gap p50 ms", "gap p99 ms"],
-            [
-                [n, r["chars_per_s"], r["ttfc_p50_ms"], r["inter_char_p50_ms"], r["inter_char_p99_ms"]]
-                for n, r in report["sse"].items()
-            ],
-        )
-    )
-    print()
-    print("In-process ceiling (batched onnxruntime step + sampling, no server)")
-    print(table(["batch", "chars/s"], [[b, v] for b, v in report["ceiling"].items()]))
-    print(f"torch eager, one stream: {report['torch_eager_chars_per_s'] or float('nan'):,.0f} chars/s")
-    print()
+
+def ratios(report: dict[str, Any]) -> dict[str, float | None]:
     ws = report["ws"]
     top = 64 if 64 in ws else max(ws)
-    ratios = {
+    return {
         f"ws_{top}_vs_1": ws[top]["chars_per_s"] / ws[1]["chars_per_s"],
         # What batching alone can give this model on this CPU: no server scales better than this.
         f"ceiling_{top}_vs_1": report["ceiling"][top] / report["ceiling"][1],
@@ -396,11 +297,57 @@ def main() -> None:
         "continue_10k_vs_fresh_ttfc": report["history"]["continue_10k_ms"] / report["history"]["fresh_ms"],
         "restateless_10k_vs_fresh_ttfc": report["history"]["restateless_10k_ms"] / report["history"]["fresh_ms"],
     }
-    print(table(["ratio", "value"], [[k, v if v is not None else "n/a"] for k, v in ratios.items()]))
+
+
+def print_tables(report: dict[str, Any], model: str, variant: str) -> None:
+    rows = []
+    for n, r in report["ws"].items():
+        off = report["ws_unbatched"].get(n)
+        rows.append(
+            [
+                n,
+                r["chars_per_s"],
+                off["chars_per_s"] if off else "",
+                r["ttfc_p50_ms"],
+                r["inter_char_p50_ms"],
+                r["inter_char_p99_ms"],
+                r["server_cpu_pct"],
+                r["client_cpu_pct"],
+                r["server_rss_mb"],
+            ]
+        )
+    print(f"WebSocket streams, model {model} {variant} (batching on; 'off' = CHARSTREAM_BATCHING=false)")
+    headers = ["streams", "chars/s", "chars/s off", "ttfc p50 ms", "gap p50 ms", "gap p99 ms"]
+    print(table([*headers, "server cpu %", "client cpu %", "rss MB"], rows))
+    print()
+    print("SSE streams")
+    print(
+        table(
+            ["streams", "chars/s", "ttfc p50 ms", "gap p50 ms", "gap p99 ms"],
+            [
+                [n, r["chars_per_s"], r["ttfc_p50_ms"], r["inter_char_p50_ms"], r["inter_char_p99_ms"]]
+                for n, r in report["sse"].items()
+            ],
+        )
+    )
+    print()
+    print("In-process ceiling (batched onnxruntime step + sampling, no server)")
+    print(table(["batch", "chars/s"], [[b, v] for b, v in report["ceiling"].items()]))
+    print(f"torch eager, one stream: {report['torch_eager_chars_per_s'] or float('nan'):,.0f} chars/s")
+    print()
+    print(table(["ratio", "value"], [[k, v if v is not None else "n/a"] for k, v in report["ratios"].items()]))
     print(table(["memory", "value"], [[k, v] for k, v in report["memory"].items()]))
-    report["ratios"] = ratios
-    report["model"] = MODEL
-    report["variant"] = VARIANT
+
+
+def main() -> None:
+    args = parse_args()
+    levels = [1, 8, 64] if args.quick else [int(x) for x in args.streams.split(",")]
+    report: dict[str, Any] = {"torch_eager_chars_per_s": torch_eager(1000, args.model)}
+    report |= measure(args, levels)
+    report["ratios"] = ratios(report)
+    print_tables(report, args.model, args.variant)
+    report["model"] = args.model
+    report["variant"] = args.variant
     path = write_results(args.name, report)
     plot(report, RESULTS / f"{args.name}.png")
     print(f"results: {path}")

@@ -28,8 +28,7 @@ import psutil
 import uvloop
 
 from benchmarks import ws_client
-from benchmarks.common import table, write_results
-from benchmarks.serving import REPO, ServerProcess
+from benchmarks.common import REPO, start_charstream, table, write_results
 from tests.redis_server import RedisServer
 
 HISTORY_CHARS = 10_000
@@ -70,8 +69,8 @@ def continue_times(base: str, rounds: int) -> dict[str, list[float]]:
 
 def measure_continue(redis_url: str, port: int) -> dict[str, Any]:
     servers = {
-        "memory": ServerProcess(port),
-        "redis": ServerProcess(port + 1, CHARSTREAM_SESSION_STORE=redis_url),
+        "memory": start_charstream(port),
+        "redis": start_charstream(port + 1, CHARSTREAM_SESSION_STORE=redis_url),
     }
     samples: dict[str, list[float]] = {"memory": [], "redis": [], "reread": []}
     try:
@@ -101,7 +100,7 @@ def measure_continue(redis_url: str, port: int) -> dict[str, Any]:
 def measure_memory(redis_server: RedisServer, port: int) -> dict[str, Any]:
     client = redis_server.client()
     client.flushall()
-    server = ServerProcess(port, CHARSTREAM_SESSION_STORE=redis_server.url)
+    server = start_charstream(port, CHARSTREAM_SESSION_STORE=redis_server.url)
     try:
         before = int(client.info("memory")["used_memory"])
         n = 2000
@@ -144,7 +143,7 @@ async def _churn(base: str, n: int, concurrency: int) -> dict[str, int]:
 def measure_churn(redis_server: RedisServer, port: int) -> dict[str, Any]:
     client = redis_server.client()
     client.flushall()
-    server = ServerProcess(
+    server = start_charstream(
         port,
         CHARSTREAM_SESSION_STORE=redis_server.url,
         CHARSTREAM_SESSION_TTL_S=str(CHURN_TTL_S),
@@ -199,23 +198,12 @@ def run_streams(port: int, pool: tuple[ProcessPoolExecutor, int] | None) -> int:
     return sum(executor.map(_client_share, [port] * procs, shares))
 
 
-def tree_cpu(proc: psutil.Process) -> float:
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def measure_workers(
     redis_url: str, port: int, counts: list[int], rounds: int, pool: tuple[ProcessPoolExecutor, int] | None
 ) -> list[dict[str, Any]]:
     rows = []
     servers = {
-        n: ServerProcess(port + i, CHARSTREAM_SESSION_STORE=redis_url, CHARSTREAM_WORKERS=str(n))
+        n: start_charstream(port + i, CHARSTREAM_SESSION_STORE=redis_url, CHARSTREAM_WORKERS=str(n))
         for i, n in enumerate(counts)
     }
     runs: dict[int, list[tuple[float, float]]] = {n: [] for n in counts}
@@ -225,10 +213,10 @@ def measure_workers(
             run_streams(server.port, pool)  # warm-up
         for _ in range(rounds):
             for n, server in servers.items():
-                cpu0, t0 = tree_cpu(server.ps), time.perf_counter()
+                cpu0, t0 = server.cpu_seconds(), time.perf_counter()
                 chars = run_streams(server.port, pool)
                 wall = time.perf_counter() - t0
-                runs[n].append((chars / wall, (tree_cpu(server.ps) - cpu0) / wall))
+                runs[n].append((chars / wall, (server.cpu_seconds() - cpu0) / wall))
     finally:
         for server in servers.values():
             server.stop()

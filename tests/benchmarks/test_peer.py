@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.peers_bench import ServerProcess, peer_stream, start_peer
+from benchmarks.common import ServerProcess
+from benchmarks.peers_bench import peer_stream, start_peer
 from tests.utils import free_port, run_server
 
 pytestmark = [pytest.mark.slow]
