@@ -65,7 +65,8 @@ class TooLarge(ApiError):
 
 
 class PermissionDenied(ApiError):
-    """A request the OpenAI API allows that charstream's OpenAI routes refuse (see their docs)."""
+    """A key without the scope a route needs, or a request the OpenAI API allows that charstream's
+    OpenAI routes refuse (see their docs)."""
 
     status = 403
     code = "permission_denied"

@@ -10,6 +10,7 @@ close what is left, by which time nothing is running.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import resource
 import socket
@@ -18,8 +19,10 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from service.api.keys import Keyring, load_keyring
+from service.errors import ServiceConfigError
 from service.logs import configure, log_config
-from service.settings import load_settings
+from service.settings import Settings, load_settings
 
 log = logging.getLogger("charstream.server")
 
@@ -76,6 +79,7 @@ def serve(
     if workers is not None:
         overrides["workers"] = workers
     settings = load_settings(**overrides)
+    check_exposure(settings, load_keyring(settings, create_key=True))
     configure(settings.log_level, settings.log_json)
     fit_file_limit(settings.max_connections)
     if settings.workers > 1:
@@ -96,6 +100,7 @@ def serve(
         # Frames here are a few characters each: compressing them costs CPU on both ends and a
         # deflate context per connection, and saves nothing.
         ws_per_message_deflate=False,
+        ws_max_size=settings.max_ws_message_bytes,  # a longer message is refused before it is read
         lifespan="on",
         loop=settings.event_loop,
     )
@@ -105,6 +110,26 @@ def serve(
     server.run(sockets=[reuse_port_socket(settings.host, settings.port)] if settings.reuse_port else None)
     # uvicorn returns quietly when it cannot start (e.g. the port is taken): say so in the exit code.
     return 0 if server.started else 3
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(settings: Settings, keyring: Keyring) -> None:
+    """Refuse to serve other machines with no key at all, unless the operator said so explicitly."""
+    if keyring.enabled or settings.allow_unauthenticated or is_loopback(settings.host):
+        return
+    raise ServiceConfigError(
+        f"CHARSTREAM_HOST={settings.host} is reachable from other machines and no API key is set: set "
+        "CHARSTREAM_API_KEY, CHARSTREAM_API_KEY_FILE or CHARSTREAM_KEYS_FILE, or CHARSTREAM_ALLOW_UNAUTHENTICATED=1 "
+        "to let anyone call"
+    )
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:

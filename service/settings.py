@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import unquote
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.errors import ServiceConfigError
 
-SECRET_SETTINGS = ("api_key", "session_store")  # never echoed: a key, a URL with a password
+SECRET_SETTINGS = ("api_key", "admin_key", "session_store")  # never echoed: a key, a URL with a password
 # How long a thread may hold the GIL while another waits for it, set at start-up. Python's default
 # lets the event loop keep it through a whole step's worth of sends after onnxruntime returns,
 # so the step thread idles instead of starting the next step (docs/performance.md measures both).
@@ -93,6 +93,7 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
 # A budget in bytes, not states: a state is layers x hidden x 2 floats (an LSTM's), so this holds
 # thousands of chunk boundaries of the bundled model's prompt prefixes.
 PROMPT_CACHE_BYTES = 64 * 2**20
+WS_ENVELOPE_BYTES = 16_384  # a WebSocket message's fields besides its prompt
 
 
 def bundled_models_dir() -> Path:
@@ -171,7 +172,27 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, le=3600, description="on SIGTERM, running generations get this long to finish"
     )
-    api_key: SecretStr | None = Field(default=None, description="when set, /v1 needs this key")
+    api_key: SecretStr | None = Field(
+        default=None, description="a key with every user scope (generate, score, sessions); /v1 then needs a key"
+    )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="read CHARSTREAM_API_KEY from this file; `charstream serve` makes and prints one if it is missing",
+    )
+    admin_key: SecretStr | None = Field(default=None, description="a key with the admin and metrics scopes")
+    keys_file: Path | None = Field(default=None, description="a TOML file of named keys with scopes and quotas")
+    allow_unauthenticated: bool = Field(
+        default=False, description="serve without any key on an address other than loopback (anyone may call)"
+    )
+    allowed_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="browser origins a WebSocket may come from besides the server's own (comma-separated; * for any)",
+    )
+    metrics_need_key: bool = Field(default=False, description="/metrics needs a key with the metrics scope")
+    docs: bool = Field(default=True, description="serve /docs, /redoc and /openapi.json")
+    max_body_bytes: int = Field(
+        default=8 * 2**20, ge=1024, le=2**31, description="a larger request body answers 413 before it is read"
+    )
     require_models: bool = Field(default=False, description="exit at start-up unless every model loads")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="the log's threshold")
     log_json: bool = Field(default=True, description="one JSON object per log line")
@@ -206,7 +227,21 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("api_key")
+    @property
+    def max_ws_message_bytes(self) -> int:
+        """The longest WebSocket message read (uvicorn's ws_max_size too): a prompt of
+        max_prompt_chars characters, each up to 6 bytes as a JSON escape, and the other fields."""
+        return WS_ENVELOPE_BYTES + 6 * self.max_prompt_chars
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origins_list(cls, value: object) -> object:
+        # An environment variable is one string: a comma-separated list.
+        if isinstance(value, str):
+            return tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+        return value
+
+    @field_validator("api_key", "admin_key")
     @classmethod
     def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         # An empty key would make an empty header a valid credential: refuse to start instead.

@@ -11,8 +11,9 @@ from fastapi import FastAPI
 
 from service.api import admin, ops, tracing
 from service.api.errors import install_error_handlers, register_error_style
+from service.api.keys import load_keyring
 from service.api.limits import with_model_limits
-from service.api.middleware import ConnectionLimit, Gate, RequestMetrics
+from service.api.middleware import BodyLimit, ConnectionLimit, Gate, RequestMetrics
 from service.api.native import routes as native
 from service.api.native import ws
 from service.api.openai import routes as openai
@@ -32,6 +33,7 @@ SWEEP_INTERVAL_S = 5.0
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
     """The app; the models folder is loaded at start-up unless a loaded `registry` is given."""
     settings = settings or load_settings()
+    keyring = load_keyring(settings)
     metrics = Metrics()
     service: GenerationService | None = None
 
@@ -41,6 +43,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         service = GenerationService.create(registry or load_registry(settings), settings, metrics)
         app.state.service = service
         app.state.settings = settings
+        app.state.keyring = keyring
         service.start()
         sweeper = asyncio.create_task(_sweep(service))
         swapper = app.state.swapper = ModelSwapper(service)
@@ -73,13 +76,24 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         summary="Stateful streaming from character-level recurrent language models.",
         version="0.1.0",
         lifespan=lifespan,
+        # With CHARSTREAM_DOCS=false the schema and its pages are not served: a public deployment
+        # need not list its routes to every visitor.
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     install_error_handlers(app)
     tracing.instrument(app)  # off unless OTEL_* variables turn it on
-    # Added last, so it runs first: the key and the drain are checked before anything else.
+    # Added last, so it runs first: the key and the drain are checked before anything else, then the body's size.
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(ConnectionLimit, limit=settings.max_connections, metrics=metrics)
-    app.add_middleware(Gate, api_key=settings.api_key, draining=lambda: service is not None and service.draining)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        Gate,
+        keyring=keyring,
+        draining=lambda: service is not None and service.draining,
+        metrics_need_key=settings.metrics_need_key,
+    )
     app.include_router(ops.router)
     app.include_router(admin.router)
     app.include_router(native.router)

@@ -51,8 +51,8 @@ def documented(body: type[BaseModel], statuses: Iterable[int] | None = None) -> 
     return {code: {"model": body} for code in codes}
 
 
-# The statuses charstream's own routes answer with; 403 (PermissionDenied) is the OpenAI routes' only.
-NATIVE_ERRORS = documented(ErrorResponse, (cls.status for cls in error_classes() if cls is not errors.PermissionDenied))
+# The statuses charstream's own routes answer with: every error class's.
+NATIVE_ERRORS = documented(ErrorResponse)
 
 
 def native_error(error: ApiError) -> JSONResponse:

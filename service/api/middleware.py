@@ -1,62 +1,108 @@
-"""What every request meets before a route: the API key and the drain (the gate), the connection
-limit, and request metrics.
+"""What every request meets before a route: the key and its scope, the drain (the gate), the body's
+size, the connection limit, and request metrics.
 
-Both are pure ASGI, so a request that fails the gate is answered without reading its body (a client
-without the key cannot make the server parse megabytes), and streaming responses pass through
-untouched. The gate covers HTTP under /v1/; a WebSocket checks the same key with `verify_api_key`
-in its route, before reading any message, since a refused handshake is the route's to close.
+All are pure ASGI, so a request that fails the gate or is too large is answered without reading
+its body (a client without a key cannot make the server parse megabytes), and streaming responses
+pass through untouched. The gate covers HTTP under /v1/ (and /metrics when it needs a key); a
+WebSocket is authenticated by its route, which must accept the handshake to say why it refuses.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 
-from pydantic import SecretStr
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.auth import authenticate, required_scope
 from service.api.errors import error_response
-from service.errors import ApiError, ShuttingDown, TooManyConnections, Unauthorized
+from service.api.keys import Keyring
+from service.errors import ApiError, ShuttingDown, TooLarge, TooManyConnections
 from service.metrics import Metrics
 
 PROTECTED_PREFIX = "/v1/"
+METRICS_PATH = "/metrics"
 WS_TRY_AGAIN_LATER = 1013
 
 
-def verify_api_key(conn: HTTPConnection, expected: SecretStr | None) -> None:
-    """Raise Unauthorized unless the connection carries `expected` (nothing is needed when it is None).
-
-    With CHARSTREAM_API_KEY set, /v1 needs `Authorization: Bearer KEY` or `X-API-Key: KEY`.
-    """
-    if expected is None:
-        return
-    auth = conn.headers.get("authorization", "")
-    given = auth[7:] if auth.lower().startswith("bearer ") else conn.headers.get("x-api-key")
-    if given is None and conn.scope["type"] == "websocket":
-        given = conn.query_params.get("api_key")  # browsers cannot set WebSocket headers
-    if given is None or not secrets.compare_digest(given.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized("missing or wrong API key (Authorization: Bearer KEY or X-API-Key: KEY)")
-
-
 class Gate:
-    def __init__(self, app: ASGIApp, api_key: SecretStr | None, draining: Callable[[], bool]) -> None:
+    """Every /v1 request's key and scope, then the drain. The key found rides on `request.state.api_key`."""
+
+    def __init__(
+        self, app: ASGIApp, keyring: Keyring, draining: Callable[[], bool], metrics_need_key: bool = False
+    ) -> None:
         self.app = app
-        self.api_key = api_key
+        self.keyring = keyring
         self.draining = draining
+        self.metrics_need_key = metrics_need_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+        path = scope.get("path", "")
+        guarded = path.startswith(PROTECTED_PREFIX) or (self.metrics_need_key and path == METRICS_PATH)
+        if scope["type"] != "http" or not guarded:
             await self.app(scope, receive, send)
             return
         try:
-            verify_api_key(HTTPConnection(scope), self.api_key)
+            needed = "metrics" if path == METRICS_PATH else required_scope(path)
+            key = authenticate(HTTPConnection(scope), self.keyring, needed)
             if self.draining():
                 raise ShuttingDown()
         except ApiError as exc:
-            await error_response(exc, scope["path"])(scope, receive, send)
+            await error_response(exc, path)(scope, receive, send)
             return
+        scope.setdefault("state", {})["api_key"] = key
         await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Request bodies of at most `limit` bytes: 413 before the body is parsed, with or without nginx.
+
+    A declared Content-Length over the limit is refused before a byte is read. A chunked body has
+    no length: it is read here up to the limit (and refused past it), then handed on whole.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _too_large(self) -> TooLarge:
+        return TooLarge(f"the request body is over {self.limit} bytes (CHARSTREAM_MAX_BODY_BYTES)")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.limit:
+                await error_response(self._too_large(), scope["path"])(scope, receive, send)
+                return
+            await self.app(scope, receive, send)  # the server reads no more than it declared
+            return
+        if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await error_response(self._too_large(), scope["path"])(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class ConnectionLimit:

@@ -276,7 +276,7 @@ def test_the_page_asks_for_the_api_key(tab: Tab, keyed_server: Server, mode: str
     page.wait_for_selector("body[data-ready=true]")
     page.select_option("[data-testid=mode]", mode)
     fill(page, length=50, temperature=0)
-    last = run(page)  # WebSocket with ?api_key=, or the model file with X-API-Key
+    last = run(page)  # WebSocket with the key as a subprotocol, or the model file with X-API-Key
     assert last["generated"] == 50
     assert httpx.get(keyed_server.base_url + "/v1/models/tiny-lstm/onnx").status_code == 401
     assert tab.errors == []

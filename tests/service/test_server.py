@@ -109,3 +109,36 @@ def test_sigterm_with_100_streams_running(serve: ServeProcess) -> None:
     log = serve.log.read_text()
     assert "Traceback" not in log and "Cancel" not in log, log[-3000:]
     assert "ending generations still running at shutdown" in log
+
+
+def test_a_server_reachable_from_other_machines_needs_a_key(models_dir: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"CHARSTREAM_MODELS_DIR": str(models_dir), "CHARSTREAM_HOST": "0.0.0.0", "CHARSTREAM_PORT": "0"}
+    env.pop("CHARSTREAM_API_KEY", None)
+    refused = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert "CHARSTREAM_HOST=0.0.0.0" in lines[0] and "CHARSTREAM_ALLOW_UNAUTHENTICATED=1" in lines[0]
+    assert "CHARSTREAM_API_KEY" in lines[0]
+
+
+@pytest.mark.parametrize("how", ["key file", "explicitly open"])
+def test_the_escape_hatches_start_it(models_dir: Path, tmp_path: Path, how: str) -> None:
+    key_file = tmp_path / "state" / "api-key"
+    env = {"CHARSTREAM_MODELS_DIR": str(models_dir), "CHARSTREAM_HOST": "0.0.0.0"}
+    env |= (
+        {"CHARSTREAM_API_KEY_FILE": str(key_file)} if how == "key file" else {"CHARSTREAM_ALLOW_UNAUTHENTICATED": "1"}
+    )
+    with serve_process(tmp_path / "server.log", **env) as s:
+        r = httpx.post(f"{s.base_url}/v1/generate", json={"max_new_chars": 2}, timeout=30)
+        if how == "explicitly open":
+            assert r.status_code == 200
+            return
+        assert r.status_code == 401
+        key = key_file.read_text().strip()
+        assert key in s.log.read_text()  # made on the first start and printed, as a notebook's token
+        authed = httpx.post(f"{s.base_url}/v1/generate", json={"max_new_chars": 2}, headers={"X-API-Key": key})
+        assert authed.status_code == 200

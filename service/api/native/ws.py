@@ -22,8 +22,8 @@ from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from service.api.auth import WS_PROTOCOL, authenticate, origin_allowed
 from service.api.deps import get_service, get_settings
-from service.api.middleware import verify_api_key
 from service.api.native.schemas import WsCancel, WsFeed, WsGenerate
 from service.core.events import Failed, PromptEvent, StreamEvent, TextEvent
 from service.core.generation import Generation
@@ -34,6 +34,7 @@ from service.errors import (
     InvalidJson,
     InvalidMessage,
     NotFound,
+    PermissionDenied,
     ShuttingDown,
     TooLarge,
     UnknownMessageType,
@@ -45,10 +46,6 @@ router = APIRouter()
 
 TEXT_MESSAGE = '{"type": "text", "text": %s}'
 MESSAGE_TYPES: dict[str, type[BaseModel]] = {"generate": WsGenerate, "feed": WsFeed, "cancel": WsCancel}
-# A message may carry a prompt of CHARSTREAM_MAX_PROMPT_CHARS characters, each up to 6 bytes as a
-# JSON escape, plus the other fields; anything longer is refused unread.
-ENVELOPE_BYTES = 16_384
-BYTES_PER_PROMPT_CHAR = 6
 # How long a shutdown waits for a running generation's final message before closing.
 SHUTDOWN_WAIT_S = 3.0
 CLOSE_GOING_AWAY = 1001
@@ -84,7 +81,7 @@ class Connection:
         self.generation: Generation | None = None
         self.pump: asyncio.Task[None] | None = None
         settings = service.settings
-        self.max_message_bytes = ENVELOPE_BYTES + BYTES_PER_PROMPT_CHAR * settings.max_prompt_chars
+        self.max_message_bytes = settings.max_ws_message_bytes
         self.keepalive_s = min(60.0, settings.session_ttl_s / 3)
 
     async def send_text(self, text: str) -> None:
@@ -237,9 +234,18 @@ class Connection:
 async def stream(websocket: WebSocket) -> None:
     """Stream characters over a WebSocket; see the module docstring for the protocol."""
     service = get_service(websocket)
-    await websocket.accept()
-    try:
-        verify_api_key(websocket, get_settings(websocket).api_key)  # before any message is read
+    settings = get_settings(websocket)
+    # A browser that offered charstream's subprotocol (to carry its key) must get it back.
+    offered = websocket.scope.get("subprotocols", [])
+    await websocket.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
+    try:  # before any message is read
+        if not origin_allowed(websocket, settings.allowed_origins):
+            raise PermissionDenied(
+                f"origin {websocket.headers.get('origin')!r} may not open this WebSocket (CHARSTREAM_ALLOWED_ORIGINS)"
+            )
+        websocket.scope.setdefault("state", {})["api_key"] = authenticate(
+            websocket, websocket.app.state.keyring, "generate"
+        )
     except ApiError as exc:
         await websocket.send_text(error_message(exc))
         await websocket.close(code=CLOSE_POLICY)

@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from exports.contract import CELLS_FILE
-from service.api.deps import ServiceDep, SettingsDep
+from service.api.deps import ServiceDep
 from service.api.errors import NATIVE_ERRORS
 from service.errors import NotFound
 from service.serving.registry import VARIANT_FILES
@@ -35,9 +35,32 @@ MEDIA_TYPES = {
     ".png": "image/png",
     ".txt": "text/plain; charset=utf-8",
 }
+# What the page may do, as a browser enforces it: load its own scripts and styles, compile
+# onnxruntime-web's WebAssembly, talk to this server only, and never be framed by another site
+# (clickjacking). nosniff keeps a browser from running a file as other than its declared type.
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'self'",
+        "script-src 'self' 'wasm-unsafe-eval'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "worker-src 'self' blob:",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    )
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 # The page's own files change with the code: always revalidated. onnxruntime-web's are big and versioned.
-NO_CACHE = {"Cache-Control": "no-cache"}
-LONG_CACHE = {"Cache-Control": "public, max-age=86400"}
+NO_CACHE = {"Cache-Control": "no-cache", **SECURITY_HEADERS}
+LONG_CACHE = {"Cache-Control": "public, max-age=86400", **SECURITY_HEADERS}
 
 router = APIRouter(include_in_schema=False)
 api = APIRouter(prefix="/v1", tags=["playground"], responses=NATIVE_ERRORS)
@@ -58,14 +81,15 @@ async def page() -> FileResponse:
 
 
 @router.get("/playground.json")
-async def playground_config(settings: SettingsDep, service: ServiceDep) -> dict[str, Any]:
+async def playground_config(request: Request, service: ServiceDep) -> JSONResponse:
     """What the page needs before it can ask for anything: is a key needed, can it run models itself,
     which model is the default (as public as /readyz)."""
-    return {
-        "api_key_required": settings.api_key is not None,
+    body = {
+        "api_key_required": request.app.state.keyring.enabled,
         "ort_web": ort_web_version(),
         "default_model": service.registry.default,
     }
+    return JSONResponse(body, headers=NO_CACHE)
 
 
 @router.get("/static/{path:path}")

@@ -22,6 +22,8 @@ from tests.utils import run_server
 
 KEY = "s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+ADMIN_KEY = "operator-s3cret"
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 STREAMS = 12  # clients streaming without pause through the swap
 
 
@@ -70,13 +72,16 @@ def test_admin_reload_swaps_under_load(models_dir: Path, tmp_path: Path) -> None
     models.mkdir()
     install(models, models_dir / "tiny-lstm")
     old_body = {"prompt": "ROMEO:", "max_new_chars": 400, "seed": 5, "temperature": 0.9}
-    with run_server(models_dir=models, api_key=KEY, model_poll_s=0, max_new_chars=100_000) as server:
+    with run_server(
+        models_dir=models, api_key=KEY, admin_key=ADMIN_KEY, model_poll_s=0, max_new_chars=100_000
+    ) as server:
         with server.client() as c:
             old_text = c.post("/v1/generate", json=old_body, headers=AUTH).json()["text"]
             old_session = c.post("/v1/sessions", json={"prompt": "KING:"}, headers=AUTH).json()["id"]
             assert c.post("/v1/admin/models/m/reload").status_code == 401
-            assert c.post("/v1/admin/models/nope/reload", headers=AUTH).status_code == 404
-            unchanged = c.post("/v1/admin/models/m/reload", headers=AUTH).json()
+            assert c.post("/v1/admin/models/m/reload", headers=AUTH).status_code == 403  # a user's key
+            assert c.post("/v1/admin/models/nope/reload", headers=ADMIN_AUTH).status_code == 404
+            unchanged = c.post("/v1/admin/models/m/reload", headers=ADMIN_AUTH).json()
             assert unchanged["swapped"] is False and unchanged["version"] == unchanged["previous"]
 
         results: list[tuple[int, str, bool]] = []
@@ -98,7 +103,7 @@ def test_admin_reload_swaps_under_load(models_dir: Path, tmp_path: Path) -> None
         def swap() -> None:
             install(models, models_dir / "tiny-gru")
             with server.client() as c:
-                r = c.post("/v1/admin/models/m/reload", headers=AUTH)
+                r = c.post("/v1/admin/models/m/reload", headers=ADMIN_AUTH)
             assert r.status_code == 200, r.text
             assert r.json()["swapped"] is True and r.json()["version"] != r.json()["previous"]
             swapped.set()

@@ -508,14 +508,19 @@ async function scorePrompt() {
 function socketUrl() {
   const url = new URL("v1/stream", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-  if (app.apiKey) url.searchParams.set("api_key", app.apiKey);
   return url.href;
+}
+
+// A browser cannot set headers on a WebSocket: the key rides in a subprotocol, never in the URL
+// (which proxies log). The server answers with the plain "charstream" subprotocol.
+function socketProtocols() {
+  return app.apiKey ? ["charstream", "charstream.key." + app.apiKey] : [];
 }
 
 function openSocket() {
   if (app.socket && app.socket.readyState === WebSocket.OPEN) return Promise.resolve(app.socket);
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(socketUrl());
+    const ws = new WebSocket(socketUrl(), socketProtocols());
     ws.onopen = () => {
       app.socket = ws;
       resolve(ws);

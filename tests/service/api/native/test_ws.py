@@ -145,7 +145,11 @@ def test_websocket_api_key(models_dir) -> None:  # type: ignore[no-untyped-def]
         with connect(f"{s.ws_url}/v1/stream") as ws:
             m = recv(ws)
             assert m["type"] == "error" and m["code"] == "unauthorized"
-        with connect(f"{s.ws_url}/v1/stream?api_key=k") as ws:
+        with connect(f"{s.ws_url}/v1/stream?api_key=k") as ws:  # proxies log query strings: refused
+            m = recv(ws)
+            assert m["code"] == "unauthorized" and "not in the query string" in m["message"]
+        with connect(f"{s.ws_url}/v1/stream", subprotocols=["charstream", "charstream.key.k"]) as ws:  # type: ignore[list-item]
+            assert ws.subprotocol == "charstream"
             ws.send(json.dumps({"type": "generate", "max_new_chars": 3}))
             assert recv(ws)["type"] == "session"
         with connect(f"{s.ws_url}/v1/stream", additional_headers={"Authorization": "Bearer k"}) as ws:
