@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import jsonschema
 
-from service.core.sampling import ConstraintSpec
+from service.core import ConstraintSpec
 
 Case = tuple[ConstraintSpec, Callable[[str], bool]]
 

@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import serving, ws_client
 from benchmarks.common import REPO, ServerProcess, model_file, own_cpu_seconds, start_charstream, table, write_results
-from service.core.events import TextEvent
+from service.core import TextEvent
 
 STREAMS = 64
 TARGET = 0.9  # of the ceiling
@@ -98,10 +98,7 @@ def scheduler_alone(chars: int, streams: int, model: Path) -> float:
     Between the ceiling (bare steps) and a server over loopback: what the scheduler's own work
     per step (rows, sampling parameters, stops, events, one hand-off to the event loop) costs.
     """
-    from service.core.engine import Engine
-    from service.core.jobs import Job, Mailbox
-    from service.core.sampling import SamplingParams
-    from service.core.scheduler import Scheduler
+    from service.core import Engine, Job, Mailbox, SamplingParams, Scheduler
     from service.metrics import Metrics
     from service.settings import STREAM_INTERVAL, load_settings
 

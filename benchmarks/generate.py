@@ -25,7 +25,7 @@ from benchmarks.common import table, write_results
 from exports import contract
 from service.batch.config import GenerateConfig
 from service.batch.run import generate
-from service.core.engine import Engine
+from service.core import Engine
 
 MODEL = Path(__file__).resolve().parents[1] / "exports" / "shakespeare-lstm"
 BATCH = 256

@@ -24,7 +24,7 @@ import uvloop
 from benchmarks import delivery, serving
 from benchmarks.common import start_charstream, table, write_results
 from exports import contract
-from service.core.engine import Engine
+from service.core import Engine
 from service.settings import load_settings
 
 VARIANTS = ("fp32", "int8")

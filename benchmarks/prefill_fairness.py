@@ -23,7 +23,7 @@ import uvloop
 
 from benchmarks import ws_client
 from benchmarks.common import MODEL, REPO, model_file, start_charstream, table, write_results
-from service.core.engine import Engine
+from service.core import Engine
 from service.settings import PREFILL_CHUNK
 
 CHUNKS = (32, 64, 128, 256, 512, 1024, 4096)

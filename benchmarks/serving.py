@@ -121,8 +121,8 @@ def ceiling(batch: int, steps: int, model: Path) -> float:
     """chars/s of batched onnxruntime steps + per-row sampling in one process, no server.
 
     `model` is a graph file (`common.model_file`)."""
+    from service.core import Engine
     from service.core.draws import RowDraws
-    from service.core.engine import Engine
     from service.core.sampling import BatchSampler
     from service.settings import load_settings
 
