@@ -103,6 +103,13 @@ class TooManySessions(ApiError):
     code = "too_many_sessions"
 
 
+class RateLimited(ApiError):
+    """A key (or, without keys, a client address) over one of its limits: retry after Retry-After."""
+
+    status = 429
+    code = "rate_limited"
+
+
 class TooManyConnections(ApiError):
     """The process holds CHARSTREAM_MAX_CONNECTIONS open requests and WebSockets: retry shortly."""
 

@@ -172,6 +172,23 @@ class Metrics:
             "Requests and WebSockets refused past CHARSTREAM_MAX_CONNECTIONS",
             registry=r,
         )
+        self.rate_limited = Counter(
+            "charstream_rate_limited",
+            "Requests refused with 429 by a key's limit, by key name (client for a client address) and limit",
+            ["key", "limit"],
+            registry=r,
+        )
+        self.rate_limit = Gauge(
+            "charstream_rate_limit",
+            "Each key's configured limit (requests_per_s, chars_per_s, max_sessions), by key name",
+            ["key", "limit"],
+            registry=r,
+        )
+        self.rate_limit_errors = Counter(
+            "charstream_rate_limit_errors",
+            "Limit checks that failed because the store could not be reached (the request was let through)",
+            registry=r,
+        )
 
     def _prompt_cache(self, r: CollectorRegistry) -> None:
         self.prompt_cache_hits = Counter(

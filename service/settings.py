@@ -188,6 +188,15 @@ class Settings(BaseSettings):
         default=(),
         description="browser origins a WebSocket may come from besides the server's own (comma-separated; * for any)",
     )
+    requests_per_s: float | None = Field(
+        default=None, gt=0, description="requests a second per key (per client address without keys) unless its own"
+    )
+    chars_per_s: float | None = Field(
+        default=None, gt=0, description="characters a second (read and written) per key or client address"
+    )
+    max_sessions_per_key: int | None = Field(
+        default=None, ge=0, description="sessions one key (or client address) may hold at once unless its own"
+    )
     metrics_need_key: bool = Field(default=False, description="/metrics needs a key with the metrics scope")
     docs: bool = Field(default=True, description="serve /docs, /redoc and /openapi.json")
     max_body_bytes: int = Field(

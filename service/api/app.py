@@ -19,6 +19,7 @@ from service.api.native import ws
 from service.api.openai import routes as openai
 from service.api.openai.errors import openai_error
 from service.api.playground import routes as playground
+from service.api.quotas import RateLimits
 from service.metrics import Metrics
 from service.serving.registry import ModelRegistry, load_registry
 from service.serving.service import GenerationService
@@ -35,6 +36,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     settings = settings or load_settings()
     keyring = load_keyring(settings)
     metrics = Metrics()
+    rate_limits = RateLimits(settings, metrics)
+    rate_limits.publish(keyring)
     service: GenerationService | None = None
 
     @contextlib.asynccontextmanager
@@ -44,6 +47,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         app.state.service = service
         app.state.settings = settings
         app.state.keyring = keyring
+        app.state.rate_limits = rate_limits
         service.start()
         sweeper = asyncio.create_task(_sweep(service))
         swapper = app.state.swapper = ModelSwapper(service)
@@ -68,6 +72,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             await service.stop()
+            await rate_limits.close()
             tracing.shutdown(app)
             log.info("charstream stopped")
 
@@ -91,6 +96,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.add_middleware(
         Gate,
         keyring=keyring,
+        limits=rate_limits,
         draining=lambda: service is not None and service.draining,
         metrics_need_key=settings.metrics_need_key,
     )

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.auth import authenticate, required_scope
 from service.api.errors import error_response
 from service.api.keys import Keyring
+from service.api.quotas import RateLimits
 from service.errors import ApiError, ShuttingDown, TooLarge, TooManyConnections
 from service.metrics import Metrics
 
@@ -26,13 +27,20 @@ WS_TRY_AGAIN_LATER = 1013
 
 
 class Gate:
-    """Every /v1 request's key and scope, then the drain. The key found rides on `request.state.api_key`."""
+    """Every /v1 request's key and scope, the drain, then the key's request rate. The key found
+    rides on `request.state.api_key`."""
 
     def __init__(
-        self, app: ASGIApp, keyring: Keyring, draining: Callable[[], bool], metrics_need_key: bool = False
+        self,
+        app: ASGIApp,
+        keyring: Keyring,
+        limits: RateLimits,
+        draining: Callable[[], bool],
+        metrics_need_key: bool = False,
     ) -> None:
         self.app = app
         self.keyring = keyring
+        self.limits = limits
         self.draining = draining
         self.metrics_need_key = metrics_need_key
 
@@ -47,6 +55,8 @@ class Gate:
             key = authenticate(HTTPConnection(scope), self.keyring, needed)
             if self.draining():
                 raise ShuttingDown()
+            client = scope.get("client")
+            await self.limits.charge(self.limits.caller(key, client[0] if client else None), "requests_per_s")
         except ApiError as exc:
             await error_response(exc, path)(scope, receive, send)
             return
