@@ -2,7 +2,10 @@
 `redis-server` child process on a free loopback port, stopped by its own PID.
 
 The sentinels watch the primary as `SERVICE` with a quorum of two and call it down after one
-second without an answer (docs/sessions.md measures what a failover costs with these values)."""
+second without an answer (docs/sessions.md measures what a failover costs with these values).
+Every server and sentinel needs one password, as the shipped deployments do: the data servers'
+`requirepass` and `masterauth` (replicas authenticate to whichever is the primary), the sentinels'
+`sentinel auth-pass` (for the data servers) and `requirepass` (for clients and each other)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any
 
 import redis
 
-from tests.redis_server import redis_server_binary
+from tests.redis_server import new_password, redis_server_binary
 from tests.utils import free_port
 
 SERVICE = "charstream"
@@ -43,12 +46,13 @@ class SentinelGroup:
         self.folder = folder
         self.ports = [free_port() for _ in range(1 + replicas)]  # the first starts as the primary
         self.sentinel_ports = [free_port() for _ in range(3)]
+        self.password = new_password()
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+        return f"redis+sentinel://:{self.password}@{hosts}/{SERVICE}/0"
 
     def _spawn(self, port: int, args: list[str]) -> None:
         self.procs[port] = subprocess.Popen(
@@ -59,6 +63,7 @@ class SentinelGroup:
         folder = self.folder / str(port)
         folder.mkdir(parents=True, exist_ok=True)
         args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
+        args += ["--requirepass", self.password, "--masterauth", self.password]
         if replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
         self._spawn(port, args)
@@ -92,6 +97,8 @@ class SentinelGroup:
                 f"sentinel monitor {SERVICE} 127.0.0.1 {primary} 2\n"
                 f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {SERVICE} 5000\n"
+                f"sentinel auth-pass {SERVICE} {self.password}\n"
+                f"requirepass {self.password}\n"
             )
             self._spawn(port, [str(conf), "--sentinel"])
         wait_for(lambda: self._linked(replicas), 30, "the replicas to sync")
@@ -99,7 +106,7 @@ class SentinelGroup:
         return self
 
     def client(self, port: int) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, password=self.password)
 
     def _linked(self, replicas: list[int]) -> bool:
         for port in replicas:

@@ -34,11 +34,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
-from service.errors import NotFound, StoreUnavailable
+from service.errors import NotFound, ServiceConfigError, StoreUnavailable
 from service.sessions.record import decode, encode
 from service.sessions.store import (
     Lease,
@@ -132,6 +132,58 @@ def redacted(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def describe(url: str) -> str:
+    """Any store URL without its password."""
+    return parse_sentinel_url(url).describe() if url.startswith(SENTINEL_SCHEME) else redacted(url)
+
+
+def has_password(url: str) -> bool:
+    if url.startswith(SENTINEL_SCHEME):
+        return parse_sentinel_url(url).password is not None
+    return urlsplit(url).password is not None
+
+
+def refused_credentials(exc: BaseException) -> bool:
+    """Whether an error is the store refusing charstream's credentials (a missing or wrong password):
+    the server's own refusal, or every sentinel's (redis-py then reports no primary found)."""
+    return isinstance(exc, AuthenticationError) or (
+        isinstance(exc, MasterNotFoundError) and "AuthenticationError" in str(exc)
+    )
+
+
+def credentials_refused(described: str, password_given: bool, exc: BaseException) -> str:
+    """One line saying which store refused the credentials and what to set."""
+    if not password_given:
+        return (
+            f"the session store {described} needs a password: put it in CHARSTREAM_SESSION_STORE "
+            "before the host, as :PASSWORD@"
+        )
+    reply = f" ({exc})" if isinstance(exc, AuthenticationError) else ""
+    return f"the session store {described} refused the password in CHARSTREAM_SESSION_STORE{reply}"
+
+
+def check_credentials(url: str, timeout_s: float = 2.0) -> None:
+    """For the start-up: ServiceConfigError (one line) when the store answers but refuses
+    charstream's credentials. A store that cannot be reached passes: it may come up later, and
+    /readyz says not ready until it does."""
+
+    async def ping() -> None:
+        client, sentinels = connect(url, timeout_s)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+            for sentinel in sentinels:
+                await sentinel.aclose()
+
+    try:
+        asyncio.run(ping())
+    except (RedisError, OSError) as exc:
+        if refused_credentials(exc):
+            refusal = credentials_refused(describe(url), has_password(url), exc)
+            raise ServiceConfigError(f"CHARSTREAM_SESSION_STORE: {refusal}") from None
+
+
 # Connections to Redis per process. A command takes a few hundred microseconds, so a few dozen serve
 # thousands of requests a second; past them a command waits for a free connection (up to
 # POOL_WAIT_S) instead of failing, as redis-py's default pool of 100 does, and instead of a burst
@@ -165,8 +217,14 @@ def connect(url: str, timeout_s: float) -> tuple[aioredis.Redis, list[aioredis.R
     from redis.asyncio.sentinel import Sentinel
 
     address = parse_sentinel_url(url)
-    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=timeouts)
+    # The URL's credentials are the sentinels' as well as the data servers' (requirepass on both).
+    sentinel_kwargs = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "username": address.username,
+        "password": address.password,
+    }
+    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs)
     client = sentinel.master_for(
         address.service,
         connection_pool_class=SentinelBlockingConnectionPool,
@@ -196,7 +254,8 @@ class RedisSessionStore(SessionStore):
         self.models = models  # model id -> sha256 of the file this process serves
         self.prefix = prefix
         self.wait_replicas = wait_replicas
-        self.url = parse_sentinel_url(url).describe() if url.startswith(SENTINEL_SCHEME) else redacted(url)
+        self.url = describe(url)
+        self._password_given = has_password(url)
         self.client, self._sentinels = connect(url, timeout_s)
         self._lease = self.client.register_script(LEASE)
         self._save = self.client.register_script(SAVE)
@@ -228,6 +287,8 @@ class RedisSessionStore(SessionStore):
         try:
             return await what
         except RedisError as exc:
+            if refused_credentials(exc):
+                raise StoreUnavailable(credentials_refused(self.url, self._password_given, exc)) from None
             raise StoreUnavailable(f"the session store {self.url} is unavailable: {exc}") from None
         except OSError as exc:
             raise StoreUnavailable(f"the session store {self.url} is unreachable: {exc}") from None

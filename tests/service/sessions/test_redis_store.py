@@ -1,19 +1,29 @@
 """The Redis session store against a real redis-server: leases and fencing, write-back, the cap
-across replicas, TTL by key expiry, records refused for another model, and a dead server."""
+across replicas, TTL by key expiry, records refused for another model, a dead server, a missing or
+wrong password, and TLS."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from service.errors import CorruptSession, ForeignSession, NotFound, SessionBusy, StoreUnavailable, TooManySessions
+from service.errors import (
+    CorruptSession,
+    ForeignSession,
+    NotFound,
+    ServiceConfigError,
+    SessionBusy,
+    StoreUnavailable,
+    TooManySessions,
+)
 from service.sessions.record import decode, encode
-from service.sessions.redis_store import POOL_CONNECTIONS, RedisSessionStore, redacted
+from service.sessions.redis_store import POOL_CONNECTIONS, RedisSessionStore, check_credentials, redacted
 from service.sessions.store import Session
 from tests.redis_server import RedisServer
 from tests.utils import free_port
@@ -176,6 +186,54 @@ def test_an_unreachable_store_is_a_clear_503() -> None:
 
     run(scenario)
     assert redacted("redis://u:secret@h:6379/0") == "redis://u:***@h:6379/0"
+
+
+def test_a_missing_or_wrong_password_is_one_clear_line(redis_server: RedisServer) -> None:
+    """At start-up a refused password stops the server with one line naming the variable; while it
+    runs, every call (and /readyz) says the same. The password itself is never in either."""
+    plain = f"redis://127.0.0.1:{redis_server.port}/0"
+    wrong = f"redis://:not-{redis_server.password}@127.0.0.1:{redis_server.port}/0"
+    for url, says in [(plain, "needs a password: put it in CHARSTREAM_SESSION_STORE"), (wrong, "refused the password")]:
+        with pytest.raises(ServiceConfigError) as refused:
+            check_credentials(url)
+        message = str(refused.value)
+        assert message.startswith(f"CHARSTREAM_SESSION_STORE: the session store {redacted(url)} {says}"), message
+        assert "\n" not in message and redis_server.password not in message
+
+        async def scenario(url: str = url, says: str = says) -> None:
+            store = store_for(url)
+            for call in (store.check(), store.create(session())):
+                with pytest.raises(StoreUnavailable, match=says) as info:
+                    await call
+                assert info.value.status == 503 and redis_server.password not in info.value.message
+            await store.close()
+
+        run(scenario)
+    check_credentials(redis_server.url)  # the right one passes
+    check_credentials(f"redis://:x@127.0.0.1:{free_port()}/0", timeout_s=0.5)  # nobody there: /readyz's business
+
+
+def test_tls_with_a_password(tmp_path: Path) -> None:
+    """rediss:// reaches redis-py as it is: TLS with the URL's CA file, and the password."""
+    server = RedisServer(tmp_path / "tls", tls=True).start()
+    try:
+        assert server.url.startswith("rediss://")
+        check_credentials(server.url)
+
+        async def scenario() -> None:
+            store = store_for(server.url)
+            s = session()
+            await store.create(s)
+            loaded, lease = await store.lease(s.id)
+            assert await store.save(loaded, lease)
+            assert (await store.get(s.id)).id == s.id
+            await store.close()
+
+        run(scenario)
+        with pytest.raises(ServiceConfigError, match="needs a password"):
+            check_credentials(redacted(server.url).replace(":***@", ""))
+    finally:
+        server.stop()
 
 
 def test_a_burst_of_requests_waits_for_a_connection_instead_of_failing(redis_server: RedisServer) -> None:

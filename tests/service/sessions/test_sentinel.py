@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from service.errors import ServiceConfigError, StoreUnavailable
-from service.sessions.redis_store import RedisSessionStore
+from service.sessions.redis_store import RedisSessionStore, check_credentials
 from service.sessions.store import Session
 from service.settings import load_settings, parse_sentinel_url
 from tests.redis_sentinel import SentinelGroup, wait_for
@@ -58,6 +58,30 @@ def test_sentinel_urls_are_checked_at_start_up() -> None:
         assert str(err.value).startswith("CHARSTREAM_SESSION_STORE: ") and "\n" not in str(err.value)
     with pytest.raises(ServiceConfigError, match="REDIS_WAIT_REPLICAS=1 needs a Redis session store"):
         load_settings(redis_wait_replicas=1)
+
+
+def test_the_password_reaches_the_sentinels_and_the_primary(group: SentinelGroup) -> None:
+    """Sentinels and data servers share one password (requirepass on both): the URL's reaches the
+    sentinels' own connections and the primary's; without it, or with a wrong one, the start-up
+    stops with one line that does not echo it."""
+    check_credentials(group.url)
+
+    async def scenario() -> None:
+        store = RedisSessionStore(group.url, ttl_s=30, max_sessions=10, lease_ttl_s=5, models=MODELS, prefix="pw")
+        s = Session.fresh("m", (2, 8), 2, 1)
+        await store.create(s)
+        assert (await store.get(s.id)).id == s.id
+        await store.close()
+
+    asyncio.run(scenario())
+    plain = group.url.replace(f":{group.password}@", "")
+    wrong = group.url.replace(group.password, "not-the-password")
+    for url, says in [(plain, "needs a password"), (wrong, "refused the password")]:
+        with pytest.raises(ServiceConfigError, match=says) as refused:
+            check_credentials(url, timeout_s=1)
+        message = str(refused.value)
+        assert message.startswith("CHARSTREAM_SESSION_STORE: the session store redis+sentinel://"), message
+        assert "\n" not in message and group.password not in message and "not-the-password" not in message
 
 
 def test_tokens_never_go_backwards_when_a_replica_missed_them(redis_server: RedisServer) -> None:

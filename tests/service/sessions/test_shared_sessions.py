@@ -18,6 +18,7 @@ import pytest
 from redis import RedisError
 
 from service.sessions.record import encode
+from service.sessions.redis_store import redacted
 from service.sessions.store import Session
 from tests.redis_server import RedisServer
 from tests.utils import ServeProcess, free_port, run_server, serve_process
@@ -234,7 +235,7 @@ def test_redis_outage_is_a_clear_503_and_heals(models_dir: Path, tmp_path: Path)
             assert r.status_code == 503 and r.headers["Retry-After"] == "1"
             assert (
                 r.json()["error"]["code"] == "store_unavailable"
-                and redis.url.split("/0")[0] in r.json()["error"]["message"]
+                and redacted(redis.url).split("/0")[0] in r.json()["error"]["message"]
             )
             ready = c.get("/readyz")
             assert ready.status_code == 503 and ready.json()["session_store"]["error"]
@@ -245,6 +246,7 @@ def test_redis_outage_is_a_clear_503_and_heals(models_dir: Path, tmp_path: Path)
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
             assert c.post("/v1/sessions", json={}).status_code == 201
+        assert redis.password not in (tmp_path / "a.log").read_text()  # the outage's log lines included
     finally:
         redis.stop()
 
