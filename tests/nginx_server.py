@@ -107,9 +107,15 @@ class NginxServer:
         self.proc = None
 
     def routes(self) -> list[tuple[str, str, str]]:
-        """(request line, session, upstream addresses) for every request in the access log."""
+        """(request line, what routed it: "session" or "request", upstream addresses) for every
+        request in the access log, in the order they ended. nginx writes a request's line just after
+        its response, so the log is read once it has stopped growing for a moment."""
+        size, deadline = -1, time.monotonic() + 5
+        while size != self.access_log.stat().st_size and time.monotonic() < deadline:
+            size = self.access_log.stat().st_size
+            time.sleep(0.1)
         pattern = re.compile(
-            r'"(?P<request>[^"]*)" \d+ \d+ session="(?P<session>[^"]*)" upstream="(?P<upstream>[^"]*)"'
+            r'"(?P<request>[^"]*)" \d+ \d+ routed_by=(?P<routed_by>\w+) upstream="(?P<upstream>[^"]*)"'
         )
         found = (pattern.search(line) for line in self.access_log.read_text().splitlines())
-        return [(m["request"], m["session"], m["upstream"]) for m in found if m]
+        return [(m["request"], m["routed_by"], m["upstream"]) for m in found if m]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tomllib
 from websockets.sync.client import connect
 
 from tests.browser.parts import ensure_ort_web
@@ -34,6 +35,8 @@ from tests.utils import free_port
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 IMAGE = "localhost/charstream-smoke:test"
 TRAIN_IMAGE = "localhost/charstream-smoke-train:test"
+# The tag the compose files name: the project's version.
+COMPOSE_IMAGE = f"charstream:{tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['version']}"
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +228,7 @@ def test_compose_up_serves(engine: Engine, image: str) -> None:
     port = free_port()
     env = {**os.environ, **engine.env, "CHARSTREAM_PUBLISH_PORT": str(port)}
     # compose uses the image built above rather than building its own copy.
-    engine.run("tag", image, "charstream:latest")
+    engine.run("tag", image, COMPOSE_IMAGE)
     cmd = [*engine.compose, "-p", project, "-f", str(REPO / "compose.yaml")]
     try:
         up = subprocess.run([*cmd, "up", "-d", "serve"], capture_output=True, text=True, env=env, timeout=600)
@@ -239,12 +242,20 @@ def test_compose_up_serves(engine: Engine, image: str) -> None:
                 pass
             assert time.monotonic() < deadline, "compose service never became ready"
             time.sleep(0.2)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "A", "max_new_chars": 10}, timeout=30)
+        # The first start made a key on the state volume and printed it; /v1 needs it.
+        key = api_key(engine, f"{project}_serve_1")
+        body = {"prompt": "A", "max_new_chars": 10}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=body, timeout=30)
+        assert r.status_code == 401
+        logs = engine.run("logs", f"{project}_serve_1")
+        assert key in logs.stdout + logs.stderr  # printed once, for the one who started it
+        headers = {"Authorization": f"Bearer {key}"}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=body, headers=headers, timeout=30)
         assert r.status_code == 200 and len(r.json()["text"]) == 10
     finally:
         subprocess.run([*cmd, "down", "-v"], capture_output=True, env=env, timeout=300)
         engine.run("network", "rm", "-f", f"{project}_default", check=False)  # podman-compose leaves it
-        engine.run("rmi", "charstream:latest", check=False)
+        engine.run("rmi", COMPOSE_IMAGE, check=False)
 
 
 def test_scaled_deployment_survives_a_killed_replica(engine: Engine, image: str) -> None:
@@ -259,8 +270,9 @@ def test_scaled_deployment_survives_a_killed_replica(engine: Engine, image: str)
         "CHARSTREAM_REPLICAS": "2",  # what `--scale charstream=2` says to docker compose
         "CHARSTREAM_LEASE_TTL_S": "2",
         "CHARSTREAM_MAX_NEW_CHARS": "1000000",
+        "REDIS_PASSWORD": secrets.token_hex(16),  # what .env holds in a real deployment
     }
-    engine.run("tag", image, "charstream:latest")
+    engine.run("tag", image, COMPOSE_IMAGE)
     cmd = [*engine.compose, "-p", project, "-f", str(REPO / "compose.scale.yaml")]
     base = f"http://127.0.0.1:{port}"
     try:
@@ -280,12 +292,14 @@ def test_scaled_deployment_survives_a_killed_replica(engine: Engine, image: str)
                 pass
             assert time.monotonic() < deadline, "the scaled deployment never became ready"
             time.sleep(0.2)
-        with httpx.Client(base_url=base, timeout=30) as c:
+        key = api_key(engine, replicas[0])  # one key, made by the first replica, read by both
+        assert api_key(engine, replicas[1]) == key
+        with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}) as c:
             sid = c.post("/v1/sessions", json={"prompt": "KING:", "seed": 5}).json()["id"]
             c.headers["X-Session-Id"] = sid
             r = c.post(f"/v1/sessions/{sid}/generate", json={"max_new_chars": 30, "temperature": 0})
             assert r.status_code == 200 and len(r.json()["text"]) == 30
-            victim = _replica_serving(engine, replicas, engine.run("logs", f"{project}_nginx_1").stdout, sid)
+            victim = _replica_serving(engine, replicas, engine.run("logs", f"{project}_nginx_1").stdout)
             long = {"max_new_chars": 1_000_000, "stream": True}
             finished = False  # had the stream ended before the kill, its text would have been saved
             with contextlib.suppress(httpx.HTTPError), c.stream("POST", f"/v1/sessions/{sid}/generate", json=long) as s:
@@ -301,15 +315,26 @@ def test_scaled_deployment_survives_a_killed_replica(engine: Engine, image: str)
             assert r.status_code == 200, r.text
             assert not finished
             assert c.get(f"/v1/sessions/{sid}").json()["history_chars"] == 5 + 30 + 20
+        nginx_log = engine.run("logs", f"{project}_nginx_1").stdout
+        assert sid not in nginx_log and key not in nginx_log
+        for name in ("redis_1", *(r.removeprefix(f"{project}_") for r in replicas)):
+            logs = engine.run("logs", f"{project}_{name}")
+            assert env["REDIS_PASSWORD"] not in logs.stdout + logs.stderr, name
     finally:
         subprocess.run([*cmd, "down", "-v"], capture_output=True, env=env, timeout=300)
         engine.run("network", "rm", "-f", f"{project}_default", check=False)  # podman-compose leaves it
-        engine.run("rmi", "charstream:latest", check=False)
+        engine.run("rmi", COMPOSE_IMAGE, check=False)
 
 
-def _replica_serving(engine: Engine, replicas: list[str], nginx_log: str, sid: str) -> str:
-    """The replica nginx last sent the session to, from nginx's access log and the replicas' addresses."""
-    tried = re.findall(rf'session="{re.escape(sid)}" upstream="([^"]+)"', nginx_log)
+def api_key(engine: Engine, container: str) -> str:
+    """The key charstream made on the state volume at its first start."""
+    return engine.run("exec", container, "cat", "/state/api-key").stdout.strip()
+
+
+def _replica_serving(engine: Engine, replicas: list[str], nginx_log: str) -> str:
+    """The replica nginx last sent a session request to (the access log masks which session: the
+    test's requests run one at a time), from the log and the replicas' addresses."""
+    tried = re.findall(r'"POST /v1/sessions/-/generate [^"]*" .* routed_by=session upstream="([^"]+)"', nginx_log)
     assert tried, nginx_log[-2000:]
     address = tried[-1].split(", ")[-1].removesuffix(":8000")  # the last one tried answered
     for name in replicas:

@@ -117,15 +117,43 @@ def test_a_session_sticks_to_one_replica(shared: Deployment) -> None:
 
         # A real session: its path and its header route the same way, wherever it was created.
         sid = c.post("/v1/sessions", json={"prompt": "ROMEO:", "seed": 3}).json()["id"]
+        before = len(d.nginx.routes())  # the log names no session: this client's requests are the next lines
         for _ in range(3):
             assert c.post(f"/v1/sessions/{sid}/generate", json={"max_new_chars": 10}).status_code == 200
         assert c.get(f"/v1/sessions/{sid}").json()["history_chars"] == 6 + 30
         body = {"session_id": sid, "max_new_chars": 10}
         assert c.post("/v1/generate", json=body, headers={"X-Session-Id": sid}).status_code == 200
     home = d.replica_of(sid)
-    routed = [(request, upstream) for request, session, upstream in d.nginx.routes() if session == sid]
+    routed = d.nginx.routes()[before:]
     assert len(routed) == 3 + 1 + 1 + 1  # three generates, the info, the body-routed generate, /healthz
-    assert {upstream for _, upstream in routed} == {home.base_url.removeprefix("http://")}
+    assert {routed_by for _, routed_by, _ in routed} == {"session"}
+    assert {upstream for _, _, upstream in routed} == {home.base_url.removeprefix("http://")}
+    assert [request for request, _, _ in routed[:4]] == 3 * ["POST /v1/sessions/-/generate HTTP/1.1"] + [
+        "GET /v1/sessions/- HTTP/1.1"
+    ]
+
+
+def test_the_access_log_names_no_session_and_no_key(shared: Deployment) -> None:
+    """Session ids (in the path or the header) and keys (in a header, or wrongly in the query
+    string) reach the replicas but never nginx's access log."""
+    d = shared
+    key = secrets.token_hex(16)
+    with d.client() as c:
+        sid = c.post("/v1/sessions", json={"seed": 1}, headers={"X-API-Key": key}).json()["id"]
+        c.post(f"/v1/sessions/{sid}/generate?api_key={key}", json={"max_new_chars": 3}, headers={"X-Session-Id": sid})
+        c.get(f"/v1/sessions/{sid}", params={"api_key": key}, headers={"Authorization": f"Bearer {key}"})
+        c.post(f"/v1/sessions/{sid}/fork?api_key={key}", json={})
+        c.get("/healthz", params={"api_key": key}, headers={"X-Session-Id": sid})
+    log = d.nginx.access_log.read_text()
+    assert sid not in log and key not in log and "api_key" not in log
+    requests = [request for request, _, _ in d.nginx.routes()[-5:]]
+    assert requests == [
+        "POST /v1/sessions HTTP/1.1",
+        "POST /v1/sessions/-/generate HTTP/1.1",
+        "GET /v1/sessions/- HTTP/1.1",
+        "POST /v1/sessions/-/fork HTTP/1.1",
+        "GET /healthz HTTP/1.1",
+    ]
 
 
 def test_sse_and_websocket_stream_through_nginx(shared: Deployment) -> None:
