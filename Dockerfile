@@ -48,7 +48,10 @@ ENTRYPOINT ["python", "-m", "charstream_cli"]
 
 # ---- runtime: the serving image --------------------------------------------------------------
 FROM ${BASE_IMAGE} AS serve
-RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin charstream
+# /state keeps the API key the first start makes (CHARSTREAM_API_KEY_FILE), owned by the server's
+# user so that a fresh volume mounted there is writable too.
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin charstream \
+    && install -d -o charstream -g charstream /state
 COPY --from=venv /opt/venv /opt/venv
 COPY exports/ /app/exports/
 COPY service/ /app/service/
@@ -59,7 +62,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     CHARSTREAM_HOST=0.0.0.0 \
     CHARSTREAM_PORT=8000 \
-    CHARSTREAM_MODELS_DIR=/app/exports
+    CHARSTREAM_MODELS_DIR=/app/exports \
+    CHARSTREAM_API_KEY_FILE=/state/api-key
 USER charstream
 WORKDIR /app
 EXPOSE 8000

@@ -82,6 +82,10 @@ def serve(
     check_exposure(settings, load_keyring(settings, create_key=True))
     configure(settings.log_level, settings.log_json)
     fit_file_limit(settings.max_connections)
+    if settings.session_store != "memory":
+        from service.sessions.redis_store import check_credentials
+
+        check_credentials(settings.session_store)  # a refused password stops the start with one line
     if settings.workers > 1:
         from service.workers import Supervisor, worker_command
 

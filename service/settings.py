@@ -37,8 +37,8 @@ PREFILL_CHUNK = 256
 # The redis+sentinel:// URL names where the sentinels are and which primary they watch:
 #     redis+sentinel://[[user]:password@]host:port[,host:port...]/SERVICE[/DB]
 # The sentinels answer which server is the primary of SERVICE right now; the store connects to it
-# and asks again after a failover. A password is the data servers' (primary and replicas), not the
-# sentinels'.
+# and asks again after a failover. The URL's user and password are both the sentinels' and the
+# data servers' (primary and replicas): deployments give them the same one.
 SENTINEL_SCHEME = "redis+sentinel://"
 SENTINEL_URL_FORM = "redis+sentinel://host:port[,host:port...]/SERVICE[/DB]"
 

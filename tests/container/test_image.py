@@ -161,9 +161,15 @@ def test_image_serves_the_bundled_model(engine: Engine, image: str, containers: 
     ready, seconds = c.wait()
     print(f"\ncontainer start to ready: {seconds:.2f}s")
     assert ready.json()["models"] == ["shakespeare-lstm"]
-    r = httpx.post(f"{c.base}/v1/generate", json={"prompt": "ROMEO:", "max_new_chars": 50, "seed": 1}, timeout=30)
+    # Listening on 0.0.0.0, the image made a key on its first start and printed it.
+    key = engine.run("exec", c.name, "cat", "/state/api-key").stdout.strip()
+    printed = engine.run("logs", c.name)
+    assert len(key) >= 32 and key in printed.stdout + printed.stderr
+    body = {"prompt": "ROMEO:", "max_new_chars": 50, "seed": 1}
+    assert httpx.post(f"{c.base}/v1/generate", json=body, timeout=30).status_code == 401
+    r = httpx.post(f"{c.base}/v1/generate", json=body, headers={"X-API-Key": key}, timeout=30)
     assert r.status_code == 200 and len(r.json()["text"]) == 50
-    with connect(f"ws://127.0.0.1:{c.port}/v1/stream") as ws:
+    with connect(f"ws://127.0.0.1:{c.port}/v1/stream", subprotocols=["charstream", f"charstream.key.{key}"]) as ws:  # type: ignore[list-item]
         ws.send(json.dumps({"type": "generate", "prompt": "KING:", "max_new_chars": 20}))
         texts, final = [], None
         while final is None:
@@ -189,7 +195,8 @@ def test_image_serves_the_bundled_model(engine: Engine, image: str, containers: 
     assert httpx.get(f"{c.base}/playground.json", timeout=10).json()["ort_web"]
     wasm = httpx.get(f"{c.base}/static/ort/ort-wasm-simd-threaded.wasm", timeout=30)
     assert wasm.status_code == 200 and wasm.headers["content-type"] == "application/wasm"
-    assert httpx.get(f"{c.base}/v1/models/shakespeare-lstm/cells", timeout=10).json()["features"]
+    cells = httpx.get(f"{c.base}/v1/models/shakespeare-lstm/cells", headers={"X-API-Key": key}, timeout=10)
+    assert cells.json()["features"]
 
 
 def test_broken_models_volume_starts_not_ready(

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import websockets
 
+from tests.redis_server import RedisServer
 from tests.utils import ServeProcess, serve_process
 
 STREAMS = 100
@@ -142,3 +143,16 @@ def test_the_escape_hatches_start_it(models_dir: Path, tmp_path: Path, how: str)
         assert key in s.log.read_text()  # made on the first start and printed, as a notebook's token
         authed = httpx.post(f"{s.base_url}/v1/generate", json={"max_new_chars": 2}, headers={"X-API-Key": key})
         assert authed.status_code == 200
+
+
+def test_a_redis_that_refuses_the_password_stops_the_start(models_dir: Path, redis_server: RedisServer) -> None:
+    import os
+    import subprocess
+    import sys
+
+    without = redis_server.url.replace(f":{redis_server.password}@", "")
+    env = os.environ | {"CHARSTREAM_MODELS_DIR": str(models_dir), "CHARSTREAM_SESSION_STORE": without}
+    refused = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert "CHARSTREAM_SESSION_STORE" in lines[0] and "needs a password" in lines[0]
