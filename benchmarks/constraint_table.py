@@ -55,9 +55,9 @@ def train_json_model(folder: Path) -> Path:
     config = TrainConfig(
         data=[str(corpus)],
         out=str(folder / "run"),
-        layers=2,
-        hidden=128,
-        embedding=32,
+        num_layers=2,
+        hidden_size=128,
+        embedding_size=32,
         seq_len=64,
         batch_size=32,
         lr=3e-3,

@@ -67,7 +67,10 @@ def main() -> None:
         runs = {
             "fine-tuned from the bundled model": dict(init_from=args.prior),
             "from scratch, same architecture": dict(
-                cell=prior.cell, layers=prior.num_layers, hidden=prior.hidden_size, embedding=prior.embedding_size
+                cell=prior.cell,
+                num_layers=prior.num_layers,
+                hidden_size=prior.hidden_size,
+                embedding_size=prior.embedding_size,
             ),
         }
         for name, extra in runs.items():

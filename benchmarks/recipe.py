@@ -29,9 +29,9 @@ from training.train import train
 REPO = Path(__file__).resolve().parents[1]
 BASE: dict[str, Any] = dict(
     cell="lstm",
-    layers=2,
-    hidden=512,
-    embedding=64,
+    num_layers=2,
+    hidden_size=512,
+    embedding_size=64,
     seq_len=128,
     batch_size=64,
     lr=3e-3,

@@ -22,7 +22,8 @@ def setting(default: T, help: str, **flag: Any) -> T:
     """A field with its default, its `--help` line and any further argparse keywords (`nargs`, `choices`).
 
     `exclusive="<group>"` puts the flag in a mutually exclusive group with the others of that name;
-    `positional=True` makes it an argument; `flag=False` gives it none (the command fills it in).
+    `positional=True` makes it an argument; `flag=False` gives it none (the command fills it in);
+    `aliases=("--old-name",)` are further spellings of the flag, so a renamed flag's scripts keep working.
     A bool that defaults to True is the flag `--no-<name>`; its help says what the flag does.
     """
     return dataclasses.field(default=default, metadata={"help": help, **flag})
@@ -54,6 +55,7 @@ def add_flags(parser: argparse.ArgumentParser, config: type) -> None:
                 groups[name] = parser.add_mutually_exclusive_group()
             target = groups[name]
         positional = keywords.pop("positional", False)
+        aliases = keywords.pop("aliases", ())
         flag = f.name if positional else "--" + f.name.replace("_", "-")
         value_type = _value_type(types[f.name])
         if value_type is bool:
@@ -69,7 +71,7 @@ def add_flags(parser: argparse.ArgumentParser, config: type) -> None:
             else:
                 # argparse's append adds to a copy of the default, which must be a list.
                 keywords["default"] = list(f.default) if keywords.get("action") == "append" else f.default
-        target.add_argument(flag, **keywords)
+        target.add_argument(flag, *aliases, **keywords)
 
 
 def _one_line_errors(parse: Callable[[str], object]) -> Callable[[str], object]:
@@ -111,13 +113,12 @@ def run(
     func: Command,
     args: argparse.Namespace,
     user_errors: tuple[type[BaseException], ...],
-    message: Callable[[BaseException], str] = str,
 ) -> int:
     """A sub-command's exit code: a user error is one line on stderr and exit code 2, never a traceback."""
     try:
         return func(args)
     except user_errors as exc:
-        print(f"charstream {command}: error: {message(exc)}", file=sys.stderr)
+        print(f"charstream {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"charstream {command}: interrupted", file=sys.stderr)

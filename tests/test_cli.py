@@ -40,7 +40,7 @@ def test_train_sample_eval(tmp_path: Path, corpus_file: Path) -> None:
         str(out),
         "--max-steps",
         "20",
-        "--hidden",
+        "--hidden-size",
         "16",
         "--batch-size",
         "8",
@@ -77,24 +77,46 @@ def test_train_bad_corpus(tmp_path: Path, content: bytes, fragment: str) -> None
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--layers", "0"], "--layers must be at least 1"),
-        (["--lr", "-0.001"], "--lr must be positive"),
-        (["--cell", "tanh"], "--cell must be one of lstm, gru, rnn"),
-        (["--dropout", "2"], "--dropout must be in"),
-        (["--embedding-dropout", "1"], "--embedding-dropout must be in"),
-        (["--hidden", "0"], "--hidden must be at least 1"),
-        (["--cell", "rnn", "--forget-bias", "1"], "--forget-bias needs a gated cell"),
-        (["--batch-size", "5000"], "too short for --batch-size 5000 x --seq-len 128"),
-        (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
-        (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16"),
-        (["--eval-chars", "-1"], "--eval-chars must be at least 0"),
-        (["--freeze-layers", "1"], "--freeze-layers needs --init-from"),
-        (["--init-from", "/no/such/model.pt"], "--init-from /no/such/model.pt does not exist"),
+        (["--num-layers", "0"], "num_layers must be at least 1"),
+        (["--lr", "-0.001"], "lr must be positive"),
+        (["--cell", "tanh"], "cell must be one of lstm, gru, rnn"),
+        (["--dropout", "2"], "dropout must be in"),
+        (["--embedding-dropout", "1"], "embedding_dropout must be in"),
+        (["--hidden-size", "0"], "hidden_size must be at least 1"),
+        (["--embedding-size", "0"], "embedding_size must be at least 1"),
+        (["--cell", "rnn", "--forget-bias", "1"], "forget_bias needs a gated cell"),
+        (["--batch-size", "5000"], "too short for batch_size 5000 x seq_len 128"),
+        (["--val-fraction", "1.5"], "val_fraction must be between 0 and 1"),
+        (["--precision", "fp8"], "precision must be one of auto, fp32, bf16, fp16"),
+        (["--eval-chars", "-1"], "eval_chars must be at least 0"),
+        (["--freeze-layers", "1"], "freeze_layers needs init_from"),
+        (["--init-from", "/no/such/model.pt"], "init_from /no/such/model.pt does not exist"),
+        # The flags' earlier names still set the same settings.
+        (["--layers", "0"], "num_layers must be at least 1"),
+        (["--hidden", "0"], "hidden_size must be at least 1"),
+        (["--embedding", "0"], "embedding_size must be at least 1"),
     ],
 )
 def test_train_nonsense_hyper_parameters(tmp_path: Path, corpus_file: Path, args: list[str], fragment: str) -> None:
     result = charstream("train", "--data", str(corpus_file), "--out", str(tmp_path / "o"), *args)
     assert_one_line_error(result, fragment)
+
+
+def test_train_flags_name_the_settings_and_keep_their_earlier_names() -> None:
+    """--num-layers, --hidden-size, --embedding-size as the manifest names them; --layers, --hidden, --embedding too."""
+    import argparse
+
+    from exports.cli import config_from
+    from training.cli import COMMANDS
+    from training.config import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    COMMANDS["train"](parser)
+    sizes = ("3", "40", "8")
+    for flags in (("--num-layers", "--hidden-size", "--embedding-size"), ("--layers", "--hidden", "--embedding")):
+        argv = ["--data", "corpus.txt", *(x for pair in zip(flags, sizes, strict=True) for x in pair)]
+        cfg = config_from(TrainConfig, parser.parse_args(argv))
+        assert (cfg.num_layers, cfg.hidden_size, cfg.embedding_size) == (3, 40, 8)
 
 
 def test_sample_bad_inputs(tmp_path: Path, checkpoints: dict[str, Path]) -> None:

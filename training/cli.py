@@ -8,24 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
 
 from exports.cli import Command, add_flags, config_from, int_value, run
 from training.errors import UserError
-
-# The library names its settings as its dataclasses do; the command line has its own flags.
-FLAGS = {"num_layers": "--layers", "hidden_size": "--hidden", "embedding_size": "--embedding"}
-
-
-def _in_flags(exc: BaseException) -> str:
-    """An error message with the library's setting names replaced by this command's flags."""
-    message = str(exc)
-    for name in getattr(exc, "settings", ()):
-        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
-        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", flag, message)
-    return message
 
 
 def _is_main_process() -> bool:
@@ -126,4 +113,4 @@ COMMANDS = {"train": _train_flags, "sample": _sample_flags, "eval": _eval_flags,
 def main(command: str, argv: Sequence[str], description: str) -> int:
     parser = argparse.ArgumentParser(prog=f"charstream {command}", description=description)
     func = COMMANDS[command](parser)
-    return run(command, func, parser.parse_args(argv), (UserError,), _in_flags)
+    return run(command, func, parser.parse_args(argv), (UserError,))

@@ -33,9 +33,10 @@ class TrainConfig:
     data: list[str] = field(metadata={"help": "file(s) or a folder of UTF-8 text", "nargs": "+"})
     out: str = setting("runs/default", "folder for best.pt, last.pt, metrics")
     cell: str = setting("lstm", "lstm, gru or rnn (vanilla tanh RNN)")
-    layers: int = setting(2, "stacked recurrent layers")
-    hidden: int = setting(256, "units (state size) per recurrent layer")
-    embedding: int = setting(64, "size of a character's embedding")
+    # Named as ModelConfig and the exported manifest name them; the aliases are the flags' earlier names.
+    num_layers: int = setting(2, "stacked recurrent layers", aliases=("--layers",))
+    hidden_size: int = setting(256, "units (state size) per recurrent layer", aliases=("--hidden",))
+    embedding_size: int = setting(64, "size of a character's embedding", aliases=("--embedding",))
     dropout: float = setting(0.0, "between layers and before the head")
     embedding_dropout: float = setting(0.0, "on the embedded chars")
     weight_drop: float = setting(0.0, "drop units of the recurrent matrices (DropConnect, as AWD-LSTM), per window")
@@ -133,9 +134,9 @@ class TrainConfig:
         return ModelConfig(
             vocab_size=vocab_size,
             cell=self.cell,
-            num_layers=self.layers,
-            hidden_size=self.hidden,
-            embedding_size=self.embedding,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            embedding_size=self.embedding_size,
             dropout=self.dropout,
             embedding_dropout=self.embedding_dropout,
             weight_drop=self.weight_drop,

@@ -1,4 +1,4 @@
-"""The training library's errors, in its own words; the CLI turns them into flags and exit codes."""
+"""The training library's errors, in its own words; the CLI prints them as one line with exit code 2."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ class UserError(Exception):
 
 
 class InvalidSetting(UserError):
-    """A setting outside what the library accepts, named as the library names it (`num_layers`).
+    """A setting outside what the library accepts, named by its one name (`num_layers`).
 
-    `settings` lists the setting names the message mentions, so a front end can say them its own
-    way: the CLI writes `--layers` where the library writes `num_layers`.
+    A setting has the same name in the library, the checkpoint and the exported manifest, and
+    its flag is that name with dashes (`--num-layers`), so the message needs no translation.
+    `settings` lists the settings the message names.
     """
 
     def __init__(self, message: str, settings: Sequence[str]) -> None:

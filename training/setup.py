@@ -136,7 +136,7 @@ def _data(cfg: TrainConfig) -> _Data:
         # The run's settings name the architecture it really has (checkpoints record them).
         pc = prior.config
         cfg = dataclasses.replace(
-            cfg, cell=pc.cell, layers=pc.num_layers, hidden=pc.hidden_size, embedding=pc.embedding_size
+            cfg, cell=pc.cell, num_layers=pc.num_layers, hidden_size=pc.hidden_size, embedding_size=pc.embedding_size
         )
     else:
         vocab = Vocabulary.from_text(corpus.text)

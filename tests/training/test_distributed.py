@@ -19,8 +19,8 @@ from training.train import train
 # machines' summation orders.
 TOLERANCE = 1e-4
 SETTINGS = dict(
-    hidden=32,
-    embedding=16,
+    hidden_size=32,
+    embedding_size=16,
     seq_len=16,
     batch_size=8,
     lr=1e-2,
@@ -115,7 +115,7 @@ def test_no_gloo_thread_outlives_the_training(tmp_path: Path, corpus_file: Path)
         "from tests.utils import tiny_train_config\n"
         "from training.train import train\n"
         f"train(tiny_train_config(Path({str(corpus_file)!r}), Path({str(tmp_path / 'run')!r}), max_steps=4,"
-        " eval_interval=2, hidden=16, embedding=8, seq_len=16, batch_size=8))\n"
+        " eval_interval=2, hidden_size=16, embedding_size=8, seq_len=16, batch_size=8))\n"
         "names = sorted(open(f).read().strip() for f in glob.glob('/proc/self/task/*/comm'))\n"
         f"Path({str(tmp_path)!r}, 'threads-' + os.environ['RANK']).write_text(' '.join(names))\n"
     )

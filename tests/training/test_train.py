@@ -70,9 +70,24 @@ def test_resume_is_exact(tmp_path: Path, corpus_file: Path, cell: str) -> None:
 def test_resume_rejects_a_different_model(tmp_path: Path, corpus_file: Path) -> None:
     train(tiny_train_config(corpus_file, tmp_path, max_steps=10, eval_interval=10))
     with pytest.raises(UserError, match="cannot resume"):
-        train(tiny_train_config(corpus_file, tmp_path, max_steps=20, hidden=64, resume=True))
+        train(tiny_train_config(corpus_file, tmp_path, max_steps=20, hidden_size=64, resume=True))
     with pytest.raises(UserError, match="already at step 10"):
         train(tiny_train_config(corpus_file, tmp_path, max_steps=10, resume=True))
+
+
+def test_resume_of_a_run_saved_under_the_earlier_setting_names(tmp_path: Path, corpus_file: Path) -> None:
+    """A last.pt whose training config still says layers/hidden/embedding resumes: only model_config is read."""
+    train(tiny_train_config(corpus_file, tmp_path, max_steps=10, eval_interval=10))
+    last = tmp_path / "last.pt"
+    ckpt = load_checkpoint(last)
+    config = ckpt["train_config"]
+    earlier = {"num_layers": "layers", "hidden_size": "hidden", "embedding_size": "embedding"}
+    ckpt["train_config"] = {earlier.get(k, k): v for k, v in config.items()}
+    save_atomic(ckpt, last)
+    train(tiny_train_config(corpus_file, tmp_path, max_steps=20, eval_interval=10, resume=True))
+    resumed = load_checkpoint(last)
+    assert resumed["step"] == 20
+    assert {"num_layers", "hidden_size", "embedding_size"} <= resumed["train_config"].keys()
 
 
 def test_resume_without_checkpoint(tmp_path: Path, corpus_file: Path) -> None:
@@ -144,7 +159,7 @@ def test_foreign_checkpoint(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         ({"lr": -0.1}, "lr must be positive"),
-        ({"layers": 0}, "num_layers must be at least 1"),
+        ({"num_layers": 0}, "num_layers must be at least 1"),
         ({"max_steps": 0}, "max_steps must be at least 1"),
         ({"schedule": "linear"}, "schedule must be one of"),
         ({"device": "tpu"}, "device must be one of auto, cpu, cuda"),
