@@ -1,11 +1,18 @@
-"""What a batch of sampling jobs works out once: its rows, its sampler, its RNG draws, what changes its logits.
+"""What an iteration steps: which prompts read a chunk, and what a batch of sampling jobs works out once.
 
-While nobody joins, leaves or ends, a step's batch is the same jobs in the same order from one
-step to the next (the steady state of many streams), so the scheduler keeps the plan and a step
-of it does no per-job filtering or parameter lookup: only the per-row RNG draws and the events.
+Chunked prefill: an iteration reads at most `prefill_chunk` prompt positions, prompts of equal
+chunk length sharing one seq=T call, so a long prompt is read between decode steps instead of
+stalling them (`prefill_groups`).
+
+A `StepPlan` is a sampling batch's rows, sampler, RNG draws and what changes its logits. While
+nobody joins, leaves or ends, a step's batch is the same jobs in the same order from one step to
+the next (the steady state of many streams), so the scheduler keeps the plan and a step of it
+does no per-job filtering or parameter lookup: only the per-row RNG draws and the events.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -13,6 +20,23 @@ from service.core.constraints import CharMatcher
 from service.core.jobs import Job
 from service.core.sampling import BatchSampler
 from service.core.slots import SlotTable
+
+
+def prefill_groups(prefilling: Iterable[Job], budget: int) -> dict[int, list[Job]]:
+    """The prompts that read a chunk this iteration, by chunk length, oldest first: at most `budget`
+    positions in all (counting each length once, as one call reads each group), each chunk at most
+    `budget` long. The oldest prompt always reads, so every prompt is read in the end."""
+    groups: dict[int, list[Job]] = {}
+    positions = 0
+    for job in prefilling:
+        n = min(budget, len(job.prompt) - job.read)
+        if n not in groups:
+            if positions and positions + n > budget:
+                continue
+            positions += n
+            groups[n] = []
+        groups[n].append(job)
+    return groups
 
 
 class StepPlan:
