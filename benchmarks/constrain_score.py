@@ -21,8 +21,8 @@ import numpy as np
 from benchmarks.common import table, write_results
 from service.core.constraints import ConstraintCompiler
 from service.core.sampling import ConstraintSpec, SamplingParams
+from service.serving.facade import GenerationService
 from service.serving.registry import load_registry
-from service.serving.service import GenerationService
 from service.settings import Settings
 
 WORDS = r"([A-Z][a-z]{0,12}|[a-z]{1,12})([ ,;:'.!?\n]{1,2}([A-Z][a-z]{0,12}|[a-z]{1,12})){0,400}"

@@ -18,8 +18,8 @@ from pathlib import Path
 from benchmarks.common import table, write_results
 from benchmarks.constraint_cases import JSON_CASES, SHAKESPEARE_CASES, Case, balanced, choice, json_lines, regex
 from service.core.sampling import ConstraintSpec, SamplingParams
+from service.serving.facade import GenerationService
 from service.serving.registry import load_registry
-from service.serving.service import GenerationService
 from service.settings import Settings
 
 CASES: list[Case] = [

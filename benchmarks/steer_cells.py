@@ -16,8 +16,8 @@ from typing import Any
 
 from benchmarks.common import table, write_results
 from service.core.sampling import SamplingParams, SteerSpec
+from service.serving.facade import GenerationService
 from service.serving.registry import load_registry
-from service.serving.service import GenerationService
 from service.settings import Settings
 
 SAMPLES, CHARS = 32, 400

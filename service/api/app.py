@@ -21,8 +21,8 @@ from service.api.openai.errors import openai_error
 from service.api.playground import routes as playground
 from service.api.quotas import RateLimits
 from service.metrics import Metrics
+from service.serving.facade import GenerationService
 from service.serving.registry import ModelRegistry, load_registry
-from service.serving.service import GenerationService
 from service.serving.swaps import ModelSwapper
 from service.settings import Settings, load_settings
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from service.serving.service import GenerationService
+from service.serving.facade import GenerationService
 from service.settings import Settings
 
 

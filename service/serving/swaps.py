@@ -33,7 +33,7 @@ from service.errors import NotFound
 from service.serving.registry import VARIANT_FILES, ModelLoadError, load_folder, stamp
 
 if TYPE_CHECKING:
-    from service.serving.service import GenerationService
+    from service.serving.facade import GenerationService
 
 log = logging.getLogger("charstream.swaps")
 

@@ -39,7 +39,7 @@ from service.errors import (
     TooLarge,
     UnknownMessageType,
 )
-from service.serving.service import GenerationService
+from service.serving.facade import GenerationService
 
 log = logging.getLogger("charstream.ws")
 router = APIRouter()

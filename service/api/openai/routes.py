@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP routes: completions and the models list.
 
-HTTP only: the logic is in serving.py beside this file. Every error on these paths takes OpenAI's
+HTTP only: the logic is in completions.py beside this file. Every error on these paths takes OpenAI's
 shape (app.py registers errors.py's builder for them), so the `openai` client raises its typed
 exceptions.
 """
@@ -13,9 +13,9 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from service.api.deps import ServiceDep
+from service.api.openai.completions import CompletionServing
 from service.api.openai.errors import OPENAI_ERRORS
 from service.api.openai.protocol import CompletionRequest, CompletionResponse, ModelCard, ModelList
-from service.api.openai.serving import CompletionServing
 from service.api.sse import SSE_HEADERS, STREAMING
 from service.errors import PermissionDenied
 

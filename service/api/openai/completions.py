@@ -38,7 +38,7 @@ from service.core.events import Completed, Failed, PromptEvent, StreamEvent, Tex
 from service.core.generation import Generation, GenerationResult
 from service.core.sampling import is_greedy
 from service.errors import ApiError, InternalError, InvalidInput
-from service.serving.service import GenerationService
+from service.serving.facade import GenerationService
 
 log = logging.getLogger("charstream.openai")
 

@@ -1,0 +1,89 @@
+"""What a session's own routes do: create one (reading its prompt), read it, delete, reset, fork,
+and feed it text (with the fed text's logprobs or ranks when asked). Generating on a session is
+in generate.py; the leases and write-backs under all of them are in leases.py.
+"""
+
+from __future__ import annotations
+
+from service.core.events import PromptEvent
+from service.core.generation import Generation
+from service.core.sampling import SamplingParams
+from service.errors import TooLarge
+from service.serving.checks import MAX_ANNOTATED_PROMPT, prompt_ids
+from service.serving.leases import fresh_session, leased, save, start_job
+from service.serving.registry import LoadedModel
+from service.serving.resources import Resources
+from service.sessions.store import Lease, Session
+
+
+class SessionOps:
+    def __init__(self, res: Resources) -> None:
+        self.res = res
+
+    async def create(self, model_id: str | None, prompt: str, seed: int | None) -> Session:
+        self.res.refuse_when_draining()
+        model = self.res.registry.get(model_id)
+        ids = prompt_ids(self.res, model, prompt, "prompt")
+        session = fresh_session(model, seed)
+        await self.res.store.create(session)
+        if ids:
+            async with leased(self.res.store, session.id) as (session, lease):
+                feeding = self._feed_job(session, lease, model, ids)
+            await feeding.result()
+        return session
+
+    async def get(self, session_id: str) -> Session:
+        return await self.res.store.get(session_id)
+
+    async def delete(self, session_id: str) -> None:
+        async with leased(self.res.store, session_id) as (_, lease):  # 409 while a request runs on it
+            await self.res.store.delete(lease)
+
+    async def reset(self, session_id: str) -> Session:
+        async with leased(self.res.store, session_id) as (session, lease):
+            session.reset()
+            await save(self.res.store, session, lease)
+        return session
+
+    async def fork(self, session_id: str, seed: int | None) -> Session:
+        self.res.refuse_when_draining()
+        async with leased(self.res.store, session_id) as (session, lease):
+            child = session.fork(seed)
+            await self.res.store.create(child)
+            await self.res.store.release(lease)
+        return child
+
+    async def feed(self, session_id: str, text: str) -> tuple[Session, int]:
+        session, n, _ = await self.feed_scored(session_id, text, SamplingParams(max_new_chars=0))
+        return session, n
+
+    async def feed_scored(
+        self, session_id: str, text: str, params: SamplingParams
+    ) -> tuple[Session, int, PromptEvent | None]:
+        """Feed a session, with the fed text's logprobs or ranks when `params` asks (read in chunks, batched)."""
+        self.res.refuse_when_draining()
+        async with leased(self.res.store, session_id) as (session, lease):
+            model = self.res.registry.get(session.model)
+            ids = prompt_ids(self.res, model, text, "text")
+            if params.annotates_prompt and len(ids) > MAX_ANNOTATED_PROMPT:
+                raise TooLarge(
+                    f"text has {len(ids)} characters; per-character logprobs of a text are limited to "
+                    f"{MAX_ANNOTATED_PROMPT}",
+                    field="text",
+                )
+            feeding = self._feed_job(session, lease, model, ids, params)
+        result = await feeding.result()
+        return session, len(ids), result.prompt
+
+    def _feed_job(
+        self,
+        session: Session,
+        lease: Lease,
+        model: LoadedModel,
+        ids: list[int],
+        params: SamplingParams | None = None,
+    ) -> Generation:
+        """Start reading `ids` into a leased session; its end saves the session and ends the lease."""
+        job, saved = start_job(self.res, session, lease, model, ids, params or SamplingParams(max_new_chars=0))
+        scheduler = self.res.schedulers[model.id]
+        return Generation(job, scheduler, model.id, session.id, len(ids), saved=saved)
