@@ -8,8 +8,14 @@ import logging.config
 import re
 from typing import Any
 
-# Query parameters whose values are secrets (browsers send the WebSocket API key in the URL).
+# Query parameters whose values are secrets (an old client may still put the WebSocket key in the URL).
 SECRET_PARAMS = re.compile(r"((?:api_key|apikey|key|token|access_token)=)[^&\s\"']*", re.IGNORECASE)
+# Request headers that carry a key, as uvicorn's and websockets' debug lines print them ("< name: value").
+SECRET_HEADERS = re.compile(r"((?:authorization|x-api-key|cookie|proxy-authorization):\s*).*", re.IGNORECASE)
+# The WebSocket key rides in a subprotocol (charstream.key.KEY), which the handshake's debug lines print.
+SECRET_SUBPROTOCOL = re.compile(r"(charstream\.key\.)[^,\s\"']*")
+# A session id is a bearer of the session's state: it stays out of the access log, as nginx's leaves it out.
+SESSION_PATH = re.compile(r"(/v1/sessions/)[^/?\s\"']+")
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",
@@ -35,17 +41,25 @@ class JsonFormatter(logging.Formatter):
 
 
 def redact(text: str) -> str:
-    return SECRET_PARAMS.sub(r"\1[redacted]", text)
+    text = SECRET_PARAMS.sub(r"\1[redacted]", text)
+    text = SECRET_HEADERS.sub(r"\1[redacted]", text)
+    text = SECRET_SUBPROTOCOL.sub(r"\1[redacted]", text)
+    return SESSION_PATH.sub(r"\1[id]", text)
 
 
 class RedactSecrets(logging.Filter):
-    """Blanks secret query parameters in uvicorn's access and WebSocket lines before they are written."""
+    """Blanks keys and session ids in every line before it is written.
+
+    The line is formatted first, then redacted: a header's name and its value arrive as two separate
+    arguments ("< %s: %s"), so only the whole line shows which value is a secret.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed call: keep what there is, redacted
+            message = str(record.msg)
+        record.msg, record.args = redact(message), ()
         return True
 
 

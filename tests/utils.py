@@ -101,6 +101,9 @@ class ServeProcess:
     ws_url: str
     log: Path
 
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]
+
 
 @contextlib.contextmanager
 def serve_process(log: Path, port: int | None = None, **env: str) -> Iterator[ServeProcess]:
