@@ -122,29 +122,13 @@ def generate(
     stdout: IO[str] | None = None,
 ) -> Summary:
     """Run the job to its n samples (or its attempt bound) and return what it did."""
-    # One run read top to bottom (set-up, resume, the loop over attempts, the summary): its steps share
-    # the run's files, counters and filters, so they stay in one function.
     check(config)
-    try:
-        path = contract.model_file(config.model, config.variant)
-    except contract.ContractError as exc:
-        raise BatchError(f"MODEL: {exc}".replace("(variant ", "(--variant ")) from None
-    try:
-        engine = Engine(path, config.threads)
-    except Exception as exc:  # onnxruntime's own classes for a damaged file; a contract error
-        raise BatchError(f"MODEL: cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
-    info = engine.info
-    prompt = _encode(info, config.prompt or DEFAULT_START, "--prompt")
-    terminators = tuple(tuple(_encode(info, t, "--until" if t == config.until else "--stop")) for t in _ends(config))
-    if config.top_k > info.vocab_size:
-        raise BatchError(f"--top-k is {config.top_k}; the model has {info.vocab_size} characters")
-    identity = config.identity(contract.file_sha256(path))
-
+    engine, path = _open_engine(config)
     summary = Summary(wanted=shard_share(config.n, config.shard))
     seen: set[str] = set()
     start = 0
     if config.out is not None:
-        start = _prepare_output(config, identity, seen, summary)
+        start = _prepare_output(config, config.identity(contract.file_sha256(path)), seen, summary)
     index = None
     if config.novel is not None:
         index = NoveltyIndex.open(config.novel, config.until or "\n", path.parent)
@@ -154,53 +138,22 @@ def generate(
         return summary
 
     i, shards = config.shard
-    spec = SampleSpec(
-        sampling=sampling_of(config),
-        terminators=terminators,
-        max_chars=config.max_chars,
-        constraint=None if config.constraint is None else ConstraintSpec(*config.constraint),
-    )
     batch = min(config.batch, summary.wanted - summary.samples)
-    try:
-        loop = StepLoop(engine, prompt, spec, batch)
-    except ConstraintRefused as exc:
-        assert config.constraint is not None
-        raise BatchError(f"--{config.constraint[0]} cannot be used with this model: {exc}") from None
+    loop = _step_loop(config, engine, batch)
     limit = config.max_attempts if config.max_attempts is not None else 10 * summary.wanted
-    local = itertools.islice(itertools.count(start), limit)
-    attempts: Iterator[int] = (j * shards + i for j in local)
-    vocab = np.array(info.vocab)
+    attempts: Iterator[int] = (j * shards + i for j in itertools.islice(itertools.count(start), limit))
+    vocab = np.array(engine.info.vocab)
     pending: dict[int, tuple[str, float, str]] = {}
     following = start * shards + i  # the next attempt to judge, in order
-    out = stdout or sys.stdout
     sink = config.out.open("a", encoding="utf-8") if config.out is not None else None
+    judge = _Judge(config, summary, seen, index, sink or stdout or sys.stdout)
     began, began_cpu = time.perf_counter(), time.process_time()
     try:
         for done in loop.run(attempts, config.seed):
             summary.chars += done.drawn
             pending[done.attempt] = ("".join(vocab[done.ids].tolist()), done.nll, done.finish_reason)
             while following in pending:
-                text, nll, reason = pending.pop(following)
-                summary.attempts += 1
-                if reason == "invalid":
-                    summary.invalid += 1
-                elif config.unique and text in seen:
-                    summary.duplicates += 1
-                elif index is not None and text in index:
-                    summary.in_corpus += 1
-                else:
-                    record = {"text": text, "nll": round(nll, 4), "finish_reason": reason, "sample": following}
-                    line = json.dumps(record, ensure_ascii=False) + "\n"
-                    if sink is not None:
-                        sink.write(line)
-                        sink.flush()  # a kill loses at most the line being written, which --resume drops
-                    else:
-                        out.write(line)
-                    summary.samples += 1
-                    summary.unique += text not in seen
-                    seen.add(text)
-                    if summary.novel is not None:
-                        summary.novel += 1
+                judge(following, *pending.pop(following))
                 following += shards
                 if on_sample is not None:
                     on_sample(summary)
@@ -213,6 +166,68 @@ def generate(
         if sink is not None:
             sink.close()
     return summary
+
+
+def _open_engine(config: GenerateConfig) -> tuple[Engine, Path]:
+    """The model's engine and file, with a damaged or missing one reported against MODEL."""
+    try:
+        path = contract.model_file(config.model, config.variant)
+    except contract.ContractError as exc:
+        raise BatchError(f"MODEL: {exc}".replace("(variant ", "(--variant ")) from None
+    try:
+        return Engine(path, config.threads), path
+    except Exception as exc:  # onnxruntime's own classes for a damaged file; a contract error
+        raise BatchError(f"MODEL: cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _step_loop(config: GenerateConfig, engine: Engine, batch: int) -> StepLoop:
+    """The batch's step loop: the prompt, the ends and the constraint checked against the model."""
+    info = engine.info
+    prompt = _encode(info, config.prompt or DEFAULT_START, "--prompt")
+    terminators = tuple(tuple(_encode(info, t, "--until" if t == config.until else "--stop")) for t in _ends(config))
+    if config.top_k > info.vocab_size:
+        raise BatchError(f"--top-k is {config.top_k}; the model has {info.vocab_size} characters")
+    spec = SampleSpec(
+        sampling=sampling_of(config),
+        terminators=terminators,
+        max_chars=config.max_chars,
+        constraint=None if config.constraint is None else ConstraintSpec(*config.constraint),
+    )
+    try:
+        return StepLoop(engine, prompt, spec, batch)
+    except ConstraintRefused as exc:
+        assert config.constraint is not None
+        raise BatchError(f"--{config.constraint[0]} cannot be used with this model: {exc}") from None
+
+
+@dataclass
+class _Judge:
+    """Keeps or rejects each attempt, in attempt order, and writes the kept ones as JSONL."""
+
+    config: GenerateConfig
+    summary: Summary
+    seen: set[str]
+    index: NoveltyIndex | None
+    out: IO[str]
+
+    def __call__(self, attempt: int, text: str, nll: float, reason: str) -> None:
+        summary = self.summary
+        summary.attempts += 1
+        if reason == "invalid":
+            summary.invalid += 1
+        elif self.config.unique and text in self.seen:
+            summary.duplicates += 1
+        elif self.index is not None and text in self.index:
+            summary.in_corpus += 1
+        else:
+            record = {"text": text, "nll": round(nll, 4), "finish_reason": reason, "sample": attempt}
+            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.out.flush()  # a kill loses at most the line being written, which --resume drops
+            summary.samples += 1
+            summary.unique += text not in self.seen
+            self.seen.add(text)
+            if summary.novel is not None:
+                summary.novel += 1
 
 
 def _ends(config: GenerateConfig) -> list[str]:
