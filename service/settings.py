@@ -195,7 +195,13 @@ class Settings(BaseSettings):
         default=None, gt=0, description="characters a second (read and written) per key or client address"
     )
     max_sessions_per_key: int | None = Field(
-        default=None, ge=0, description="sessions one key (or client address) may hold at once unless its own"
+        default=None, ge=0, description="sessions one key may hold at once unless its own (without keys: max_sessions)"
+    )
+    max_request_work: int = Field(
+        default=2_000_000,
+        ge=1,
+        description="characters one request may read and write in all, each alternative returned with a character "
+        "(logprobs) counted as one more; more answers 413 before any work starts",
     )
     metrics_need_key: bool = Field(default=False, description="/metrics needs a key with the metrics scope")
     docs: bool = Field(default=True, description="serve /docs, /redoc and /openapi.json")

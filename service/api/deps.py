@@ -1,4 +1,5 @@
-"""FastAPI dependencies as Annotated aliases: the service and the settings the app was built with."""
+"""FastAPI dependencies as Annotated aliases: the service and the settings the app was built with,
+and the caller's identity as a session owner."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Annotated
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
+from service.api.quotas import owner_of
 from service.serving.facade import GenerationService
+from service.sessions.store import Owner
 from service.settings import Settings
 
 
@@ -23,3 +26,4 @@ def get_settings(conn: HTTPConnection) -> Settings:
 
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+OwnerDep = Annotated[Owner, Depends(owner_of)]

@@ -28,6 +28,7 @@ from starlette.requests import HTTPConnection
 from service.api.keys import ApiKey, Keyring, Quota
 from service.errors import RateLimited, TooLarge
 from service.metrics import Metrics
+from service.sessions.store import ANYONE, Owner
 from service.settings import SENTINEL_SCHEME, Settings
 
 log = logging.getLogger("charstream.quotas")
@@ -126,6 +127,15 @@ class RateLimits:
         for each in [client, *getattr(client, "sentinels", [])]:
             if each is not None and hasattr(each, "aclose"):
                 await each.aclose()
+
+
+def owner_of(conn: HTTPConnection) -> Owner:
+    """Whose sessions the request may touch: its key's, with the key's session cap; on a server
+    without keys, anyone's (the sessions cap is then the server's, max_sessions)."""
+    key: ApiKey | None = conn.scope.get("state", {}).get("api_key")
+    if key is None:
+        return ANYONE
+    return Owner(key.name, caller_of(conn).quota.max_sessions)
 
 
 def caller_of(conn: HTTPConnection) -> Caller:

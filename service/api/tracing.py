@@ -6,8 +6,9 @@ package installed) or an OTLP endpoint is set (`OTEL_EXPORTER_OTLP_ENDPOINT`,
 it off again. The resource comes from `OTEL_SERVICE_NAME` (default `charstream`) and
 `OTEL_RESOURCE_ATTRIBUTES`, batching from `OTEL_BSP_*`, sampling from `OTEL_TRACES_SAMPLER`,
 all read by the SDK itself. FastAPI's instrumentation makes one span per request (continuing a
-`traceparent` a proxy sent); the generation service adds the session id, the model and the
-scheduler's phases as events (service/serving/spans.py). Probes and /metrics are not traced.
+`traceparent` a proxy sent), its URL attributes without session ids or keys; the generation
+service adds the model, whether a session ran, and the scheduler's phases as events
+(service/serving/spans.py). Probes and /metrics are not traced.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
+from opentelemetry.trace import Span
 
 from service.errors import ServiceConfigError
+from service.logs import redact
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -60,9 +63,19 @@ def instrument(app: FastAPI, env: Mapping[str, str] | None = None) -> None:
         tracer_provider=provider,
         excluded_urls=os.environ.get("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS", UNTRACED_URLS),
         exclude_spans=["receive", "send"],  # a span per SSE frame would drown the request's own
+        server_request_hook=_without_secrets,
     )
     app.state.tracer_provider = provider
     log.info("tracing on", extra={"exporters": ",".join(names)})
+
+
+def _without_secrets(span: Span, scope: dict[str, Any]) -> None:
+    """The request's URL attributes with session ids (in paths) and keys (in query strings) blanked,
+    as the logs have them: a trace backend is read by more people than hold the keys."""
+    attributes = getattr(span, "attributes", None) or {}
+    for name, value in list(attributes.items()):
+        if isinstance(value, str) and (cleaned := redact(value)) != value:
+            span.set_attribute(name, cleaned)
 
 
 def _exporter(name: str) -> SpanExporter:

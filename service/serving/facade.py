@@ -48,7 +48,7 @@ from service.serving.resources import Resources
 from service.serving.score import Scoring
 from service.serving.session_ops import SessionOps
 from service.sessions import open_store
-from service.sessions.store import Session, SessionStore
+from service.sessions.store import ANYONE, Owner, Session, SessionStore
 from service.settings import Settings
 
 
@@ -167,8 +167,9 @@ class GenerationService:
         model_id: str | None = None,
         seed: int | None = None,
         session_id: str | None = None,
+        owner: Owner = ANYONE,
     ) -> Generation:
-        return await self.generations.generate(params, prompt, model_id, seed, session_id)
+        return await self.generations.generate(params, prompt, model_id, seed, session_id, owner)
 
     async def read_prompt_once(self, params: SamplingParams, prompt: str, model_id: str | None) -> None:
         await self.generations.read_prompt_once(params, prompt, model_id)
@@ -185,25 +186,28 @@ class GenerationService:
 
     # -- session_ops.py ----------------------------------------------------------------------------
 
-    async def create_session(self, model_id: str | None, prompt: str, seed: int | None) -> Session:
-        return await self.sessions.create(model_id, prompt, seed)
+    # A session is its owner's: another key's request finds nothing (404). On a server without keys
+    # every caller is ANYONE.
 
-    async def get_session(self, session_id: str) -> Session:
-        return await self.sessions.get(session_id)
+    async def create_session(self, model_id: str | None, prompt: str, seed: int | None, owner: Owner) -> Session:
+        return await self.sessions.create(model_id, prompt, seed, owner)
 
-    async def delete_session(self, session_id: str) -> None:
-        await self.sessions.delete(session_id)
+    async def get_session(self, session_id: str, owner: Owner) -> Session:
+        return await self.sessions.get(session_id, owner)
 
-    async def reset_session(self, session_id: str) -> Session:
-        return await self.sessions.reset(session_id)
+    async def delete_session(self, session_id: str, owner: Owner) -> None:
+        await self.sessions.delete(session_id, owner)
 
-    async def fork_session(self, session_id: str, seed: int | None) -> Session:
-        return await self.sessions.fork(session_id, seed)
+    async def reset_session(self, session_id: str, owner: Owner) -> Session:
+        return await self.sessions.reset(session_id, owner)
 
-    async def feed(self, session_id: str, text: str) -> tuple[Session, int]:
-        return await self.sessions.feed(session_id, text)
+    async def fork_session(self, session_id: str, seed: int | None, owner: Owner) -> Session:
+        return await self.sessions.fork(session_id, seed, owner)
+
+    async def feed(self, session_id: str, text: str, owner: Owner) -> tuple[Session, int]:
+        return await self.sessions.feed(session_id, text, owner)
 
     async def feed_scored(
-        self, session_id: str, text: str, params: SamplingParams
+        self, session_id: str, text: str, params: SamplingParams, owner: Owner
     ) -> tuple[Session, int, PromptEvent | None]:
-        return await self.sessions.feed_scored(session_id, text, params)
+        return await self.sessions.feed_scored(session_id, text, params, owner)

@@ -28,7 +28,7 @@ from service.serving.leases import ChunkKeeper, Saved, fresh_session, leased, st
 from service.serving.prompt_cache import PrefixPlan
 from service.serving.registry import LoadedModel
 from service.serving.resources import Resources
-from service.sessions.store import Session, model_swapped
+from service.sessions.store import ANYONE, Owner, Session, model_swapped
 
 # How often a stateless request starts again on a model swapped under it before it gives up (503).
 SWAP_ATTEMPTS = 3
@@ -54,12 +54,13 @@ class Generations:
         model_id: str | None = None,
         seed: int | None = None,
         session_id: str | None = None,
+        owner: Owner = ANYONE,
     ) -> Generation:
-        """Validate, take the session (or make a throwaway one), and start the job."""
+        """Validate, take `owner`'s session (or make a throwaway one), and start the job."""
         if session_id is None:
             model, job, saved = await self._stateless(params, prompt, model_id, seed)
         else:
-            model, job, saved = await self._on_session(params, prompt, model_id, seed, session_id)
+            model, job, saved = await self._on_session(params, prompt, model_id, seed, session_id, owner)
         return Generation(
             job,
             self.res.schedulers[model.id],
@@ -113,11 +114,17 @@ class Generations:
         )
 
     async def _on_session(
-        self, params: SamplingParams, prompt: str, model_id: str | None, seed: int | None, session_id: str
+        self,
+        params: SamplingParams,
+        prompt: str,
+        model_id: str | None,
+        seed: int | None,
+        session_id: str,
+        owner: Owner,
     ) -> tuple[LoadedModel, Job, Saved | None]:
         """A job continuing the leased session; its end writes the session back and ends the lease."""
         self.res.refuse_when_draining()
-        async with leased(self.res.store, session_id) as (session, lease):
+        async with leased(self.res.store, session_id, owner) as (session, lease):
             if model_id is not None and model_id != session.model:
                 raise InvalidInput(
                     f"session {session_id!r} belongs to model {session.model!r}, not {model_id!r}",

@@ -23,7 +23,7 @@ from service.core.sampling import SamplingParams
 from service.errors import ApiError, InternalError, LeaseLost
 from service.serving.registry import LoadedModel
 from service.serving.resources import Resources
-from service.sessions.store import Lease, Session, SessionStore, rng_state_of
+from service.sessions.store import ANYONE, Lease, Owner, Session, SessionStore, rng_state_of
 
 log = logging.getLogger("charstream.serving")
 
@@ -31,17 +31,20 @@ ChunkKeeper = Callable[[int, list[np.ndarray], np.ndarray], None]  # a job's `on
 Saved = asyncio.Future[ApiError | None]  # a leased job's write-back: None when the session was saved
 
 
-def fresh_session(model: LoadedModel, seed: int | None) -> Session:
+def fresh_session(model: LoadedModel, seed: int | None, owner: Owner = ANYONE) -> Session:
     """A session with no history: zero state, no logits, an RNG from `seed` (a random one if None)."""
     info = model.engine.info
-    return Session.fresh(model.id, info.state_shape_per_row, len(info.state_names), seed)
+    session = Session.fresh(model.id, info.state_shape_per_row, len(info.state_names), seed)
+    session.owner = owner.name
+    return session
 
 
 @contextlib.asynccontextmanager
-async def leased(store: SessionStore, session_id: str) -> AsyncIterator[tuple[Session, Lease]]:
-    """The session under a lease. A block that raises gives the lease back (nothing saved); one that
-    ends normally has handed the lease on: to a job (which writes back), a save or a delete."""
-    session, lease = await store.lease(session_id)
+async def leased(store: SessionStore, session_id: str, owner: Owner) -> AsyncIterator[tuple[Session, Lease]]:
+    """`owner`'s session under a lease (another owner's is not found). A block that raises gives the
+    lease back (nothing saved); one that ends normally has handed the lease on: to a job (which
+    writes back), a save or a delete."""
+    session, lease = await store.lease(session_id, owner.name)
     try:
         yield session, lease
     except BaseException:
@@ -113,9 +116,9 @@ async def _write_back(store: SessionStore, session: Session, lease: Lease, keep:
             await store.release(lease)
     except ApiError as exc:
         outcome = exc
-        log.error("session not saved", extra={"session": session.id, "error": exc.message})
+        log.error("session not saved", extra={"error": exc.message})
     except Exception:
-        log.exception("session not saved", extra={"session": session.id})
+        log.exception("session not saved")
         outcome = InternalError("the session's new state could not be saved")
     if not saved.done():
         saved.set_result(outcome)

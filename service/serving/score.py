@@ -1,9 +1,11 @@
 """Scoring: texts read teacher-forced, each as a stateless job that only reads, with the model's
 log-probability of each of their characters (and the top alternatives when asked).
 
-The scheduler reads the texts in chunks of at most `prefill_chunk` positions, texts of the same
-chunk length in one seq=T call, between the steps of running streams. Every text is checked before
-any is read.
+The context is read once, by a job of its own, and every text starts from the state after it (a
+recurrent model's whole memory of the context is that state), so a long context with many texts
+costs the context once plus the texts, never context x texts. The scheduler reads the texts in
+chunks of at most `prefill_chunk` positions, texts of the same chunk length in one seq=T call,
+between the steps of running streams. Every text is checked before any is read.
 """
 
 from __future__ import annotations
@@ -47,14 +49,14 @@ class Scoring:
                 f"texts have {total} characters in all; one request may score at most {MAX_SCORE_CHARS}", field="texts"
             )
         each = [prompt_ids(self.res, model, text, f"texts.{i}") for i, text in enumerate(texts)]
+        state, logits = await self._read_context(model, start)
         # Greedy: a job that only reads draws nothing, so it needs no seeded RNG of its own.
         params = SamplingParams(temperature=0.0, max_new_chars=0, prompt_logprobs=True, top_logprobs=top_logprobs)
         scheduler = self.res.schedulers[model.id]
-        zero = list(fresh_session(model, None).state)  # each job's row is a copy of it
         readings: list[Generation] = []
         try:
-            for ids in each:
-                job = Job(start + ids, zero, None, params, _NO_DRAWS, wants_state=False)
+            for ids in each:  # each job's row is a copy of the state after the context
+                job = Job(ids, state, logits, params, _NO_DRAWS, wants_state=False)
                 scheduler.submit(job)
                 readings.append(Generation(job, scheduler, model.id, None, len(ids)))
             results = await asyncio.gather(*(r.result() for r in readings))
@@ -65,8 +67,23 @@ class Scoring:
         scored = []
         for result in results:
             assert result.prompt is not None  # asked for: sent once the text is read
-            scored.append(_after(result.prompt, len(start)))
+            scored.append(result.prompt)
         return model.id, scored
+
+    async def _read_context(self, model: LoadedModel, ids: list[int]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The state and next-character logits after reading `ids` from the zero state."""
+        zero = list(fresh_session(model, None).state)
+        scheduler = self.res.schedulers[model.id]
+        # wants_state: the job reads the context's last character too, so its state is the whole context's.
+        job = Job(ids, zero, None, SamplingParams(max_new_chars=0), _NO_DRAWS, wants_state=True)
+        scheduler.submit(job)
+        reading = Generation(job, scheduler, model.id, None, len(ids))
+        try:
+            await reading.result()
+        except BaseException:
+            reading.cancel()
+            raise
+        return list(job.state), job.logits
 
     def _context_ids(self, model: LoadedModel, context: str | None) -> list[int]:
         """What every text is read after: the context, or the line break a generation starts from."""
@@ -76,12 +93,3 @@ class Scoring:
         if DEFAULT_START in vocab_index:
             return [vocab_index[DEFAULT_START]]
         raise InvalidInput("context is required: the model has no line break to start from", field="context")
-
-
-def _after(read: PromptEvent, skip: int) -> PromptEvent:
-    """What was read, less its first `skip` characters (the context)."""
-    return PromptEvent(
-        read.text[skip:],
-        logprobs=None if read.logprobs is None else read.logprobs[skip:],
-        top_logprobs=None if read.top_logprobs is None else read.top_logprobs[skip:],
-    )

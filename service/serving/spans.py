@@ -1,4 +1,5 @@
-"""What a generation adds to its request's trace span: the model, the session id, and the
+"""What a generation adds to its request's trace span: the model, whether it ran on a session (never
+the session's id, which is its bearer's credential to the state), and the
 scheduler's phases as events at the times they happened (submitted to the scheduler, taken by it,
 first character handed on, final event). OpenTelemetry's API only: a no-op unless tracing is on
 (service/api/tracing.py)."""
@@ -21,8 +22,7 @@ def traced(on_stream: StreamHook, model: str, session_id: str | None) -> StreamH
     if not span.is_recording():
         return on_stream
     span.set_attribute("charstream.model", model)
-    if session_id is not None:
-        span.set_attribute("charstream.session_id", session_id)
+    span.set_attribute("charstream.session", session_id is not None)
 
     def hook(generation: Generation, open_: bool) -> None:
         on_stream(generation, open_)

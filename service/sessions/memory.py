@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import service.sessions.store as store
@@ -24,6 +25,7 @@ class InMemorySessionStore(SessionStore):
         self._sessions: dict[str, Session] = {}
         self._last_used: dict[str, float] = {}
         self._leases: dict[str, int] = {}  # session id -> token of the request holding it
+        self._owned: Counter[str] = Counter()  # owner -> sessions held (expired ones until swept)
         self._tokens = 0
 
     def describe(self) -> str:
@@ -36,36 +38,55 @@ class InMemorySessionStore(SessionStore):
         self._last_used[session.id] = self._clock()
         session.expires_at = time.time() + self.ttl_s
 
-    def _found(self, session_id: str) -> Session:
+    def _found(self, session_id: str, owner: str) -> Session:
         session = self._sessions.get(session_id)
-        if session is None or (self._expires_in(session_id) <= 0 and session_id not in self._leases):
+        if (
+            session is None
+            or session.owner != owner
+            or (self._expires_in(session_id) <= 0 and session_id not in self._leases)
+        ):
             raise store.session_not_found(session_id)
         return session
 
-    async def create(self, session: Session) -> None:
-        if len(self._sessions) >= self.max_sessions:
+    def _soonest_expiry(self, owner: str | None = None) -> int:
+        """Seconds until the first of the sessions (of `owner`, if given) expires, as a Retry-After."""
+        idle = (self._expires_in(sid) for sid, s in self._sessions.items() if owner is None or s.owner == owner)
+        return max(1, int(min(idle, default=self.ttl_s)) + 1)
+
+    async def create(self, session: Session, max_owned: int | None = None) -> None:
+        full = len(self._sessions) >= self.max_sessions
+        if full or (max_owned is not None and self._owned[session.owner] >= max_owned):
             await self.evict_expired()
         if len(self._sessions) >= self.max_sessions:
-            soonest = min((self._expires_in(sid) for sid in self._sessions), default=self.ttl_s)
-            retry = max(1, int(soonest) + 1)
-            raise store.too_many_sessions(self.max_sessions, retry, "the server holds its maximum of")
+            raise store.too_many_sessions(self.max_sessions, self._soonest_expiry(), "the server holds its maximum of")
+        if max_owned is not None and self._owned[session.owner] >= max_owned:
+            raise store.too_many_owned(session.owner, max_owned, self._soonest_expiry(session.owner))
         session.model_sha256 = session.model_sha256 or self.version_of(session)
         self._sessions[session.id] = session
+        self._owned[session.owner] += 1
         self._use(session)
 
-    async def get(self, session_id: str) -> Session:
-        session = self.check_version(self._found(session_id))
+    def _drop(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        self._last_used.pop(session_id, None)
+        if session is not None:
+            self._owned[session.owner] -= 1
+            if not self._owned[session.owner]:
+                del self._owned[session.owner]
+
+    async def get(self, session_id: str, owner: str = "") -> Session:
+        session = self.check_version(self._found(session_id, owner))
         self._use(session)
         return session
 
-    async def lease(self, session_id: str) -> tuple[Session, Lease]:
-        session = self.check_version(self._found(session_id))
+    async def lease(self, session_id: str, owner: str = "") -> tuple[Session, Lease]:
+        session = self.check_version(self._found(session_id, owner))
         if session_id in self._leases:
             raise store.session_busy(session_id, 1)
         self._tokens += 1
         self._leases[session_id] = self._tokens
         self._use(session)
-        return session, Lease(session_id, self._tokens)
+        return session, Lease(session_id, self._tokens, owner)
 
     def _holds(self, lease: Lease) -> bool:
         return self._leases.get(lease.session_id) == lease.token
@@ -88,14 +109,12 @@ class InMemorySessionStore(SessionStore):
     async def delete(self, lease: Lease) -> None:
         if self._holds(lease):
             del self._leases[lease.session_id]
-            self._sessions.pop(lease.session_id, None)
-            self._last_used.pop(lease.session_id, None)
+            self._drop(lease.session_id)
 
     async def evict_expired(self) -> int:
         expired = [sid for sid in self._sessions if sid not in self._leases and self._expires_in(sid) <= 0]
         for sid in expired:
-            del self._sessions[sid]
-            del self._last_used[sid]
+            self._drop(sid)
         return len(expired)
 
     async def stats(self) -> StoreStats:

@@ -7,7 +7,8 @@ Layout (little-endian):
     header length           u32
     header                  UTF-8 JSON: id, model, model_sha256, seed, history_chars, created_at,
                             rng_state (numpy PCG64 state), tensors, layers, hidden, vocab,
-                            has_logits
+                            has_logits, owner (the key's name; absent in records of a server
+                            without keys, and in those written before keys had sessions)
     state                   tensors x layers x hidden float32
     logits                  vocab float32 (when has_logits)
 
@@ -49,6 +50,8 @@ def encode(session: Session, model_sha256: str) -> bytes:
         "vocab": 0 if session.logits is None else int(session.logits.shape[0]),
         "has_logits": session.logits is not None,
     }
+    if session.owner:
+        header["owner"] = session.owner
     head = json.dumps(header, separators=(",", ":")).encode()
     parts = [_PREFIX.pack(MAGIC, RECORD_VERSION, len(head)), head]
     parts += [np.ascontiguousarray(s, dtype="<f4").tobytes() for s in session.state]
@@ -88,6 +91,7 @@ def decode(data: bytes, models: dict[str, str]) -> Session:
             history_chars=int(header["history_chars"]),
             created_at=float(header["created_at"]),
             model_sha256=str(header["model_sha256"]),
+            owner=str(header.get("owner", "")),
         )
         sha = session.model_sha256
     except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:

@@ -1,12 +1,19 @@
 """Sessions in a Redis server, shared by every worker and replica.
 
-Keys, all with the session id as a hash tag so that one session's keys share a cluster slot:
+Keys, all with the session's name as a hash tag so that one session's keys share a cluster slot:
 
-    {prefix}:{<id>}:rec     the session record (service/session_record.py), expiring after the TTL
-    {prefix}:{<id>}:lease   the fencing token of the request holding the session, expiring after
+    {prefix}:{<name>}:rec   the session record (record.py), expiring after the TTL
+    {prefix}:{<name>}:lease the fencing token of the request holding the session, expiring after
                             the lease TTL unless renewed (every lease TTL / 3 while it runs)
-    {prefix}:{<id>}:fence   the last token handed out for the session
-    {prefix}:index          a sorted set of session ids by expiry time: the cap across replicas
+    {prefix}:{<name>}:fence the last token handed out for the session
+    {prefix}:index          a sorted set of session names by expiry time: the cap across replicas
+    {prefix}:index:<owner>  the same, of one key's sessions: that key's cap
+
+A session's name is its id, after its owner's tag when a key made it (16 hex digits of the
+sha256 of the key's name, and a slash): another key asking for the same id names other keys, so
+it finds nothing, and can neither read the session nor hold its lease. A server without keys
+names sessions by their ids alone, as before keys owned sessions. A create counts the session in
+both indexes in one script, so the store is one server or a Sentinel group, not a Redis Cluster.
 
 Every step that must not interleave with another replica's runs as one Lua script: taking a
 lease reads the record in the same round trip, and a save only lands while the saver's token is
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -47,6 +55,7 @@ from service.sessions.store import (
     StoreStats,
     session_busy,
     session_not_found,
+    too_many_owned,
     too_many_sessions,
 )
 from service.settings import SENTINEL_SCHEME, parse_sentinel_url
@@ -116,6 +125,14 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   return {0, first[2]}
+end
+if KEYS[2] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then
+    local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return {-1, first[2]}
+  end
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 end
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
 return {1}
@@ -236,6 +253,16 @@ def connect(url: str, timeout_s: float) -> tuple[aioredis.Redis, list[aioredis.R
     return client, list(sentinel.sentinels)
 
 
+def owner_tag(owner: str) -> str:
+    """A key's name as it appears in Redis keys: fixed-length hex, whatever characters the name has."""
+    return hashlib.sha256(owner.encode()).hexdigest()[:16]
+
+
+def stored_name(session_id: str, owner: str) -> str:
+    """The session's name in Redis: its id, after its owner's tag when a key made it."""
+    return f"{owner_tag(owner)}/{session_id}" if owner else session_id
+
+
 class RedisSessionStore(SessionStore):
     def __init__(
         self,
@@ -272,13 +299,16 @@ class RedisSessionStore(SessionStore):
     def describe(self) -> str:
         return self.url
 
-    def _keys(self, session_id: str) -> list[str]:
-        tag = f"{self.prefix}:{{{session_id}}}"
+    def _keys(self, session_id: str, owner: str) -> list[str]:
+        tag = f"{self.prefix}:{{{stored_name(session_id, owner)}}}"
         return [f"{tag}:rec", f"{tag}:lease", f"{tag}:fence"]
 
     @property
     def _index(self) -> str:
         return f"{self.prefix}:index"
+
+    def _owner_index(self, owner: str) -> str:
+        return f"{self.prefix}:index:{owner_tag(owner)}"
 
     def _ms(self, seconds: float) -> int:
         return max(1, int(seconds * 1000))
@@ -337,7 +367,7 @@ class RedisSessionStore(SessionStore):
                 async with self.client.pipeline(transaction=False) as pipe:
                     for lease in held:
                         await self._renew(
-                            keys=self._keys(lease.session_id),
+                            keys=self._keys(lease.session_id, lease.owner),
                             args=[lease.token, self._ms(self.lease_ttl_s), self._ms(self.ttl_s)],
                             client=pipe,
                         )
@@ -347,25 +377,27 @@ class RedisSessionStore(SessionStore):
                 continue
             for lease, kept in zip(held, results, strict=True):
                 if not kept and self._held.get(lease.session_id) == lease:
-                    log.warning("lease lost", extra={"session": lease.session_id})
+                    log.warning("lease lost")
 
     # -- the interface -----------------------------------------------------------------------------
 
-    async def create(self, session: Session) -> None:
+    async def create(self, session: Session, max_owned: int | None = None) -> None:
         now = time.time()
         expiry = now + self.ttl_s
-        admitted = await self._call(
-            self._admit(
-                keys=[self._index],
-                args=[self._ms(now), self.max_sessions, session.id, self._ms(expiry)],
-            )
-        )
-        if not admitted[0]:
+        owner, name = session.owner, stored_name(session.id, session.owner)
+        # A key's sessions are counted on their own too (without a cap of its own: the server's).
+        owned_cap = max_owned if max_owned is not None else self.max_sessions
+        keys = [self._index, self._owner_index(owner)] if owner else [self._index]
+        args: list[str | int] = [self._ms(now), self.max_sessions, name, self._ms(expiry), owned_cap]
+        admitted = await self._call(self._admit(keys=keys, args=args))
+        if int(admitted[0]) != 1:
             retry = max(1, int(float(admitted[1]) / 1000 - now) + 1)
+            if int(admitted[0]) == -1:
+                raise too_many_owned(owner, owned_cap, retry)
             raise too_many_sessions(self.max_sessions, retry, "the servers hold their maximum of")
         session.expires_at = expiry
         record = self._encode(session)
-        await self._confirmed(self._put, [self._keys(session.id)[0]], [record, self._ms(self.ttl_s)])
+        await self._confirmed(self._put, [self._keys(session.id, owner)[0]], [record, self._ms(self.ttl_s)])
 
     def _encode(self, session: Session) -> bytes:
         # A session keeps the version it was made with, also when the model is swapped while it runs.
@@ -377,22 +409,27 @@ class RedisSessionStore(SessionStore):
     def _not_found(self, session_id: str) -> NotFound:
         return session_not_found(session_id)
 
-    async def _touch_index(self, session_id: str) -> float:
+    async def _touch_index(self, session_id: str, owner: str) -> float:
         expiry = time.time() + self.ttl_s
-        with contextlib.suppress(RedisError, OSError):  # the cap's bookkeeping: best effort
-            await self.client.zadd(self._index, {session_id: self._ms(expiry)}, xx=True)
+        entry = {stored_name(session_id, owner): self._ms(expiry)}
+        with contextlib.suppress(RedisError, OSError):  # the caps' bookkeeping: best effort
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zadd(self._index, entry, xx=True)
+                if owner:
+                    pipe.zadd(self._owner_index(owner), entry, xx=True)
+                await pipe.execute()
         return expiry
 
-    async def get(self, session_id: str) -> Session:
-        data = await self._confirmed(self._read, [self._keys(session_id)[0]], [self._ms(self.ttl_s)])
+    async def get(self, session_id: str, owner: str = "") -> Session:
+        data = await self._confirmed(self._read, [self._keys(session_id, owner)[0]], [self._ms(self.ttl_s)])
         if data is None:
             raise self._not_found(session_id)
         session = decode(data if isinstance(data, bytes) else data.encode(), self.models)
-        session.expires_at = await self._touch_index(session_id)
+        session.expires_at = await self._touch_index(session_id, owner)
         return session
 
-    async def lease(self, session_id: str) -> tuple[Session, Lease]:
-        keys = self._keys(session_id)
+    async def lease(self, session_id: str, owner: str = "") -> tuple[Session, Lease]:
+        keys = self._keys(session_id, owner)
 
         async def unconfirmed(result: Any) -> None:  # a lease the replicas may not know: give it back
             if int(result[0]) > 0:
@@ -407,13 +444,13 @@ class RedisSessionStore(SessionStore):
         if result[0] == -1:
             retry = max(1, int(result[1]) // 1000 + 1)
             raise session_busy(session_id, retry)
-        lease = Lease(session_id, int(result[0]))
+        lease = Lease(session_id, int(result[0]), owner)
         try:
             session = decode(result[1], self.models)
         except BaseException:
             await self.release(lease)
             raise
-        session.expires_at = await self._touch_index(session_id)
+        session.expires_at = await self._touch_index(session_id, owner)
         self._held[session_id] = lease
         self._start_renewing()
         return session, lease
@@ -423,24 +460,30 @@ class RedisSessionStore(SessionStore):
             self._held.pop(lease.session_id, None)
         saved = await self._confirmed(
             self._save,
-            self._keys(lease.session_id),
+            self._keys(lease.session_id, lease.owner),
             [lease.token, self._encode(session), self._ms(self.ttl_s), "1" if release else "0"],
         )
         if not saved:
-            log.warning("save refused: the lease was lost", extra={"session": lease.session_id})
+            log.warning("save refused: the lease was lost")
             return False
-        session.expires_at = await self._touch_index(lease.session_id)
+        session.expires_at = await self._touch_index(lease.session_id, lease.owner)
         return True
 
     async def release(self, lease: Lease) -> None:
         self._held.pop(lease.session_id, None)
-        await self._call(self._release(keys=self._keys(lease.session_id), args=[lease.token, self._ms(self.ttl_s)]))
+        keys = self._keys(lease.session_id, lease.owner)
+        await self._call(self._release(keys=keys, args=[lease.token, self._ms(self.ttl_s)]))
 
     async def delete(self, lease: Lease) -> None:
         self._held.pop(lease.session_id, None)
-        await self._call(self._delete(keys=self._keys(lease.session_id), args=[lease.token]))
+        await self._call(self._delete(keys=self._keys(lease.session_id, lease.owner), args=[lease.token]))
+        name = stored_name(lease.session_id, lease.owner)
         with contextlib.suppress(RedisError, OSError):
-            await self.client.zrem(self._index, lease.session_id)
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zrem(self._index, name)
+                if lease.owner:
+                    pipe.zrem(self._owner_index(lease.owner), name)
+                await pipe.execute()
 
     async def evict_expired(self) -> int:
         """Redis expires records by itself; this only trims the cap's index."""

@@ -40,6 +40,8 @@ class Session:
     # The sha256 of the model file whose state this is (set by the store when the session is made):
     # after the model is swapped for another version, the session is refused, never read into it.
     model_sha256: str = ""
+    # The name of the key that made it ("" on a server without keys): only that key finds it again.
+    owner: str = ""
 
     @classmethod
     def fresh(cls, model: str, state_shape: tuple[int, int], tensors: int, seed: int | None) -> Session:
@@ -113,6 +115,20 @@ class Lease:
 
     session_id: str
     token: int
+    owner: str = ""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Whose sessions a request may touch: its key's name ("" on a server without keys, where every
+    caller's sessions are everyone's), and how many sessions that key may hold at once (None: no limit
+    but the server's)."""
+
+    name: str = ""
+    max_sessions: int | None = None
+
+
+ANYONE = Owner()  # the caller on a server without keys
 
 
 @dataclass(frozen=True)
@@ -145,16 +161,19 @@ class SessionStore(abc.ABC):
         """What the store is, for logs and errors (no secrets)."""
 
     @abc.abstractmethod
-    async def create(self, session: Session) -> None:
-        """Store a new session; TooManySessions past the cap."""
+    async def create(self, session: Session, max_owned: int | None = None) -> None:
+        """Store a new session for `session.owner`; TooManySessions past the server's cap, or past
+        `max_owned` sessions held by that owner."""
 
     @abc.abstractmethod
-    async def get(self, session_id: str) -> Session:
-        """The session as last saved (a read counts as use), or NotFound."""
+    async def get(self, session_id: str, owner: str = "") -> Session:
+        """The session as last saved (a read counts as use), or NotFound (also when `owner` did not
+        make it: another key's session is not there for this one)."""
 
     @abc.abstractmethod
-    async def lease(self, session_id: str) -> tuple[Session, Lease]:
-        """The session, leased to the caller alone; SessionBusy while another request holds it."""
+    async def lease(self, session_id: str, owner: str = "") -> tuple[Session, Lease]:
+        """The session, leased to the caller alone; SessionBusy while another request holds it;
+        NotFound for another owner's session (which that caller can neither read nor hold up)."""
 
     @abc.abstractmethod
     async def save(self, session: Session, lease: Lease, release: bool = True) -> bool:
@@ -201,6 +220,13 @@ def model_swapped(session: Session, served: str) -> ForeignSession:
         f"session {session.id!r} was made with another version of model {session.model!r} "
         f"(file sha256 {session.model_sha256[:12]}..., this server has {served[:12]}...); start a new session",
         field="session_id",
+    )
+
+
+def too_many_owned(owner: str, max_sessions: int, retry_s: int) -> TooManySessions:
+    return TooManySessions(
+        f"key {owner!r} holds its maximum of {max_sessions} sessions (max_sessions); delete one or retry in {retry_s}s",
+        headers={"Retry-After": str(retry_s)},
     )
 
 

@@ -7,10 +7,11 @@ import logging
 import math
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import StreamingResponse
 
-from service.api.deps import ServiceDep
+from service.api import budget
+from service.api.deps import OwnerDep, ServiceDep
 from service.api.errors import NATIVE_ERRORS
 from service.api.native.schemas import (
     CreateSessionRequest,
@@ -71,51 +72,64 @@ async def _respond(generation: Generation, stream: bool) -> GenerateResponse | S
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=STREAMING)
-async def generate(request: GenerateRequest, service: ServiceDep) -> GenerateResponse | StreamingResponse:
+async def generate(
+    request: GenerateRequest, service: ServiceDep, owner: OwnerDep, http: Request
+) -> GenerateResponse | StreamingResponse:
     """Generate text from a prompt; `stream: true` answers as Server-Sent Events."""
+    params = request.to_sampling_params()
+    await budget.admit(http, budget.generation(params, len(request.prompt)))
     generation = await service.generate(
-        request.to_sampling_params(),
+        params,
         request.prompt,
         request.model,
         request.seed,
         request.session_id,
+        owner,
     )
     return await _respond(generation, request.stream)
 
 
 @router.post("/sessions", response_model=SessionInfo, status_code=status.HTTP_201_CREATED)
-async def create_session(request: CreateSessionRequest, service: ServiceDep) -> SessionInfo:
+async def create_session(
+    request: CreateSessionRequest, service: ServiceDep, owner: OwnerDep, http: Request
+) -> SessionInfo:
     """Create a session whose state the server keeps; an optional prompt primes it."""
-    return SessionInfo.of(await service.create_session(request.model, request.prompt, request.seed))
+    await budget.admit(http, budget.reading(len(request.prompt), 0, "prompt"))
+    return SessionInfo.of(await service.create_session(request.model, request.prompt, request.seed, owner))
 
 
 @router.get("/sessions/{session_id}", response_model=SessionInfo)
-async def get_session(session_id: str, service: ServiceDep) -> SessionInfo:
+async def get_session(session_id: str, service: ServiceDep, owner: OwnerDep) -> SessionInfo:
     """A session's model, history length and expiry."""
-    return SessionInfo.of(await service.get_session(session_id))
+    return SessionInfo.of(await service.get_session(session_id, owner))
 
 
 @router.delete("/sessions/{session_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_session(session_id: str, service: ServiceDep) -> Response:
+async def delete_session(session_id: str, service: ServiceDep, owner: OwnerDep) -> Response:
     """Delete a session and free its state."""
-    await service.delete_session(session_id)
+    await service.delete_session(session_id, owner)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/sessions/{session_id}/generate", response_model=GenerateResponse, responses=STREAMING)
 async def session_generate(
-    session_id: str, request: SessionGenerateRequest, service: ServiceDep
+    session_id: str, request: SessionGenerateRequest, service: ServiceDep, owner: OwnerDep, http: Request
 ) -> GenerateResponse | StreamingResponse:
     """Continue a session from its kept state (after an optional prompt) and keep the new state."""
-    generation = await service.generate(request.to_sampling_params(), request.prompt, session_id=session_id)
+    params = request.to_sampling_params()
+    await budget.admit(http, budget.generation(params, len(request.prompt)))
+    generation = await service.generate(params, request.prompt, session_id=session_id, owner=owner)
     return await _respond(generation, request.stream)
 
 
 @router.post("/sessions/{session_id}/feed", response_model=FeedResponse)
-async def feed(session_id: str, request: FeedRequest, service: ServiceDep) -> FeedResponse:
+async def feed(
+    session_id: str, request: FeedRequest, service: ServiceDep, owner: OwnerDep, http: Request
+) -> FeedResponse:
     """Advance a session's state over text without generating; with its logprobs or top-g outliers if asked."""
     params = SamplingParams(max_new_chars=0, prompt_logprobs=request.logprobs, prompt_ranks=request.top_g is not None)
-    session, chars, read = await service.feed_scored(session_id, request.text, params)
+    await budget.admit(http, budget.reading(len(request.text), 0, "text"))
+    session, chars, read = await service.feed_scored(session_id, request.text, params, owner)
     outside = None
     if request.top_g is not None and read is not None and read.ranks is not None:
         outside = [i for i, rank in enumerate(read.ranks) if rank is not None and rank >= request.top_g]
@@ -128,8 +142,10 @@ async def feed(session_id: str, request: FeedRequest, service: ServiceDep) -> Fe
 
 
 @router.post("/score", response_model=ScoreResponse)
-async def score(request: ScoreRequest, service: ServiceDep) -> ScoreResponse:
+async def score(request: ScoreRequest, service: ServiceDep, http: Request) -> ScoreResponse:
     """Score texts by the model's likelihood: nll, nats and bits per character, per-character logprobs if asked."""
+    chars = len(request.context) + sum(len(text) for text in request.texts)  # the context is read once
+    await budget.admit(http, budget.reading(chars, request.top_logprobs, "texts, context, top_logprobs"))
     model, read = await service.score(request.texts, request.context, request.model, request.top_logprobs)
     scores = []
     for text in read:
@@ -149,12 +165,14 @@ async def score(request: ScoreRequest, service: ServiceDep) -> ScoreResponse:
 
 
 @router.post("/sessions/{session_id}/fork", response_model=SessionInfo, status_code=status.HTTP_201_CREATED)
-async def fork(session_id: str, service: ServiceDep, request: ForkRequest | None = None) -> SessionInfo:
+async def fork(
+    session_id: str, service: ServiceDep, owner: OwnerDep, request: ForkRequest | None = None
+) -> SessionInfo:
     """A new session with a copy of this one's state (and RNG, unless a new seed is given)."""
-    return SessionInfo.of(await service.fork_session(session_id, request.seed if request else None))
+    return SessionInfo.of(await service.fork_session(session_id, request.seed if request else None, owner))
 
 
 @router.post("/sessions/{session_id}/reset", response_model=SessionInfo)
-async def reset(session_id: str, service: ServiceDep) -> SessionInfo:
+async def reset(session_id: str, service: ServiceDep, owner: OwnerDep) -> SessionInfo:
     """Forget a session's history: zero state, RNG back to its seed."""
-    return SessionInfo.of(await service.reset_session(session_id))
+    return SessionInfo.of(await service.reset_session(session_id, owner))

@@ -22,9 +22,11 @@ from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from service.api import budget
 from service.api.auth import WS_PROTOCOL, authenticate, origin_allowed
 from service.api.deps import get_service, get_settings
 from service.api.native.schemas import WsCancel, WsFeed, WsGenerate
+from service.api.quotas import RateLimits, caller_of, owner_of
 from service.core.events import Failed, PromptEvent, StreamEvent, TextEvent
 from service.core.generation import Generation
 from service.errors import (
@@ -77,6 +79,7 @@ class Connection:
     def __init__(self, websocket: WebSocket, service: GenerationService) -> None:
         self.ws = websocket
         self.service = service
+        self.owner = owner_of(websocket)  # the connection's key owns the sessions it makes and uses
         self.session_id: str | None = None
         self.generation: Generation | None = None
         self.pump: asyncio.Task[None] | None = None
@@ -128,7 +131,7 @@ class Connection:
             await asyncio.sleep(self.keepalive_s)
             if self.session_id is not None and not self.busy:
                 with contextlib.suppress(ApiError):
-                    await self.service.get_session(self.session_id)
+                    await self.service.get_session(self.session_id, self.owner)
 
     async def close_for_shutdown(self) -> None:
         """At the end of a drain: let a running generation send its final message, then close 1001."""
@@ -170,25 +173,34 @@ class Connection:
             elif self.busy:
                 raise ConnectionBusy("a generation is running on this connection; cancel it or wait for done")
             elif isinstance(msg, WsGenerate):
+                await self.admit(budget.generation(msg.to_sampling_params(), len(msg.prompt)))
                 await self.start_generation(msg)
             elif isinstance(msg, WsFeed):
+                await self.admit(budget.reading(len(msg.text), 0, "text"))
                 await self.feed(msg)
         except ApiError as exc:
             await self.error(exc)
 
+    async def admit(self, work: budget.Work) -> None:
+        """A message that starts work is a request: it counts against the key's request rate, and its
+        work against the request budget and the key's character rate, as an HTTP request's would."""
+        limits: RateLimits = self.ws.app.state.rate_limits
+        await limits.charge(caller_of(self.ws), "requests_per_s")
+        await budget.admit(self.ws, work)
+
     async def ensure_session(self, session_id: str | None, model: str | None, seed: int | None) -> str:
         if session_id is not None:
-            await self.service.get_session(session_id)  # 404 now, not mid-stream
+            await self.service.get_session(session_id, self.owner)  # 404 now, not mid-stream
             self.session_id = session_id
             return session_id
         replaces = None
         if self.session_id is not None:
             try:
-                await self.service.get_session(self.session_id)
+                await self.service.get_session(self.session_id, self.owner)
                 return self.session_id
             except NotFound:
                 replaces = self.session_id  # deleted elsewhere: go on with a new one, and say so
-        info = await self.service.create_session(model, "", seed)
+        info = await self.service.create_session(model, "", seed, self.owner)
         self.session_id = info.id
         announce: dict[str, Any] = {"type": "session", "id": info.id, "model": info.model}
         if replaces is not None:
@@ -205,6 +217,7 @@ class Connection:
             model_id=None if fresh else msg.model,
             seed=None if fresh else msg.seed,
             session_id=session_id,
+            owner=self.owner,
         )
         self.pump = asyncio.create_task(self.forward(self.generation))
 
@@ -219,7 +232,7 @@ class Connection:
 
     async def feed(self, msg: WsFeed) -> None:
         session_id = await self.ensure_session(msg.session_id, msg.model, None)
-        info, chars = await self.service.feed(session_id, msg.text)
+        info, chars = await self.service.feed(session_id, msg.text, self.owner)
         await self.send(
             {
                 "type": "fed",

@@ -39,6 +39,7 @@ from service.core.generation import Generation, GenerationResult
 from service.core.sampling import is_greedy
 from service.errors import ApiError, InternalError, InvalidInput
 from service.serving.facade import GenerationService
+from service.sessions.store import Owner
 
 log = logging.getLogger("charstream.openai")
 
@@ -155,9 +156,10 @@ class CompletionServing:
     def __init__(self, service: GenerationService) -> None:
         self.service = service
 
-    async def create(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[bytes]:
-        """Validate and start every choice; the answer, or (streaming) its SSE frames ending in [DONE]."""
-        prompts, generations = await self._start(request)
+    async def create(self, request: CompletionRequest, owner: Owner) -> CompletionResponse | AsyncIterator[bytes]:
+        """Validate and start every choice; the answer, or (streaming) its SSE frames ending in [DONE].
+        A `session_id` names one of `owner`'s sessions."""
+        prompts, generations = await self._start(request, owner)
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         model = generations[0].model
         if request.stream:
@@ -177,7 +179,7 @@ class CompletionServing:
             session_id=request.session_id,
         )
 
-    async def _start(self, request: CompletionRequest) -> tuple[list[str], list[Generation]]:
+    async def _start(self, request: CompletionRequest, owner: Owner) -> tuple[list[str], list[Generation]]:
         """Every choice's prompt and generation, in OpenAI's order (prompt by prompt, n choices each)."""
         model = self.service.registry.get(request.model)
         request.check_supported(model.engine.info.vocab_size)
@@ -186,7 +188,7 @@ class CompletionServing:
             log.warning("fields present in the request but ignored: %s", fields, extra={"fields": fields})
         n, prompts = request.choices_per_prompt, request.prompts
         if request.session_id is not None:
-            await self.service.get_session(request.session_id)  # 404 for an unknown or expired session
+            await self.service.get_session(request.session_id, owner)  # 404 for an unknown or expired session
             if n > 1 or len(prompts) > 1:
                 raise InvalidInput(
                     "a session holds one history: with session_id send one prompt and n = 1 "
@@ -205,7 +207,7 @@ class CompletionServing:
             for prompt in prompts:
                 for j in range(n):
                     seed = choice_seed(request.seed, j)
-                    generation = await self.service.generate(params, prompt, model.id, seed, request.session_id)
+                    generation = await self.service.generate(params, prompt, model.id, seed, request.session_id, owner)
                     generations.append(generation)
                     choice_prompts.append(prompt)
         except BaseException:

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from service.api.deps import ServiceDep
-from service.api.openai.completions import CompletionServing
+from service.api import budget
+from service.api.deps import OwnerDep, ServiceDep
+from service.api.openai.completions import UNIQUE_ATTEMPTS, CompletionServing
 from service.api.openai.errors import OPENAI_ERRORS
-from service.api.openai.protocol import CompletionRequest, CompletionResponse, ModelCard, ModelList
+from service.api.openai.protocol import (
+    DEFAULT_MAX_TOKENS,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
 from service.api.sse import SSE_HEADERS, STREAMING
+from service.core import SamplingParams
 from service.errors import PermissionDenied
 
 OPENAI_PATHS = ("/v1/completions", "/v1/models")
@@ -31,12 +39,26 @@ def get_completions(service: ServiceDep) -> CompletionServing:
 CompletionsDep = Annotated[CompletionServing, Depends(get_completions)]
 
 
+def work_of(request: CompletionRequest) -> budget.Work:
+    """Each prompt read once, every choice's characters (a unique request's retries too) with their alternatives."""
+    attempts = UNIQUE_ATTEMPTS if request.unique else 1
+    choices = request.choices_per_prompt * len(request.prompts) * attempts
+    prompt_chars = sum(len(p) for p in dict.fromkeys(request.prompts))
+    fields = "n, max_tokens, logprobs, prompt" + (", unique" if request.unique else "")
+    # Only the fields that make the work: the request's other fields are checked once it is admitted.
+    max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+    alternatives = request.logprobs or 0
+    shape = SamplingParams(max_new_chars=max_tokens, top_logprobs=alternatives, prompt_logprobs=bool(request.echo))
+    return budget.generation(shape, prompt_chars, choices, fields)
+
+
 @router.post("/completions", response_model=CompletionResponse, responses=STREAMING)
 async def create_completion(
-    request: CompletionRequest, completions: CompletionsDep
+    request: CompletionRequest, completions: CompletionsDep, owner: OwnerDep, http: Request
 ) -> CompletionResponse | StreamingResponse:
     """OpenAI's Completions API (a token is a character); `session_id` continues a server-kept session."""
-    answer = await completions.create(request)
+    await budget.admit(http, work_of(request))
+    answer = await completions.create(request, owner)
     if isinstance(answer, CompletionResponse):
         return answer
     return StreamingResponse(answer, media_type="text/event-stream", headers=SSE_HEADERS)

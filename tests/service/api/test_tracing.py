@@ -72,9 +72,12 @@ def test_a_span_per_request_with_session_model_and_phases(models_dir: Path, monk
         (stream_span,) = spans_named(exporter, "POST /v1/generate", 1)
     assert not [s for s in exporter.get_finished_spans() if "healthz" in s.name]
     assert session_span.attributes is not None and stream_span.attributes is not None
-    assert session_span.attributes["charstream.session_id"] == sid
+    # Whether a session ran, never its id: not in charstream's attributes, nor in the request's URL ones.
+    assert session_span.attributes["charstream.session"] is True
+    assert sid not in json.dumps(dict(session_span.attributes)), dict(session_span.attributes)
+    assert "/v1/sessions/[id]/generate" in dict(session_span.attributes).values()
     assert session_span.attributes["charstream.model"] == MODEL
-    assert stream_span.attributes["charstream.model"] == MODEL and "charstream.session_id" not in stream_span.attributes
+    assert stream_span.attributes["charstream.model"] == MODEL and stream_span.attributes["charstream.session"] is False
     assert format(stream_span.context.trace_id, "032x") == trace_id  # the proxy's trace continues here
     # The session continues from its state: nothing to read first.
     for span, generated, prompt in [(session_span, 20, 0), (stream_span, 30, len("JULIET:"))]:
@@ -135,5 +138,5 @@ def test_a_trace_followed_through_nginx(models_dir: Path, tmp_path: Path) -> Non
     (span,) = traced()
     assert span["name"] == "POST /v1/sessions/{session_id}/generate"
     assert span["parent_id"] == "0x00f067aa0ba902b7"  # the client's span, across nginx
-    assert span["attributes"]["charstream.session_id"] == sid
+    assert span["attributes"]["charstream.session"] is True and sid not in json.dumps(span["attributes"])
     assert [e["name"] for e in span["events"] if e["name"].startswith("charstream.")] == PHASES

@@ -114,3 +114,49 @@ def test_memory_accounting() -> None:
     stats = run(store.stats())
     assert stats.state_bytes == 2 * 2 * 512 * 4 + 65 * 4
     assert stats.state_bytes < stats.approx_bytes < 64 * 1024
+
+
+def test_a_session_is_only_its_owners() -> None:
+    async def scenario() -> None:
+        store = InMemorySessionStore(ttl_s=60, max_sessions=10)
+        s = _session()
+        s.owner = "alice"
+        await store.create(s)
+        for other in ("bob", ""):
+            with pytest.raises(NotFound):
+                await store.get(s.id, other)
+            with pytest.raises(NotFound):
+                await store.lease(s.id, other)
+        _, lease = await store.lease(s.id, "alice")  # nobody else's attempt held it
+        assert lease.owner == "alice"
+        await store.delete(lease)
+
+    run(scenario())
+
+
+def test_an_owner_holds_at_most_max_owned_sessions() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        store = InMemorySessionStore(ttl_s=60, max_sessions=10, clock=clock)
+        mine = []
+        for _ in range(2):
+            s = _session()
+            s.owner = "alice"
+            await store.create(s, max_owned=2)
+            mine.append(s)
+        extra = _session()
+        extra.owner = "alice"
+        with pytest.raises(TooManySessions, match="'alice' holds its maximum of 2"):
+            await store.create(extra, max_owned=2)
+        theirs = _session()
+        theirs.owner = "bob"
+        await store.create(theirs, max_owned=2)  # bob's count is his own
+        _, lease = await store.lease(mine[0].id, "alice")
+        await store.delete(lease)
+        await store.create(extra, max_owned=2)
+        late = _session()
+        late.owner = "alice"
+        clock.now += 61  # idle sessions expire, and no longer count
+        await store.create(late, max_owned=2)
+
+    run(scenario())

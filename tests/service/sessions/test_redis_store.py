@@ -165,7 +165,7 @@ def test_corrupt_or_foreign_records_are_refused(redis_server: RedisServer) -> No
             await other.lease(s.id)
         _, lease = await store.lease(s.id)  # the failed lease above was given back
         await store.release(lease)
-        await store.client.set(store._keys(s.id)[0], b"garbage")
+        await store.client.set(store._keys(s.id, "")[0], b"garbage")
         with pytest.raises(CorruptSession):
             await store.get(s.id)
         await store.close()
@@ -250,5 +250,63 @@ def test_a_burst_of_requests_waits_for_a_connection_instead_of_failing(redis_ser
         clients = int((await store.client.info("clients"))["connected_clients"])
         assert clients <= POOL_CONNECTIONS + 1  # this test's own connections, and the one asking
         await store.close()
+
+    run(scenario)
+
+
+def test_a_session_is_only_its_owners_across_replicas(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        one = store_for(redis_server.url)
+        other = RedisSessionStore(
+            redis_server.url, ttl_s=30, max_sessions=100, lease_ttl_s=5, models=MODELS, prefix=one.prefix
+        )
+        s = session()
+        s.owner = "alice"
+        await one.create(s)
+        for owner in ("bob", ""):
+            with pytest.raises(NotFound):
+                await other.get(s.id, owner)
+            with pytest.raises(NotFound):
+                await other.lease(s.id, owner)
+        loaded, lease = await other.lease(s.id, "alice")  # no other owner's attempt holds the lease
+        assert loaded.owner == "alice" and lease.owner == "alice"
+        loaded.history_chars = 5
+        assert await other.save(loaded, lease)
+        assert (await one.get(s.id, "alice")).history_chars == 5
+        # A key's sessions live under its tag: the id alone names nothing.
+        assert not await one.client.exists(one._keys(s.id, "")[0])
+        assert await one.client.exists(one._keys(s.id, "alice")[0])
+        await one.close()
+        await other.close()
+
+    run(scenario)
+
+
+def test_an_owners_cap_holds_across_replicas(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        one = store_for(redis_server.url)
+        other = RedisSessionStore(
+            redis_server.url, ttl_s=30, max_sessions=100, lease_ttl_s=5, models=MODELS, prefix=one.prefix
+        )
+        made = []
+        for store in (one, other):
+            s = session()
+            s.owner = "alice"
+            await store.create(s, max_owned=2)
+            made.append(s)
+        extra = session()
+        extra.owner = "alice"
+        with pytest.raises(TooManySessions, match="'alice' holds its maximum of 2") as refused:
+            await other.create(extra, max_owned=2)
+        assert int(refused.value.headers["Retry-After"]) >= 1
+        theirs = session()
+        theirs.owner = "bob"
+        await one.create(theirs, max_owned=2)
+        _, lease = await one.lease(made[0].id, "alice")
+        await one.delete(lease)  # frees the owner's slot as well as the server's
+        await other.create(extra, max_owned=2)
+        assert (await one.stats()).sessions == 3
+        await one.close()
+        await other.close()
 
     run(scenario)

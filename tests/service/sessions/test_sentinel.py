@@ -98,8 +98,8 @@ def test_tokens_never_go_backwards_when_a_replica_missed_them(redis_server: Redi
         await store.release(first)
         _, old = await store.lease(s.id)
         # What a replica that missed `old` would hold: no lease and the fence of `first`.
-        await store.client.delete(store._keys(s.id)[1])
-        await store.client.set(store._keys(s.id)[2], first.token)
+        await store.client.delete(store._keys(s.id, "")[1])
+        await store.client.set(store._keys(s.id, "")[2], first.token)
         _, new = await store.lease(s.id)
         assert new.token > old.token > first.token
         s.history_chars = 5
