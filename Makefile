@@ -155,6 +155,7 @@ bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m benchmarks.prompt_cache
 	$(PY) -m benchmarks.failover
 	$(PY) -m benchmarks.fuzz
+	$(PY) -m benchmarks.abuse
 	$(PY) -m benchmarks.browser
 
 # Another revision (a commit, tag or branch) checked out in a temporary git worktree and served beside
