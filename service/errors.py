@@ -91,6 +91,14 @@ class CorruptSession(ApiError):
     code = "session_corrupt"
 
 
+class StateRefused(ApiError):
+    """A portable state that cannot be used here: another model or weights, wrong shapes, non-finite
+    values, a truncated or over-long blob, or a signature that does not match."""
+
+    status = 409
+    code = "state_refused"
+
+
 class ForeignSession(ApiError):
     """A record made by another model, or by another version of this model's file."""
 

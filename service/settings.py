@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.errors import ServiceConfigError
 
-SECRET_SETTINGS = ("api_key", "admin_key", "session_store")  # never echoed: a key, a URL with a password
+SECRET_SETTINGS = ("api_key", "admin_key", "state_key", "session_store")  # never echoed: a key, a URL with a password
 # How long a thread may hold the GIL while another waits for it, set at start-up. Python's default
 # lets the event loop keep it through a whole step's worth of sends after onnxruntime returns,
 # so the step thread idles instead of starting the next step (docs/performance.md measures both).
@@ -180,6 +180,11 @@ class Settings(BaseSettings):
         description="read CHARSTREAM_API_KEY from this file; `charstream serve` makes and prints one if it is missing",
     )
     admin_key: SecretStr | None = Field(default=None, description="a key with the admin and metrics scopes")
+    state_key: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="exported states are HMAC-signed under it, and only states signed under it are imported",
+    )
     keys_file: Path | None = Field(default=None, description="a TOML file of named keys with scopes and quotas")
     allow_unauthenticated: bool = Field(
         default=False, description="serve without any key on an address other than loopback (anyone may call)"

@@ -163,6 +163,7 @@ class Job:
     ending: Phase = Phase.LENGTH  # the finished phase a FINISHING job will take
     read: int = 0  # prompt characters read so far
     next_input: int | None = None  # the character the model reads at the next step
+    last_input: int | None = None  # the last character a step read (a prompt's chunks are not steps)
     generated: int = 0
     absorbed: int = 0  # characters the state has read during this job
     stop: StopMatcher = field(init=False)
@@ -187,6 +188,13 @@ class Job:
         if self.counts is not None and self.seen is not None:
             self.counts[char] += 1
             self.seen[char] = True
+
+    @property
+    def last_char(self) -> int | None:
+        """The last character the state read, when the job read any."""
+        if self.last_input is not None:
+            return self.last_input
+        return self.prompt[self.read - 1] if self.read else None
 
     @property
     def reads_last_char(self) -> bool:

@@ -125,7 +125,7 @@ class Stepping(Delivery):
         slots.park(rows, state)
         slots.logits[rows] = bound.logits[:, 0]
         for i, job in enumerate(jobs):
-            job.next_input = None
+            job.last_input, job.next_input = job.next_input, None
             job.absorbed += 1
             if job.params.steer:
                 _steer(state, i, job)

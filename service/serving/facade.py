@@ -32,6 +32,7 @@ A request's path through `generate`:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from service.core.engine import Engine
 from service.core.events import PromptEvent
@@ -41,12 +42,14 @@ from service.core.scheduler import Scheduler
 from service.metrics import Metrics
 from service.serving.compiles import ConstraintCompiles
 from service.serving.generate import Generations
+from service.serving.leases import fresh_session
 from service.serving.lifecycle import Lifecycle, new_scheduler
 from service.serving.prompt_cache import PromptCache, SharedStates
 from service.serving.registry import ModelRegistry
 from service.serving.resources import Resources
 from service.serving.score import Scoring
 from service.serving.session_ops import SessionOps
+from service.serving.states import States
 from service.sessions import open_store
 from service.sessions.store import ANYONE, Owner, Session, SessionStore
 from service.settings import Settings
@@ -71,6 +74,7 @@ class GenerationService:
         self.scoring = Scoring(res)
         self.sessions = SessionOps(res)
         self.lifecycle = Lifecycle(res, compiles)
+        self.states = States(res)
 
     @classmethod
     def create(cls, registry: ModelRegistry, settings: Settings, metrics: Metrics | None = None) -> GenerationService:
@@ -168,14 +172,39 @@ class GenerationService:
         seed: int | None = None,
         session_id: str | None = None,
         owner: Owner = ANYONE,
+        start: Session | None = None,
+        keep: bool = False,
     ) -> Generation:
-        return await self.generations.generate(params, prompt, model_id, seed, session_id, owner)
+        return await self.generations.generate(params, prompt, model_id, seed, session_id, owner, start, keep)
 
     async def read_prompt_once(self, params: SamplingParams, prompt: str, model_id: str | None) -> None:
         await self.generations.read_prompt_once(params, prompt, model_id)
 
     async def check_constraint_rows(self, params: SamplingParams, model_id: str, rows: int, field: str) -> None:
         await self.compiles.check_rows(params, model_id, rows, field)
+
+    # -- states.py ---------------------------------------------------------------------------------
+
+    def export_state(self, session: Session, metadata: dict[str, Any] | None = None) -> bytes:
+        return self.states.export(session, metadata)
+
+    def state_session(
+        self, blob: bytes | None, model_id: str | None, seed: int | None, owner: Owner = ANYONE
+    ) -> Session:
+        """A session no store holds: the state in `blob` (409 unless it fits), or a fresh one of the model."""
+        if blob is None:
+            self.resources.refuse_when_draining()
+            model = self.registry.get(model_id)
+            session = fresh_session(model, seed, owner)
+            session.model_sha256 = model.sha256  # the version it starts on: a swap meanwhile refuses it
+            return session
+        _, session = self.states.session_of(blob, model_id, owner)
+        if seed is not None:
+            session.reseed(seed)  # else the state's own RNG goes on where it stopped
+        return session
+
+    async def get_session_state(self, session_id: str, owner: Owner) -> bytes:
+        return self.export_state(await self.sessions.get(session_id, owner))
 
     # -- score.py ----------------------------------------------------------------------------------
 
@@ -189,8 +218,12 @@ class GenerationService:
     # A session is its owner's: another key's request finds nothing (404). On a server without keys
     # every caller is ANYONE.
 
-    async def create_session(self, model_id: str | None, prompt: str, seed: int | None, owner: Owner) -> Session:
-        return await self.sessions.create(model_id, prompt, seed, owner)
+    async def create_session(
+        self, model_id: str | None, prompt: str, seed: int | None, owner: Owner, state: bytes | None = None
+    ) -> Session:
+        """A new session, fresh or holding the state in `state` (409 unless it fits a served model)."""
+        start = None if state is None else self.states.session_of(state, model_id, owner)[1]
+        return await self.sessions.create(model_id, prompt, seed, owner, start)
 
     async def get_session(self, session_id: str, owner: Owner) -> Session:
         return await self.sessions.get(session_id, owner)

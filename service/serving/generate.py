@@ -55,10 +55,13 @@ class Generations:
         seed: int | None = None,
         session_id: str | None = None,
         owner: Owner = ANYONE,
+        start: Session | None = None,
+        keep: bool = False,
     ) -> Generation:
-        """Validate, take `owner`'s session (or make a throwaway one), and start the job."""
+        """Validate, take `owner`'s session (or make a throwaway one, or start from `start`, a session
+        no store holds), and start the job; with `keep`, its end leaves the final state in `start`."""
         if session_id is None:
-            model, job, saved = await self._stateless(params, prompt, model_id, seed)
+            model, job, saved = await self._stateless(params, prompt, model_id, seed, start, keep)
         else:
             model, job, saved = await self._on_session(params, prompt, model_id, seed, session_id, owner)
         return Generation(
@@ -94,19 +97,32 @@ class Generations:
             raise
 
     async def _stateless(
-        self, params: SamplingParams, prompt: str, model_id: str | None, seed: int | None
+        self,
+        params: SamplingParams,
+        prompt: str,
+        model_id: str | None,
+        seed: int | None,
+        start: Session | None = None,
+        keep: bool = False,
     ) -> tuple[LoadedModel, Job, Saved | None]:
-        """A job on a throwaway session, started on the version of the model serving when it is submitted."""
+        """A job on a throwaway session (or `start`), started on the version of the model serving when
+        it is submitted. A state given in `start` belongs to one version: a swap under it refuses it."""
         for _ in range(SWAP_ATTEMPTS):
             self.res.refuse_when_draining()
-            model = self.res.registry.get(model_id)
-            session = fresh_session(model, seed)
+            model = self.res.registry.get(model_id if start is None else start.model)
+            if start is not None and start.model_sha256 != model.sha256:
+                raise model_swapped(start, model.sha256)
+            session = fresh_session(model, seed) if start is None else start
+            if start is not None and seed is not None:
+                start.reseed(seed)
             prepared = await self._prepare(model, session, params, prompt)
             if prepared is None:
                 continue  # swapped while the constraint compiled
-            ids, keeper = await self._from_prompt_cache(model, session, prepared.ids, params)
+            ids, keeper = prepared.ids, None
+            if session.logits is None and not session.history_chars:  # the cache holds states read from zero
+                ids, keeper = await self._from_prompt_cache(model, session, prepared.ids, params)
             if self.res.serves(model):  # else swapped while asking Redis: start again on the new version
-                job, saved = start_job(self.res, session, None, model, ids, params, prepared.matcher, keeper)
+                job, saved = start_job(self.res, session, None, model, ids, params, prepared.matcher, keeper, keep)
                 return model, job, saved
         raise ModelUnavailable(
             f"model {model.id!r} was swapped {SWAP_ATTEMPTS} times while this request started; retry it",

@@ -71,8 +71,10 @@ def start_job(
     params: SamplingParams,
     matcher: CharMatcher | None = None,
     on_chunk: ChunkKeeper | None = None,
+    keep: bool = False,
 ) -> tuple[Job, Saved | None]:
-    """Submit the job; with a lease, its end writes the session back (the future says how that went)."""
+    """Submit the job; with a lease, its end writes the session back (the future says how that went).
+    With `keep` and no lease, its end leaves the final state in `session` (not stored anywhere)."""
     rng = session.rng()
     saved: Saved | None = None
     if lease is not None:
@@ -80,13 +82,15 @@ def start_job(
 
     def on_complete(job: Job) -> None:
         # On the event loop, with the job's final event: write back, then end the lease.
-        if lease is None or saved is None:
-            return
-        if job.phase is not Phase.FAILED:
+        if job.phase is not Phase.FAILED and (lease is not None or keep):
             session.state = job.state
             session.logits = job.logits
             session.history_chars += job.absorbed
             session.rng_state = rng_state_of(rng.bit_generator)
+            if (last := job.last_char) is not None:
+                session.last_char = model.engine.info.vocab[last]
+        if lease is None or saved is None:
+            return
         res.in_background(_write_back(res.store, session, lease, job.phase is not Phase.FAILED, saved))
 
     job = Job(
@@ -95,7 +99,7 @@ def start_job(
         logits=session.logits,
         params=params,
         rng=rng,
-        wants_state=lease is not None,
+        wants_state=lease is not None or keep,
         on_complete=on_complete,
         on_chunk=on_chunk,
         matcher=matcher,

@@ -20,11 +20,20 @@ class SessionOps:
     def __init__(self, res: Resources) -> None:
         self.res = res
 
-    async def create(self, model_id: str | None, prompt: str, seed: int | None, owner: Owner) -> Session:
+    async def create(
+        self, model_id: str | None, prompt: str, seed: int | None, owner: Owner, start: Session | None = None
+    ) -> Session:
+        """A new session of `owner`'s: fresh, or holding `start`'s state (an imported one); `prompt` read after it."""
         self.res.refuse_when_draining()
-        model = self.res.registry.get(model_id)
+        model = self.res.registry.get(model_id if start is None else start.model)
         ids = prompt_ids(self.res, model, prompt, "prompt")
-        session = fresh_session(model, seed, owner)
+        if start is None:
+            session = fresh_session(model, seed, owner)
+        else:
+            session = start
+            session.owner = owner.name
+            if seed is not None:
+                session.reseed(seed)
         await self.res.store.create(session, owner.max_sessions)
         if ids:
             async with leased(self.res.store, session.id, owner) as (session, lease):

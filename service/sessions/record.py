@@ -7,8 +7,9 @@ Layout (little-endian):
     header length           u32
     header                  UTF-8 JSON: id, model, model_sha256, seed, history_chars, created_at,
                             rng_state (numpy PCG64 state), tensors, layers, hidden, vocab,
-                            has_logits, owner (the key's name; absent in records of a server
-                            without keys, and in those written before keys had sessions)
+                            has_logits, last_char (when one was read), owner (the key's name;
+                            absent in records of a server without keys, and in those written
+                            before keys had sessions)
     state                   tensors x layers x hidden float32
     logits                  vocab float32 (when has_logits)
 
@@ -52,6 +53,8 @@ def encode(session: Session, model_sha256: str) -> bytes:
     }
     if session.owner:
         header["owner"] = session.owner
+    if session.last_char:
+        header["last_char"] = session.last_char
     head = json.dumps(header, separators=(",", ":")).encode()
     parts = [_PREFIX.pack(MAGIC, RECORD_VERSION, len(head)), head]
     parts += [np.ascontiguousarray(s, dtype="<f4").tobytes() for s in session.state]
@@ -92,6 +95,7 @@ def decode(data: bytes, models: dict[str, str]) -> Session:
             created_at=float(header["created_at"]),
             model_sha256=str(header["model_sha256"]),
             owner=str(header.get("owner", "")),
+            last_char=str(header.get("last_char", "")),
         )
         sha = session.model_sha256
     except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:

@@ -42,6 +42,7 @@ class Session:
     model_sha256: str = ""
     # The name of the key that made it ("" on a server without keys): only that key finds it again.
     owner: str = ""
+    last_char: str = ""  # the last character the state read ("" before any)
 
     @classmethod
     def fresh(cls, model: str, state_shape: tuple[int, int], tensors: int, seed: int | None) -> Session:

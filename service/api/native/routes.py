@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import StreamingResponse
 
+from exports import state as portable
 from service.api import budget
 from service.api.deps import OwnerDep, ServiceDep
 from service.api.errors import NATIVE_ERRORS
@@ -24,27 +26,31 @@ from service.api.native.schemas import (
     ScoreResponse,
     SessionGenerateRequest,
     SessionInfo,
+    StateInfo,
     TextScore,
     Usage,
 )
 from service.api.sse import SSE_DONE, SSE_HEADERS, STREAMING, sse_frame
-from service.core.events import Failed, TextEvent
+from service.core.events import Completed, Failed, TextEvent
 from service.core.generation import Generation
 from service.core.sampling import SamplingParams
-from service.errors import InternalError
+from service.errors import InternalError, InvalidInput
+from service.serving import states
 
 router = APIRouter(prefix="/v1", responses=NATIVE_ERRORS)
 
 log = logging.getLogger("charstream.http")
 
 
-async def sse_frames(generation: Generation) -> AsyncIterator[bytes]:
-    """One `data:` frame per event (text, prompt, the final one or an error), then `[DONE]`."""
+async def sse_frames(generation: Generation, final: Callable[[], dict[str, Any]] | None = None) -> AsyncIterator[bytes]:
+    """One `data:` frame per event (text, prompt, the final one with `final`'s fields, or an error), then `[DONE]`."""
     try:
         async for event in generation.stream():
             if isinstance(event, TextEvent) and event.plain:
                 # The frame sent most, once per character or few: built without a dict.
                 yield f'data: {{"text": {json.dumps(event.text, ensure_ascii=False)}}}\n\n'.encode()
+            elif isinstance(event, Completed) and final is not None:
+                yield sse_frame({**event.payload(), **final()})
             else:
                 yield sse_frame(event.payload())
     except Exception:  # a bug, not a client: the stream still ends with an error and [DONE]
@@ -53,12 +59,17 @@ async def sse_frames(generation: Generation) -> AsyncIterator[bytes]:
     yield SSE_DONE
 
 
-async def _respond(generation: Generation, stream: bool) -> GenerateResponse | StreamingResponse:
+async def _respond(
+    generation: Generation, stream: bool, final: Callable[[], dict[str, Any]] | None = None
+) -> GenerateResponse | StreamingResponse:
+    """The answer; `final` adds fields to it (to the final frame of a stream) once the generation is done."""
     if stream:
-        return StreamingResponse(sse_frames(generation), media_type="text/event-stream", headers=SSE_HEADERS)
+        frames = sse_frames(generation, final)
+        return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
     result = await generation.result()
     done = result.completed
     return GenerateResponse(
+        **(final() if final is not None else {}),
         text=result.text,
         finish_reason=done.finish_reason,  # type: ignore[arg-type]
         usage=Usage(prompt_chars=done.prompt_chars, generated_chars=done.generated_chars),
@@ -75,9 +86,19 @@ async def _respond(generation: Generation, stream: bool) -> GenerateResponse | S
 async def generate(
     request: GenerateRequest, service: ServiceDep, owner: OwnerDep, http: Request
 ) -> GenerateResponse | StreamingResponse:
-    """Generate text from a prompt; `stream: true` answers as Server-Sent Events."""
+    """Generate text from a prompt (after `state`, if given); `stream: true` answers as Server-Sent Events."""
     params = request.to_sampling_params()
     await budget.admit(http, budget.generation(params, len(request.prompt)))
+    start = None
+    if request.state is not None or request.return_state:
+        if request.session_id is not None:
+            field = "state" if request.state is not None else "return_state"
+            raise InvalidInput(
+                f"{field} and session_id: a session keeps its own state (GET /v1/sessions/{{id}}/state exports it)",
+                field=field,
+            )
+        blob = None if request.state is None else states.from_text(request.state)
+        start = service.state_session(blob, request.model, request.seed)
     generation = await service.generate(
         params,
         request.prompt,
@@ -85,17 +106,46 @@ async def generate(
         request.seed,
         request.session_id,
         owner,
+        start=start,
+        keep=request.return_state,
     )
-    return await _respond(generation, request.stream)
+    final = None
+    if request.return_state and start is not None:
+        kept = start
+        final = lambda: {"state": states.to_text(service.export_state(kept))}  # noqa: E731
+    return await _respond(generation, request.stream, final)
 
 
 @router.post("/sessions", response_model=SessionInfo, status_code=status.HTTP_201_CREATED)
 async def create_session(
     request: CreateSessionRequest, service: ServiceDep, owner: OwnerDep, http: Request
 ) -> SessionInfo:
-    """Create a session whose state the server keeps; an optional prompt primes it."""
+    """Create a session whose state the server keeps, fresh or from a `state`; an optional prompt primes it."""
     await budget.admit(http, budget.reading(len(request.prompt), 0, "prompt"))
-    return SessionInfo.of(await service.create_session(request.model, request.prompt, request.seed, owner))
+    blob = None if request.state is None else states.from_text(request.state)
+    return SessionInfo.of(await service.create_session(request.model, request.prompt, request.seed, owner, blob))
+
+
+@router.get(
+    "/sessions/{session_id}/state",
+    response_model=StateInfo,
+    responses={200: {"content": {portable.MEDIA_TYPE: {}}, "description": "the state, as JSON or its raw bytes"}},
+)
+async def get_session_state(session_id: str, service: ServiceDep, owner: OwnerDep, http: Request) -> Response:
+    """The session's state as a portable charstream-state: JSON with it in base64url, or the raw bytes
+    with `Accept: application/octet-stream`."""
+    session = await service.get_session(session_id, owner)
+    blob = service.export_state(session)
+    if portable.MEDIA_TYPE in http.headers.get("accept", ""):
+        return Response(blob, media_type=portable.MEDIA_TYPE)
+    info = StateInfo(
+        format=portable.FORMAT,
+        version=portable.VERSION,
+        model=session.model,
+        position=session.history_chars,
+        state=states.to_text(blob),
+    )
+    return Response(info.model_dump_json(), media_type="application/json")
 
 
 @router.get("/sessions/{session_id}", response_model=SessionInfo)

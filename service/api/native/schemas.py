@@ -34,6 +34,17 @@ Seed = Annotated[
 SessionId = Annotated[str, Field(min_length=1, max_length=64, description="a session id from POST /v1/sessions")]
 StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
 ModelId = Annotated[str, Field(min_length=1, max_length=128, description="model id; the server's default if unset")]
+# A charstream-state, base64url: the bundled model's is about 11 KB; this bounds the largest models'.
+StateText = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=4 * 2**20,
+        pattern=r"^[A-Za-z0-9_-]+={0,2}$",
+        description="a charstream-state (docs: Portable states), base64url; the request continues from it",
+    ),
+]
+RETURN_STATE = "return the final state (a charstream-state, base64url) as `state`, to continue from later"
 
 
 class ActivationRequest(BaseModel):
@@ -145,6 +156,8 @@ class GenerateRequest(SamplingFields):
     seed: Seed | None = None
     stream: bool = Field(default=False, description="answer as Server-Sent Events")
     session_id: SessionId | None = Field(default=None, description="continue this session and keep its new state")
+    state: StateText | None = None
+    return_state: bool = Field(default=False, description=RETURN_STATE)
 
 
 class SessionGenerateRequest(SamplingFields):
@@ -167,14 +180,24 @@ class GenerateResponse(BaseModel):
     top_logprobs: list[dict[str, float]] | None = None
     activations: list[list[float]] | None = None
     prompt_activations: list[list[float]] | None = None
+    state: str | None = Field(default=None, description="the final state, when return_state asked for it")
 
 
 class CreateSessionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelId | None = None
-    prompt: str = Field(default="", description="text the session reads at creation")
+    prompt: str = Field(default="", description="text the session reads at creation (after `state`, if given)")
     seed: Seed | None = None
+    state: StateText | None = Field(default=None, description="a charstream-state the session starts from")
+
+
+class StateInfo(BaseModel):
+    format: str = Field(description="charstream-state")
+    version: int
+    model: str
+    position: int = Field(description="characters the state has read")
+    state: str = Field(description="the state, base64url (or the body itself with Accept: application/octet-stream)")
 
 
 class ForkRequest(BaseModel):
@@ -273,6 +296,8 @@ class WsGenerate(SamplingFields):
     model: ModelId | None = None
     prompt: str = ""
     seed: Seed | None = None
+    state: StateText | None = Field(default=None, description="start the connection's session anew from this state")
+    return_state: bool = Field(default=False, description=RETURN_STATE + " (in the done message)")
 
 
 class WsFeed(BaseModel):

@@ -27,7 +27,7 @@ from service.api.auth import WS_PROTOCOL, authenticate, origin_allowed
 from service.api.deps import get_service, get_settings
 from service.api.native.schemas import WsCancel, WsFeed, WsGenerate
 from service.api.quotas import RateLimits, caller_of, owner_of
-from service.core.events import Failed, PromptEvent, StreamEvent, TextEvent
+from service.core.events import Completed, Failed, PromptEvent, StreamEvent, TextEvent
 from service.core.generation import Generation
 from service.errors import (
     ApiError,
@@ -41,7 +41,9 @@ from service.errors import (
     TooLarge,
     UnknownMessageType,
 )
+from service.serving import states
 from service.serving.facade import GenerationService
+from service.sessions.store import Owner
 
 log = logging.getLogger("charstream.ws")
 router = APIRouter()
@@ -210,7 +212,13 @@ class Connection:
 
     async def start_generation(self, msg: WsGenerate) -> None:
         fresh = msg.session_id is None and self.session_id is None
-        session_id = await self.ensure_session(msg.session_id, msg.model, msg.seed)
+        if msg.state is not None:
+            if msg.session_id is not None:
+                raise InvalidInput("state and session_id: send one (a session keeps its own state)", field="state")
+            session_id = await self.session_from_state(msg)
+            fresh = True  # the state's model and seed are the session's
+        else:
+            session_id = await self.ensure_session(msg.session_id, msg.model, msg.seed)
         self.generation = await self.service.generate(
             msg.to_sampling_params(),
             msg.prompt,
@@ -219,11 +227,31 @@ class Connection:
             session_id=session_id,
             owner=self.owner,
         )
-        self.pump = asyncio.create_task(self.forward(self.generation))
+        returned = (session_id, self.owner) if msg.return_state else None
+        self.pump = asyncio.create_task(self.forward(self.generation, returned))
 
-    async def forward(self, generation: Generation) -> None:
+    async def session_from_state(self, msg: WsGenerate) -> str:
+        """The connection's session, made anew from the message's state (and announced)."""
+        assert msg.state is not None
+        blob = states.from_text(msg.state)
+        info = await self.service.create_session(msg.model, "", msg.seed, self.owner, blob)
+        announce: dict[str, Any] = {"type": "session", "id": info.id, "model": info.model}
+        if self.session_id is not None:
+            announce["replaces"] = self.session_id
+        self.session_id = info.id
+        await self.send(announce)
+        return info.id
+
+    async def forward(self, generation: Generation, returned: tuple[str, Owner] | None = None) -> None:
+        """The generation's messages; with `returned` (its session and owner), the done message
+        carries the session's final state."""
         try:
             async for event in generation.stream():
+                if returned is not None and isinstance(event, Completed):
+                    message = {"type": "done", **event.payload()}
+                    message["state"] = states.to_text(await self.service.get_session_state(*returned))
+                    await self.send(message)
+                    continue
                 await self.send_text(message_for(event))
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the client left mid-stream; leaving the loop cancelled the job

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -38,8 +39,9 @@ from service.core.events import Completed, Failed, PromptEvent, StreamEvent, Tex
 from service.core.generation import Generation, GenerationResult
 from service.core.sampling import is_greedy
 from service.errors import ApiError, InternalError, InvalidInput
+from service.serving import states
 from service.serving.facade import GenerationService
-from service.sessions.store import Owner
+from service.sessions.store import Owner, Session
 
 log = logging.getLogger("charstream.openai")
 
@@ -159,7 +161,7 @@ class CompletionServing:
     async def create(self, request: CompletionRequest, owner: Owner) -> CompletionResponse | AsyncIterator[bytes]:
         """Validate and start every choice; the answer, or (streaming) its SSE frames ending in [DONE].
         A `session_id` names one of `owner`'s sessions."""
-        prompts, generations = await self._start(request, owner)
+        prompts, generations, starts = await self._start(request, owner)
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         model = generations[0].model
         if request.stream:
@@ -170,6 +172,10 @@ class CompletionServing:
         if request.unique:
             prompts, results, completed = await self._unique(request, model, results)
         choices = [self._choice(request, i, p, r) for i, (p, r) in enumerate(zip(prompts, results, strict=True))]
+        if request.return_state:  # each choice's start now holds its final state
+            for choice, start in zip(choices, starts, strict=True):
+                assert start is not None
+                choice.state = states.to_text(self.service.export_state(start))
         return CompletionResponse(
             id=completion_id,
             created=created,
@@ -179,7 +185,9 @@ class CompletionServing:
             session_id=request.session_id,
         )
 
-    async def _start(self, request: CompletionRequest, owner: Owner) -> tuple[list[str], list[Generation]]:
+    async def _start(
+        self, request: CompletionRequest, owner: Owner
+    ) -> tuple[list[str], list[Generation], list[Session | None]]:
         """Every choice's prompt and generation, in OpenAI's order (prompt by prompt, n choices each)."""
         model = self.service.registry.get(request.model)
         request.check_supported(model.engine.info.vocab_size)
@@ -198,23 +206,41 @@ class CompletionServing:
         params = request.to_sampling_params()
         # Every choice's constraint runs at once: a costly one on many rows would slow every step.
         await self.service.check_constraint_rows(params, model.id, n * len(prompts), "n" if n > 1 else "prompt")
-        if n > 1 and request.session_id is None:
+        if n > 1 and request.session_id is None and request.state is None:
             # Each prompt read once, into the prompt-state cache, rather than once per choice.
             await asyncio.gather(*(self.service.read_prompt_once(params, p, model.id) for p in dict.fromkeys(prompts)))
         choice_prompts: list[str] = []
         generations: list[Generation] = []
+        blob = None if request.state is None else states.from_text(request.state)
+        starts: list[Session | None] = []  # each choice's own state, when it starts from one or returns one
         try:
             for prompt in prompts:
                 for j in range(n):
                     seed = choice_seed(request.seed, j)
-                    generation = await self.service.generate(params, prompt, model.id, seed, request.session_id, owner)
+                    start = None
+                    if blob is not None or request.return_state:
+                        # Each choice continues its own copy; without a seed the first continues the
+                        # state's RNG exactly and the others draw fresh seeds.
+                        own = seed if seed is not None or j == 0 else secrets.randbits(63)
+                        start = self.service.state_session(blob, model.id, own)
+                    starts.append(start)
+                    generation = await self.service.generate(
+                        params,
+                        prompt,
+                        model.id,
+                        seed,
+                        request.session_id,
+                        owner,
+                        start=start,
+                        keep=bool(request.return_state),
+                    )
                     generations.append(generation)
                     choice_prompts.append(prompt)
         except BaseException:
             for generation in generations:
                 generation.cancel()
             raise
-        return choice_prompts, generations
+        return choice_prompts, generations, starts
 
     async def _unique(
         self, request: CompletionRequest, model: str, results: list[GenerationResult]

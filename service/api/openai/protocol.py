@@ -162,6 +162,17 @@ class CompletionRequest(BaseModel):
         max_length=64,
         description="charstream's extension: continue this server-kept session (POST /v1/sessions) and keep its state",
     )
+    state: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4 * 2**20,
+        pattern=r"^[A-Za-z0-9_-]+={0,2}$",
+        description="charstream's extension: a charstream-state (base64url) every choice continues from",
+    )
+    return_state: bool | None = Field(
+        default=False,
+        description="charstream's extension: each choice carries its final state (base64url) as `state`",
+    )
     # OpenAI's, refused unless neutral: see check_supported.
     suffix: Annotated[str | None, _only(None, "not supported: must be null")] = Field(
         default=None, description="refused unless null or empty: a character model continues left to right"
@@ -248,6 +259,18 @@ class CompletionRequest(BaseModel):
         choices = len(self.prompts) * self.choices_per_prompt
         if choices > MAX_CHOICES:
             raise InvalidInput(f"n x prompts is {choices} choices; at most {MAX_CHOICES} per request", field="n")
+        if self.state is not None and self.session_id is not None:
+            raise InvalidInput("state and session_id: send one (a session keeps its own state)", field="state")
+        if self.return_state and (self.stream or self.session_id is not None):
+            raise InvalidInput(
+                "return_state needs stream false and no session_id (GET /v1/sessions/{id}/state exports a session)",
+                field="return_state",
+            )
+        if self.unique and (self.state is not None or self.return_state):
+            raise InvalidInput(
+                "unique with state or return_state is not supported: its retries start from no state",
+                field="unique",
+            )
         if self.unique and self.stream:
             raise InvalidInput(
                 "unique needs each choice's whole text before it is sent: use stream false", field="unique"
@@ -322,6 +345,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    state: str | None = Field(default=None, description="the choice's final state, when return_state asked")
 
 
 class CompletionUsage(BaseModel):
