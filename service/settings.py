@@ -32,6 +32,10 @@ EVENT_LOOP: Literal["asyncio", "uvloop"] = "asyncio"
 # is read, against reading faster than stepping (benchmarks/prefill_fairness.py measures both; the
 # performance docs keep the numbers).
 PREFILL_CHUNK = 256
+# While streams decode, reading prompts gets at most this share of the step thread: a long prompt
+# (or a /v1/score of many texts) then slows each stream by a bounded factor rather than by a
+# chunk's time for every character, and reads at least this share of its own speed.
+PREFILL_SHARE = 0.5
 
 # -- session store URLs: checked here, so that a bad one stops the start with one line -------------
 # The redis+sentinel:// URL names where the sentinels are and which primary they watch:
@@ -157,6 +161,18 @@ class Settings(BaseSettings):
     )
     prefill_chunk: int = Field(
         default=PREFILL_CHUNK, ge=1, le=10_000_000, description="prompt positions read between two decode steps"
+    )
+    max_rows_per_request: int = Field(
+        default=64,
+        ge=1,
+        description="a request's choices (completions' n) running at once; the rest start as those end",
+    )
+    prefill_share: float = Field(
+        default=PREFILL_SHARE,
+        gt=0.0,
+        le=1.0,
+        description="the most of the step thread's time reading prompts may take while streams decode; 1 = a "
+        "chunk between every two steps",
     )
     prompt_cache_bytes: int = Field(
         default=PROMPT_CACHE_BYTES,

@@ -9,6 +9,7 @@ job under the lock; the step thread takes every queued job at the start of an it
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from service.core.delivery import Delivery
 from service.core.jobs import Job, Phase
@@ -16,7 +17,20 @@ from service.core.jobs import Job, Phase
 
 class Admission(Delivery):
     _joining: list[Job]  # guarded by _lock: submitted, not yet taken by the step thread
-    _intake: list[Job]  # owned by the step thread: taken from _joining, being admitted
+    max_rows_per_request: int | None
+
+    def _gets_a_row(self, job: Job) -> bool:
+        """Whether the job is admitted now: not when its request already runs its most jobs at once;
+        it then waits for one of them to end (`_leave_group`), so one request's choices cannot fill
+        every step."""
+        group, cap = job.group, self.max_rows_per_request
+        if group is None or cap is None:
+            return True
+        if self._rows_of.get(group, 0) >= cap:
+            self._queued.setdefault(group, deque()).append(job)
+            return False
+        self._rows_of[group] = self._rows_of.get(group, 0) + 1
+        return True
 
     def submit(self, job: Job) -> None:
         job.submitted_at = time.perf_counter()

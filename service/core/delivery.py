@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections import deque
 
 import numpy as np
 from prometheus_client import Counter
@@ -38,6 +39,10 @@ class Delivery:
     _endings: int
     _outbox: list[tuple[Job, Event]]
     _emitted: int  # characters handed out since the last flush
+    max_rows_per_request: int | None
+    _intake: list[Job]  # owned by the step thread: taken from _joining, being admitted
+    _rows_of: dict[object, int]  # jobs each request runs (a job's group)
+    _queued: dict[object, deque[Job]]  # jobs waiting for one of their request's jobs to end
     _loop: asyncio.AbstractEventLoop | None
     _generated_chars: Counter
     _errors: Counter
@@ -105,7 +110,9 @@ class Delivery:
             self._outbox.append((job, job.notes.take(n)))
 
     def _cancel_now(self, job: Job) -> None:
-        if job.phase in (Phase.PREFILL, Phase.DECODING) and job.read < len(job.prompt):
+        if job.phase is Phase.JOINING and job in self._queued.get(job.group, ()):  # waiting for its request's row
+            self._finish(job, Phase.CANCELLED, keep=False)
+        elif job.phase in (Phase.PREFILL, Phase.DECODING) and job.read < len(job.prompt):
             # Part of a prompt read: the state keeps none of it, as if the request had not come.
             job.absorbed = 0
             self._finish(job, Phase.CANCELLED, keep=False)
@@ -129,6 +136,7 @@ class Delivery:
         self._count_emitted()  # before the job stops counting as running: a scrape never sees it half-counted
         self._prefill.pop(job, None)
         self._running.pop(job, None)
+        self._leave_group(job)
         self._slots.give_back(job, keep=keep and job.wants_state)
         job.phase = phase
         if job.notes is not None:
@@ -141,10 +149,28 @@ class Delivery:
         self._count_emitted()
         self._prefill.pop(job, None)
         self._running.pop(job, None)
+        self._leave_group(job)
         self._slots.give_back(job, keep=False)
         job.phase = Phase.FAILED
         self._errors.labels(code).inc()
         self._outbox.append((job, ErrorEvent(code, message, field)))
+
+    def _leave_group(self, job: Job) -> None:
+        """A job of a request ends: a waiting one of the same request is taken in at the next iteration."""
+        group = job.group
+        if group is None or self.max_rows_per_request is None:
+            return
+        queued = self._queued.get(group)
+        if queued is not None and job in queued:  # it never ran: it held no place
+            queued.remove(job)
+        else:
+            self._rows_of[group] -= 1
+            if queued:
+                self._intake.append(queued.popleft())
+        if not self._rows_of.get(group, 1):
+            del self._rows_of[group]
+        if queued is not None and not queued:
+            del self._queued[group]
 
     def _count_emitted(self) -> None:
         """Add the characters handed out since the last count to the counter (one lock, not one per character)."""

@@ -158,6 +158,9 @@ class Job:
     # tensor (layers, hidden), next-character logits), views that the callee copies if it keeps them.
     on_chunk: Callable[[int, list[np.ndarray], np.ndarray], None] | None = None
     matcher: CharMatcher | None = None  # the constraint every generated text must meet (params.constraint)
+    # The request it is one of (a completion's choices): a request runs at most the scheduler's
+    # max_rows_per_request jobs at once, the rest wait for one of them to end.
+    group: object | None = None
     events: Mailbox = field(default_factory=Mailbox)
     phase: Phase = Phase.JOINING
     ending: Phase = Phase.LENGTH  # the finished phase a FINISHING job will take

@@ -7,7 +7,10 @@ One scheduler per model owns a step thread. Each iteration of that thread:
   2. reads one bounded chunk of the waiting prompts (chunked prefill: at most `prefill_chunk`
      positions per iteration, prompts of equal chunk length sharing one seq=T call, as
      `step_plan.prefill_groups` picks them), so a 100,000-character prompt is read between decode
-     steps instead of stalling them;
+     steps instead of stalling them. While streams decode, reading takes at most `prefill_share`
+     of the thread's time: after a chunk, the next waits until the decode steps since have taken
+     as long as the chunk's share allows, so one request's prompts cannot cost every stream a
+     chunk per character. The chunks stay the same, so the text does not depend on the load;
   3. runs one batched onnxruntime step over every decoding job (`stepping`: its last sampled
      character, or for a job that annotates its prompt, its next prompt character), writes the
      units a job steers into its state row, then samples each row's next character with its own
@@ -31,6 +34,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +47,7 @@ from service.core.slots import SlotTable
 from service.core.step_plan import prefill_groups
 from service.core.stepping import RuntimeCallFailed, Stepping
 from service.metrics import Metrics
-from service.settings import PREFILL_CHUNK
+from service.settings import PREFILL_CHUNK, PREFILL_SHARE
 
 log = logging.getLogger("charstream.scheduler")
 
@@ -58,12 +62,21 @@ class Scheduler(Admission, Stepping):
         max_wait_us: int = 0,
         batching: bool = True,
         prefill_chunk: int = PREFILL_CHUNK,
+        prefill_share: float = PREFILL_SHARE,
+        clock: Callable[[], float] = time.perf_counter,
+        max_rows_per_request: int | None = None,
     ) -> None:
         self.name = name
         self.engine = engine
         self.max_batch_size = max_batch_size if batching else 1
         self.max_wait_s = max_wait_us / 1e6
         self.prefill_chunk = prefill_chunk
+        self._decode_per_read = (1 - prefill_share) / prefill_share  # decode seconds owed per second read
+        self._owed_s = 0.0  # decode time to run before the next chunk, while streams decode
+        self._clock = clock  # what the share is measured with
+        self.max_rows_per_request = max_rows_per_request
+        self._rows_of: dict[object, int] = {}
+        self._queued: dict[object, deque[Job]] = {}
         self.vocab = engine.info.vocab
         self.constraints = ConstraintCompiler(self.vocab)  # this model's compiled constraints, cached
         self._lock = threading.Condition()
@@ -88,7 +101,7 @@ class Scheduler(Admission, Stepping):
         self.request_metrics = metrics.requests_of(name)
         # Read at scrape time, without the thread's cooperation (approximate, as `active`).
         metrics.running.labels(name).set_function(lambda: len(self._prefill) + len(self._running))
-        metrics.waiting.labels(name).set_function(lambda: len(self._joining) + len(self._intake))
+        metrics.waiting.labels(name).set_function(lambda: len(self._joining) + len(self._intake) + self._waiting_rows)
         self._prime_metrics = metrics.calls(name, "prime")
         self._errors = metrics.errors  # by the code the client sees: engine_error, invalid_input, internal...
 
@@ -121,7 +134,12 @@ class Scheduler(Admission, Stepping):
     @property
     def active(self) -> int:
         """Jobs submitted and not yet finished (read without the thread's cooperation: approximate)."""
-        return len(self._joining) + len(self._intake) + len(self._prefill) + len(self._running)
+        return len(self._joining) + len(self._intake) + self._waiting_rows + len(self._prefill) + len(self._running)
+
+    @property
+    def _waiting_rows(self) -> int:
+        """Jobs waiting for one of their request's jobs to end (approximate from another thread)."""
+        return sum(len(q) for q in list(self._queued.values()))
 
     # -- the step thread ---------------------------------------------------------------------------
 
@@ -164,18 +182,23 @@ class Scheduler(Admission, Stepping):
         return bool(self._prefill or self._running or self._intake)
 
     def _iterate(self, cancels: list[Job]) -> None:
-        for job in self._intake:
-            self._guarded([job], "admit", self._admit, job)
+        for job in self._intake:  # (a job ending while they are taken in may add a waiting one)
+            if self._gets_a_row(job):
+                self._guarded([job], "admit", self._admit, job)
         self._intake.clear()
         for job in cancels:
             self._guarded([job], "cancel", self._cancel_now, job)
-        if self._prefill:
+        if self._prefill and (not self._running or self._owed_s <= 0):
+            t0 = self._clock()
             self._prefill_some()
+            self._owed_s = (self._clock() - t0) * self._decode_per_read
         if self._running:
+            t0 = self._clock()
             jobs = list(self._running)
             for start in range(0, len(jobs), self.max_batch_size):
                 batch = jobs[start : start + self.max_batch_size]
                 self._guarded(batch, "step", self._step, batch)
+            self._owed_s -= self._clock() - t0
         if not self._running:
             self._steady = None  # idle: hold no finished jobs
 
@@ -195,9 +218,11 @@ class Scheduler(Admission, Stepping):
     def _fail_held(self, code: str, message: str) -> None:
         with self._lock:
             joining, self._joining = self._joining, []
-        for job in [*joining, *self._intake, *self._prefill, *self._running]:
+        queued = [job for waiting in self._queued.values() for job in waiting]
+        for job in [*joining, *self._intake, *queued, *self._prefill, *self._running]:
             self._fail(job, code, message)
         self._intake.clear()
+        self._queued.clear()
 
     def _prefill_some(self) -> None:
         """Read one chunk of the waiting prompts (`step_plan.prefill_groups`), a call per chunk length."""

@@ -174,8 +174,11 @@ class GenerationService:
         owner: Owner = ANYONE,
         start: Session | None = None,
         keep: bool = False,
+        group: object | None = None,
     ) -> Generation:
-        return await self.generations.generate(params, prompt, model_id, seed, session_id, owner, start, keep)
+        """`group` names the request a generation is one of: a request runs at most
+        CHARSTREAM_MAX_ROWS_PER_REQUEST of its generations at once."""
+        return await self.generations.generate(params, prompt, model_id, seed, session_id, owner, start, keep, group)
 
     async def read_prompt_once(self, params: SamplingParams, prompt: str, model_id: str | None) -> None:
         await self.generations.read_prompt_once(params, prompt, model_id)

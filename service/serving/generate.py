@@ -57,11 +57,12 @@ class Generations:
         owner: Owner = ANYONE,
         start: Session | None = None,
         keep: bool = False,
+        group: object | None = None,
     ) -> Generation:
         """Validate, take `owner`'s session (or make a throwaway one, or start from `start`, a session
         no store holds), and start the job; with `keep`, its end leaves the final state in `start`."""
         if session_id is None:
-            model, job, saved = await self._stateless(params, prompt, model_id, seed, start, keep)
+            model, job, saved = await self._stateless(params, prompt, model_id, seed, start, keep, group)
         else:
             model, job, saved = await self._on_session(params, prompt, model_id, seed, session_id, owner)
         return Generation(
@@ -104,6 +105,7 @@ class Generations:
         seed: int | None,
         start: Session | None = None,
         keep: bool = False,
+        group: object | None = None,
     ) -> tuple[LoadedModel, Job, Saved | None]:
         """A job on a throwaway session (or `start`), started on the version of the model serving when
         it is submitted. A state given in `start` belongs to one version: a swap under it refuses it."""
@@ -122,7 +124,9 @@ class Generations:
             if session.logits is None and not session.history_chars:  # the cache holds states read from zero
                 ids, keeper = await self._from_prompt_cache(model, session, prepared.ids, params)
             if self.res.serves(model):  # else swapped while asking Redis: start again on the new version
-                job, saved = start_job(self.res, session, None, model, ids, params, prepared.matcher, keeper, keep)
+                job, saved = start_job(
+                    self.res, session, None, model, ids, params, prepared.matcher, keeper, keep, group
+                )
                 return model, job, saved
         raise ModelUnavailable(
             f"model {model.id!r} was swapped {SWAP_ATTEMPTS} times while this request started; retry it",

@@ -72,6 +72,7 @@ def start_job(
     matcher: CharMatcher | None = None,
     on_chunk: ChunkKeeper | None = None,
     keep: bool = False,
+    group: object | None = None,
 ) -> tuple[Job, Saved | None]:
     """Submit the job; with a lease, its end writes the session back (the future says how that went).
     With `keep` and no lease, its end leaves the final state in `session` (not stored anywhere)."""
@@ -104,6 +105,7 @@ def start_job(
         on_chunk=on_chunk,
         matcher=matcher,
         events=Mailbox(res.settings.stream_interval),
+        group=group,
     )
     res.schedulers[model.id].submit(job)
     return job, saved

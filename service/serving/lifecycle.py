@@ -31,6 +31,8 @@ def new_scheduler(name: str, engine: Engine, settings: Settings, metrics: Metric
         max_wait_us=settings.max_wait_us,
         batching=settings.batching,
         prefill_chunk=settings.prefill_chunk,
+        prefill_share=settings.prefill_share,
+        max_rows_per_request=settings.max_rows_per_request,
     )
 
 

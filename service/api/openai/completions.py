@@ -161,7 +161,8 @@ class CompletionServing:
     async def create(self, request: CompletionRequest, owner: Owner) -> CompletionResponse | AsyncIterator[bytes]:
         """Validate and start every choice; the answer, or (streaming) its SSE frames ending in [DONE].
         A `session_id` names one of `owner`'s sessions."""
-        prompts, generations, starts = await self._start(request, owner)
+        group = object()  # its choices run at most CHARSTREAM_MAX_ROWS_PER_REQUEST at a time
+        prompts, generations, starts = await self._start(request, owner, group)
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         model = generations[0].model
         if request.stream:
@@ -170,7 +171,7 @@ class CompletionServing:
         results = await self._collect(generations)
         completed = [r.completed for r in results]
         if request.unique:
-            prompts, results, completed = await self._unique(request, model, results)
+            prompts, results, completed = await self._unique(request, model, results, group)
         choices = [self._choice(request, i, p, r) for i, (p, r) in enumerate(zip(prompts, results, strict=True))]
         if request.return_state:  # each choice's start now holds its final state
             for choice, start in zip(choices, starts, strict=True):
@@ -186,7 +187,7 @@ class CompletionServing:
         )
 
     async def _start(
-        self, request: CompletionRequest, owner: Owner
+        self, request: CompletionRequest, owner: Owner, group: object
     ) -> tuple[list[str], list[Generation], list[Session | None]]:
         """Every choice's prompt and generation, in OpenAI's order (prompt by prompt, n choices each)."""
         model = self.service.registry.get(request.model)
@@ -233,6 +234,7 @@ class CompletionServing:
                         owner,
                         start=start,
                         keep=bool(request.return_state),
+                        group=group,
                     )
                     generations.append(generation)
                     choice_prompts.append(prompt)
@@ -243,7 +245,7 @@ class CompletionServing:
         return choice_prompts, generations, starts
 
     async def _unique(
-        self, request: CompletionRequest, model: str, results: list[GenerationResult]
+        self, request: CompletionRequest, model: str, results: list[GenerationResult], group: object
     ) -> tuple[list[str], list[GenerationResult], list[Completed]]:
         """Each prompt's first n distinct texts, in seed order, with what every attempt generated.
 
@@ -269,7 +271,7 @@ class CompletionServing:
                 try:
                     for k in range(missing):
                         seed = choice_seed(request.seed, attempts + k)
-                        more.append(await self.service.generate(params, prompt, model, seed))
+                        more.append(await self.service.generate(params, prompt, model, seed, group=group))
                 except BaseException:
                     for generation in more:
                         generation.cancel()

@@ -12,6 +12,7 @@ import json
 import threading
 from pathlib import Path
 
+import pytest
 from websockets.sync.client import connect
 
 from service.core.engine import Engine
@@ -103,3 +104,107 @@ def test_past_max_batch_size_no_job_waits_for_another_to_end(models_dir: Path) -
     assert all(isinstance(o.final, DoneEvent) for o in outcomes)
     assert [len(o.text) for o in outcomes] == [200] * 12 + [5]
     assert finished[0] == 12  # the last one submitted, beyond three full batches, ended first
+
+
+class Ticks:
+    """A clock that moves one millisecond each time it is read: every chunk and every decode step
+    takes one tick, so the share of the thread reading takes is counted, not timed."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.001
+        return self.now
+
+
+@pytest.mark.parametrize(("share", "steps_per_chunk"), [(1.0, 1), (0.5, 1), (0.25, 3), (0.1, 9)])
+def test_reading_takes_at_most_its_share_while_streams_decode(
+    models_dir: Path, share: float, steps_per_chunk: int
+) -> None:
+    """A chunk that took t owes (1 - share) / share x t of decoding before the next (the decode step of
+    its own iteration included): at share 0.25 a running stream gets three characters per chunk of a
+    long prompt, at 0.5 and 1 one."""
+    engine = Engine(models_dir / "tiny-lstm" / "model.onnx")
+    chunks = 20
+
+    async def scenario() -> int:
+        scheduler = Scheduler("m", engine, Metrics(), prefill_chunk=CHUNK, prefill_share=share, clock=Ticks())
+        scheduler.start()
+        stream = make_job(engine, "KING:", SamplingParams(max_new_chars=100_000, temperature=0.0), 1)
+        scheduler.submit(stream)
+        while stream.generated == 0:
+            await asyncio.sleep(0.001)
+        prompt = make_job(engine, "ROMEO: " * (chunks * CHUNK // 7 + 1), SamplingParams(max_new_chars=1), 2)
+        prompt.prompt = prompt.prompt[: chunks * CHUNK]
+        before = stream.generated
+        scheduler.submit(prompt)
+        await drain(prompt)
+        during = stream.generated - before
+        scheduler.cancel(stream)
+        await drain(stream)
+        await scheduler.stop()
+        return during
+
+    during = asyncio.run(scenario())
+    # Each chunk's iteration steps the stream too; the next chunk waits for the rest of its debt.
+    assert chunks * steps_per_chunk - steps_per_chunk <= during <= chunks * steps_per_chunk + 3 * steps_per_chunk, (
+        during
+    )
+
+
+def test_a_request_runs_at_most_its_rows_and_the_rest_wait(models_dir: Path) -> None:
+    """Six choices of one request with a cap of two run two at a time; a single job submitted after
+    them runs beside the first two at once, so it ends before the four that waited; the texts are
+    what they would be without the cap."""
+    engine = Engine(models_dir / "tiny-lstm" / "model.onnx")
+
+    async def scenario(cap: int | None) -> tuple[list[str], list[int]]:
+        scheduler = Scheduler("m", engine, Metrics(), max_rows_per_request=cap)
+        scheduler.start()
+        request = object()
+        jobs = [make_job(engine, "ROMEO:", SamplingParams(max_new_chars=60), seed) for seed in range(7)]
+        for job in jobs[:6]:
+            job.group = request
+        finished: list[int] = []
+
+        async def follow(index: int, job: Job) -> Outcome:
+            outcome = await drain(job)
+            finished.append(index)
+            return outcome
+
+        for job in jobs:
+            scheduler.submit(job)
+        outcomes = await asyncio.gather(*(follow(i, job) for i, job in enumerate(jobs)))
+        assert not scheduler._rows_of and not scheduler._queued  # nothing left counted
+        await scheduler.stop()
+        return [o.text for o in outcomes], finished
+
+    texts, finished = asyncio.run(scenario(2))
+    assert asyncio.run(scenario(None))[0] == texts and all(len(t) == 60 for t in texts)
+    assert finished.index(6) < min(finished.index(i) for i in range(2, 6)), finished
+    assert set(finished[:3]) == {0, 1, 6}, finished
+
+
+def test_a_waiting_choice_can_be_cancelled(models_dir: Path) -> None:
+    engine = Engine(models_dir / "tiny-lstm" / "model.onnx")
+
+    async def scenario() -> list[Outcome]:
+        scheduler = Scheduler("m", engine, Metrics(), max_rows_per_request=1)
+        scheduler.start()
+        request = object()
+        jobs = [make_job(engine, "ROMEO:", SamplingParams(max_new_chars=200), seed) for seed in range(3)]
+        for job in jobs:
+            job.group = request
+            scheduler.submit(job)
+        while jobs[0].generated == 0:
+            await asyncio.sleep(0.001)
+        scheduler.cancel(jobs[2])  # still waiting for the request's one row
+        outcomes = await asyncio.gather(*(drain(job) for job in jobs))
+        assert scheduler.active == 0 and not scheduler._queued
+        await scheduler.stop()
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert [len(o.text) for o in outcomes] == [200, 200, 0]
+    assert isinstance(outcomes[2].final, DoneEvent) and outcomes[2].final.finish_reason == "cancelled"
