@@ -130,6 +130,14 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(
         default=2.0, ge=0, le=3600, description="how often a changed model file is noticed and swapped in; 0: never"
     )
+    redis_prefix: str = Field(
+        default="charstream",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="the start of every Redis key charstream writes (sessions, limits, shared prompt states): "
+        "deployments sharing one Redis use different ones",
+    )
     redis_wait_replicas: int = Field(
         default=0, ge=0, le=16, description="each session write waits until this many Redis replicas confirm it"
     )

@@ -36,7 +36,7 @@ log = logging.getLogger("charstream.quotas")
 Limit = Literal["requests_per_s", "chars_per_s"]
 # Characters are allowed in bursts of this many seconds' worth: one long generation must fit.
 CHARS_WINDOW_S = 10
-KEY_PREFIX = "charstream-limits"
+KEY_SUFFIX = "-limits"  # after CHARSTREAM_REDIS_PREFIX
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,16 @@ class Caller:
     quota: Quota
 
 
-def storage_for(session_store: str) -> Storage:
+def storage_for(session_store: str, redis_prefix: str = "charstream") -> Storage:
+    """Where the counts live: this process's memory, or the session store's Redis under `{prefix}-limits`."""
     if session_store == "memory":
         return MemoryStorage()
+    key_prefix = f"{redis_prefix}{KEY_SUFFIX}"
     if session_store.startswith(SENTINEL_SCHEME):
-        return RedisSentinelStorage(f"async+{session_store}", implementation="redispy", key_prefix=KEY_PREFIX)
+        return RedisSentinelStorage(f"async+{session_store}", implementation="redispy", key_prefix=key_prefix)
     scheme = "redis+unix://" if session_store.startswith("unix://") else ""
     uri = f"async+{scheme}{session_store.removeprefix('unix://')}" if scheme else f"async+{session_store}"
-    return RedisStorage(uri, implementation="redispy", key_prefix=KEY_PREFIX)
+    return RedisStorage(uri, implementation="redispy", key_prefix=key_prefix)
 
 
 def window(limit: Limit, rate: float) -> RateLimitItem:
@@ -68,7 +70,7 @@ class RateLimits:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.defaults = Quota(settings.requests_per_s, settings.chars_per_s, settings.max_sessions_per_key)
         self.metrics = metrics
-        self.storage = storage_for(settings.session_store)
+        self.storage = storage_for(settings.session_store, settings.redis_prefix)
         self.limiter = SlidingWindowCounterRateLimiter(self.storage)
 
     def caller(self, key: ApiKey | None, client: str | None) -> Caller:

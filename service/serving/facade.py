@@ -89,13 +89,14 @@ class GenerationService:
             lease_ttl_s=settings.lease_ttl_s,
             models={m.id: m.sha256 for m in registry.models.values()},
             wait_replicas=settings.redis_wait_replicas,
+            prefix=settings.redis_prefix,
         )
         shared = None
         if settings.prompt_cache_shared:
             from service.sessions.redis_store import RedisSessionStore
 
             assert isinstance(store, RedisSessionStore)  # the settings refuse a shared cache without Redis
-            shared = SharedStates(store.client, settings.session_ttl_s)
+            shared = SharedStates(store.client, settings.session_ttl_s, f"{settings.redis_prefix}:prompt:")
         return cls(registry, store, schedulers, settings, metrics, shared_states=shared)
 
     # -- what the routes, the swapper and the ops routes read ---------------------------------------

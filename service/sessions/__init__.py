@@ -21,6 +21,7 @@ def open_store(
     lease_ttl_s: float,
     models: dict[str, str],
     wait_replicas: int = 0,
+    prefix: str = "charstream",
 ) -> SessionStore:
     """The store `url` names: "memory", or a Redis URL (`models` maps each model id to its file's sha256;
     a Redis store confirms each write on `wait_replicas` replicas)."""
@@ -35,4 +36,5 @@ def open_store(
         lease_ttl_s=lease_ttl_s,
         models=models,
         wait_replicas=wait_replicas,
+        prefix=prefix,
     )

@@ -267,3 +267,23 @@ def test_corrupt_and_foreign_records_get_410_and_409(
             other = c.post(f"/v1/sessions/{sid}/generate", json={})
             assert other.status_code == 409 and other.json()["error"]["code"] == "session_model_mismatch"
             assert "another version" in other.json()["error"]["message"]
+
+
+def test_deployments_with_their_own_prefix_share_a_redis_but_nothing_else(
+    models_dir: Path, redis_server: RedisServer
+) -> None:
+    common = {"models_dir": models_dir, "session_store": redis_server.url, "requests_per_s": 0.2}
+    before = set(redis_server.client().keys("*"))
+    with (
+        run_server(redis_prefix="blue", **common) as blue,
+        run_server(redis_prefix="green", **common) as green,
+        blue.client() as b,
+        green.client() as g,
+    ):
+        sid = b.post("/v1/sessions", json={}).json()["id"]
+        assert g.get(f"/v1/sessions/{sid}").status_code == 404  # another deployment's session
+        assert g.post("/v1/sessions", json={}).status_code == 429  # its own request limit: one so far
+        assert b.get(f"/v1/sessions/{sid}").status_code == 429  # blue's count is blue's
+    written = [k.decode() for k in set(redis_server.client().keys("*")) - before]
+    assert written and all(k.startswith(("blue", "green")) for k in written), written
+    assert any(k.startswith("blue:") for k in written) and any(k.startswith("blue-limits") for k in written)
