@@ -229,7 +229,7 @@ def test_browser_greedy_text_equals_the_servers(
     else:  # the server runs fp32; the int8 file's greedy text as onnxruntime in Python reads it
         from exports.run import generate
 
-        expected = prompt + generate(str(playground_models / model / "model.int8.onnx"), prompt, 300, 0.0, None)
+        expected = prompt + generate(str(playground_models / model / "model.int8.onnx"), prompt, 300, 0.0, None).text
     assert text(page) == expected
     assert tab.errors == []
 
