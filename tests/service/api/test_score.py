@@ -21,10 +21,12 @@ TEXTS = [
 ]
 
 
-def stepped_logprobs(models_dir: Path, context: str, text: str, model: str = "tiny-lstm") -> list[tuple[float, int]]:
+def stepped_logprobs(
+    models_dir: Path, context: str, text: str, model: str = "tiny-lstm", file: str = "model.onnx"
+) -> list[tuple[float, int]]:
     """(log-probability, rank among the model's predictions) of each character of `text` after `context`,
-    one exports/run.py step per character."""
-    session, vocab, meta = run.load(str(models_dir / model / "model.onnx"))
+    one exports/run.py step per character of the model's `file`."""
+    session, vocab, meta = run.load(str(models_dir / model / file))
     index = {c: i for i, c in enumerate(vocab)}
     state = run.zero_state(meta)
     logits = None
@@ -96,3 +98,35 @@ def test_echo_with_max_tokens_0_scores_the_prompt_the_same_way(server: Server) -
     assert lps is not None and lps.token_logprobs is not None
     assert lps.token_logprobs[0] is None  # the line break: nothing before it
     np.testing.assert_allclose(lps.token_logprobs[1:], score["logprobs"], atol=1e-6)
+
+
+def read_in_one_call(models_dir: Path, context: str, text: str, file: str) -> list[float]:
+    """Each character's log-probability after `context`, the text read in one seq=len(text) call of
+    the model's `file` (as the server reads a text shorter than a prefill chunk)."""
+    session, vocab, meta = run.load(str(models_dir / "tiny-lstm" / file))
+    index = {c: i for i, c in enumerate(vocab)}
+    out, state = run.step(session, np.array([[index[c] for c in context]], np.int64), run.zero_state(meta))
+    first = out[0, -1:]
+    rest, _ = run.step(session, np.array([[index[c] for c in text]], np.int64), state)
+    logits = np.concatenate([first, rest[0, :-1]]).astype(np.float64)
+    lps = logits - logits.max(axis=1, keepdims=True)
+    lps -= np.log(np.exp(lps).sum(axis=1, keepdims=True))
+    return [float(lps[i, index[c]]) for i, c in enumerate(text)]
+
+
+def test_an_int8_server_scores_what_the_int8_file_reads(models_dir: Path) -> None:
+    """CHARSTREAM_VARIANT=int8: the server's scores are the int8 file's own, read independently with
+    onnxruntime, and not the fp32 file's. The int8 graph quantizes its activations per call (dynamic
+    quantization), so its numbers depend on the call's shape: read one character per call they
+    differ by up to a few hundredths of a nat (docs: The model format)."""
+    from tests.utils import run_server
+
+    context, text = "\n", TEXTS[0]
+    int8 = read_in_one_call(models_dir, context, text, "model.int8.onnx")
+    fp32 = read_in_one_call(models_dir, context, text, "model.onnx")
+    assert max(abs(a - b) for a, b in zip(int8, fp32, strict=True)) > 1e-3  # the two files really differ
+    np.testing.assert_allclose(fp32, [lp for lp, _ in stepped_logprobs(models_dir, context, text)], atol=1e-4)
+    with run_server(models_dir=models_dir, default_model="tiny-lstm", variant="int8") as s, s.client() as c:
+        r = c.post("/v1/score", json={"texts": [text], "context": context, "logprobs": True})
+        assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["scores"][0]["logprobs"], int8, atol=1e-4)
