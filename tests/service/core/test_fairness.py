@@ -8,6 +8,7 @@ none until the prompt was done."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 from pathlib import Path
@@ -107,28 +108,28 @@ def test_past_max_batch_size_no_job_waits_for_another_to_end(models_dir: Path) -
 
 
 class Ticks:
-    """A clock that moves one millisecond each time it is read: every chunk and every decode step
+    """A clock that moves one whole tick each time it is read: every chunk and every decode step
     takes one tick, so the share of the thread reading takes is counted, not timed."""
 
     def __init__(self) -> None:
         self.now = 0.0
 
     def __call__(self) -> float:
-        self.now += 0.001
+        self.now += 1.0
         return self.now
 
 
-@pytest.mark.parametrize(("share", "steps_per_chunk"), [(1.0, 1), (0.5, 1), (0.25, 3), (0.1, 9)])
+@pytest.mark.parametrize(("share", "steps_per_chunk"), [(1.0, 1), (0.5, 1), (0.25, 3), (0.125, 7)])
 def test_reading_takes_at_most_its_share_while_streams_decode(
     models_dir: Path, share: float, steps_per_chunk: int
 ) -> None:
     """A chunk that took t owes (1 - share) / share x t of decoding before the next (the decode step of
     its own iteration included): at share 0.25 a running stream gets three characters per chunk of a
-    long prompt, at 0.5 and 1 one."""
+    long prompt, at 0.5 and 1 one. Counted on the step thread, between one chunk and the next."""
     engine = Engine(models_dir / "tiny-lstm" / "model.onnx")
     chunks = 20
 
-    async def scenario() -> int:
+    async def scenario() -> list[int]:
         scheduler = Scheduler("m", engine, Metrics(), prefill_chunk=CHUNK, prefill_share=share, clock=Ticks())
         scheduler.start()
         stream = make_job(engine, "KING:", SamplingParams(max_new_chars=100_000, temperature=0.0), 1)
@@ -137,20 +138,18 @@ def test_reading_takes_at_most_its_share_while_streams_decode(
             await asyncio.sleep(0.001)
         prompt = make_job(engine, "ROMEO: " * (chunks * CHUNK // 7 + 1), SamplingParams(max_new_chars=1), 2)
         prompt.prompt = prompt.prompt[: chunks * CHUNK]
-        before = stream.generated
+        at_chunks: list[int] = []  # the stream's characters when each chunk was read (on the step thread)
+        prompt.on_chunk = lambda read, state, logits: at_chunks.append(stream.generated)
         scheduler.submit(prompt)
         await drain(prompt)
-        during = stream.generated - before
         scheduler.cancel(stream)
         await drain(stream)
         await scheduler.stop()
-        return during
+        return at_chunks
 
-    during = asyncio.run(scenario())
-    # Each chunk's iteration steps the stream too; the next chunk waits for the rest of its debt.
-    assert chunks * steps_per_chunk - steps_per_chunk <= during <= chunks * steps_per_chunk + 3 * steps_per_chunk, (
-        during
-    )
+    at_chunks = asyncio.run(scenario())
+    assert len(at_chunks) == chunks
+    assert [b - a for a, b in itertools.pairwise(at_chunks)] == [steps_per_chunk] * (chunks - 1)
 
 
 def test_a_request_runs_at_most_its_rows_and_the_rest_wait(models_dir: Path) -> None:
