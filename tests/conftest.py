@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.parts import REQUIRE_ALL_PARTS
@@ -75,3 +79,50 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, 
         data=[str(corpus_file)],
     )
     return out
+
+
+# How long a test's processes and threads may take to end after it, before it counts as a leak.
+LEFT_RUNNING_GRACE_S = 20.0
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running() -> Iterator[None]:
+    """Every process, scheduler thread and non-daemon thread a test starts has ended when it ends (checked for each
+    test, so the check holds alone, shuffled or module by module). Those of longer-lived fixtures
+    (a module's server, the session's Redis) were there before the test and are not counted."""
+    me = psutil.Process()
+    children = {p.pid for p in me.children(recursive=True)}
+    threads = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + LEFT_RUNNING_GRACE_S
+    while True:
+        processes = [p for p in me.children(recursive=True) if p.pid not in children and _alive(p)]
+        lingering = [t for t in threading.enumerate() if t not in threads and t.is_alive() and not _pooled(t)]
+        if not (processes or lingering) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not processes, f"left running: {[_command(p) for p in processes]}"
+    assert not lingering, f"threads left running: {[t.name for t in lingering]}"
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _command(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline()[:4])
+    except psutil.Error:
+        return f"pid {process.pid} (ended)"
+
+
+def _pooled(thread: threading.Thread) -> bool:
+    """A daemon thread, or a worker of an executor: a long-lived fixture's event loop (Playwright's)
+    starts its default executor's workers when it first needs one, which may be during any test; an
+    event loop a test runs itself (asyncio.run) joins its workers before it returns."""
+    if thread.name.startswith("step-"):  # a scheduler's: the server that ran it must have stopped it
+        return False
+    return thread.daemon or thread.name.startswith(("asyncio_", "ThreadPoolExecutor-"))

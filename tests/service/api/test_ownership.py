@@ -55,9 +55,9 @@ def ws_generate(server: Server, key: str, session_id: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
 def test_another_keys_session_is_not_there(
-    store: str, models_dir: Path, keys_file: Path, request: pytest.FixtureRequest
+    store: str, models_dir: Path, keys_file: Path, redis_server: RedisServer
 ) -> None:
-    redis = request.getfixturevalue("redis_server") if store == "redis" else None
+    redis = redis_server if store == "redis" else None
     with two_servers(store, models_dir, keys_file, redis) as (a, b):
         with httpx.Client(base_url=a.base_url, timeout=30, headers=bearer(ALICE)) as alice:
             made = alice.post("/v1/sessions", json={"prompt": "ROMEO:", "seed": 3})
@@ -95,9 +95,9 @@ def test_another_keys_session_is_not_there(
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
 def test_a_key_holds_at_most_its_max_sessions(
-    store: str, models_dir: Path, keys_file: Path, request: pytest.FixtureRequest
+    store: str, models_dir: Path, keys_file: Path, redis_server: RedisServer
 ) -> None:
-    redis = request.getfixturevalue("redis_server") if store == "redis" else None
+    redis = redis_server if store == "redis" else None
     with two_servers(store, models_dir, keys_file, redis) as servers:
 
         def alice_on(i: int) -> httpx.Client:

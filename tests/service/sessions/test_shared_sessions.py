@@ -272,7 +272,7 @@ def test_corrupt_and_foreign_records_get_410_and_409(
 def test_deployments_with_their_own_prefix_share_a_redis_but_nothing_else(
     models_dir: Path, redis_server: RedisServer
 ) -> None:
-    common = {"models_dir": models_dir, "session_store": redis_server.url, "requests_per_s": 0.2}
+    common = {"models_dir": models_dir, "session_store": redis_server.url, "requests_per_s": 0.02}
     before = set(redis_server.client().keys("*"))
     with (
         run_server(redis_prefix="blue", **common) as blue,
