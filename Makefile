@@ -156,6 +156,7 @@ bench: $(ALL_STAMP) test-servers $(ORT_WEB_STAMP)
 	$(PY) -m benchmarks.failover
 	$(PY) -m benchmarks.fuzz
 	$(PY) -m benchmarks.abuse
+	$(PY) -m benchmarks.states
 	$(PY) -m benchmarks.browser
 
 # Another revision (a commit, tag or branch) checked out in a temporary git worktree and served beside
