@@ -25,6 +25,7 @@ KEY_HINT = "Authorization: Bearer KEY or X-API-Key: KEY"
 ROUTE_SCOPES: tuple[tuple[str, str], ...] = (
     ("/v1/admin", "admin"),
     ("/v1/score", "score"),
+    ("/v1/embeddings", "score"),
     ("/v1/sessions", "sessions"),
     ("/v1/stream", "generate"),
     ("/v1/generate", "generate"),

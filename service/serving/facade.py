@@ -34,6 +34,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
+
 from service.core.engine import Engine
 from service.core.events import PromptEvent
 from service.core.generation import Generation
@@ -41,8 +43,8 @@ from service.core.sampling import SamplingParams
 from service.core.scheduler import Scheduler
 from service.metrics import Metrics
 from service.serving.compiles import ConstraintCompiles
+from service.serving.embed import Embeddings
 from service.serving.generate import Generations
-from service.serving.leases import fresh_session
 from service.serving.lifecycle import Lifecycle, new_scheduler
 from service.serving.prompt_cache import PromptCache, SharedStates
 from service.serving.registry import ModelRegistry
@@ -75,6 +77,7 @@ class GenerationService:
         self.sessions = SessionOps(res)
         self.lifecycle = Lifecycle(res, compiles)
         self.states = States(res)
+        self.embeddings = Embeddings(res)
 
     @classmethod
     def create(cls, registry: ModelRegistry, settings: Settings, metrics: Metrics | None = None) -> GenerationService:
@@ -187,6 +190,13 @@ class GenerationService:
     async def check_constraint_rows(self, params: SamplingParams, model_id: str, rows: int, field: str) -> None:
         await self.compiles.check_rows(params, model_id, rows, field)
 
+    # -- embed.py ----------------------------------------------------------------------------------
+
+    async def embed(
+        self, texts: list[str], model_id: str | None, dimensions: int | None = None
+    ) -> tuple[str, list[np.ndarray]]:
+        return await self.embeddings.embed(texts, model_id, dimensions)
+
     # -- states.py ---------------------------------------------------------------------------------
 
     def export_state(self, session: Session, metadata: dict[str, Any] | None = None) -> bytes:
@@ -195,17 +205,7 @@ class GenerationService:
     def state_session(
         self, blob: bytes | None, model_id: str | None, seed: int | None, owner: Owner = ANYONE
     ) -> Session:
-        """A session no store holds: the state in `blob` (409 unless it fits), or a fresh one of the model."""
-        if blob is None:
-            self.resources.refuse_when_draining()
-            model = self.registry.get(model_id)
-            session = fresh_session(model, seed, owner)
-            session.model_sha256 = model.sha256  # the version it starts on: a swap meanwhile refuses it
-            return session
-        _, session = self.states.session_of(blob, model_id, owner)
-        if seed is not None:
-            session.reseed(seed)  # else the state's own RNG goes on where it stopped
-        return session
+        return self.states.start(blob, model_id, seed, owner)
 
     async def get_session_state(self, session_id: str, owner: Owner) -> bytes:
         return self.export_state(await self.sessions.get(session_id, owner))

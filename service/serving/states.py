@@ -53,6 +53,20 @@ class States:
         except portable.StateError as exc:
             raise StateRefused(str(exc), field="metadata") from None
 
+    def start(self, blob: bytes | None, model_id: str | None, seed: int | None, owner: Owner = ANYONE) -> Session:
+        """A session no store holds, to start a generation from: the state in `blob` (409 unless it
+        fits), or a fresh one of the model; `seed` reseeds it (else a state's RNG goes on where it stopped)."""
+        if blob is None:
+            self.res.refuse_when_draining()
+            model = self.res.registry.get(model_id)
+            session = fresh_session(model, seed, owner)
+            session.model_sha256 = model.sha256  # the version it starts on: a swap meanwhile refuses it
+            return session
+        _, session = self.session_of(blob, model_id, owner)
+        if seed is not None:
+            session.reseed(seed)
+        return session
+
     def session_of(
         self, blob: bytes, model_id: str | None = None, owner: Owner = ANYONE, field: str = "state"
     ) -> tuple[LoadedModel, Session]:

@@ -391,3 +391,45 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on an input list
+
+
+class EmbeddingRequest(BaseModel):
+    """`POST /v1/embeddings`: each input's vector is the model's top-layer state after reading it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=128, description="a model id from GET /v1/models")
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    ) = Field(description=f"a text or a list of up to {MAX_EMBEDDING_INPUTS} (token ids are refused)")
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="floats, or base64 of little-endian float32 (as OpenAI's)"
+    )
+    dimensions: int | None = Field(default=None, ge=1, description="keep the first N units (then normalised)")
+    user: str | None = Field(default=None, description="accepted and ignored")
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = Field(description="characters read")
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

@@ -7,6 +7,7 @@ exceptions.
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -20,6 +21,10 @@ from service.api.openai.protocol import (
     DEFAULT_MAX_TOKENS,
     CompletionRequest,
     CompletionResponse,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     ModelCard,
     ModelList,
 )
@@ -27,7 +32,7 @@ from service.api.sse import SSE_HEADERS, STREAMING
 from service.core import SamplingParams
 from service.errors import PermissionDenied
 
-OPENAI_PATHS = ("/v1/completions", "/v1/models")
+OPENAI_PATHS = ("/v1/completions", "/v1/embeddings", "/v1/models")
 
 router = APIRouter(prefix="/v1", responses=OPENAI_ERRORS, tags=["openai"])
 
@@ -62,6 +67,25 @@ async def create_completion(
     if isinstance(answer, CompletionResponse):
         return answer
     return StreamingResponse(answer, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.post("/embeddings", response_model=EmbeddingResponse)
+async def create_embeddings(request: EmbeddingRequest, service: ServiceDep, http: Request) -> EmbeddingResponse:
+    """OpenAI's Embeddings API: each input's vector is the model's top-layer `h` after reading it, unit length."""
+    texts = request.texts
+    chars = sum(len(t) for t in texts)
+    await budget.admit(http, budget.reading(chars, 0, "input"))
+    model, vectors = await service.embed(texts, request.model, request.dimensions)
+    data = [
+        Embedding(
+            index=i,
+            embedding=base64.b64encode(v.astype("<f4").tobytes()).decode()
+            if request.encoding_format == "base64"
+            else v.tolist(),
+        )
+        for i, v in enumerate(vectors)
+    ]
+    return EmbeddingResponse(data=data, model=model, usage=EmbeddingUsage(prompt_tokens=chars, total_tokens=chars))
 
 
 @router.get("/models", response_model=ModelList)
