@@ -1,4 +1,5 @@
-"""Training throughput (chars/s) in fp32 and under bf16 autocast, 2x512 and 2x1024 LSTM, on this CPU.
+"""Training throughput (chars/s) in fp32 and under bf16 autocast, 2x512 and 2x1024 LSTM, on this CPU,
+and beside them what `--precision auto` chooses for each shape (measured afresh, as a first run does).
 
 Each configuration starts from the same seed on the same windows of tiny-shakespeare, runs a few
 warm-up steps, then times full optimizer steps (forward and loss under the precision's autocast,
@@ -9,7 +10,11 @@ training loss of the timed steps shows that both precisions learn alike step for
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,6 +22,7 @@ from torch.nn import functional as F
 
 from benchmarks.common import table, write_results
 from training.batching import LaneBatcher
+from training.calibrate import calibrate
 from training.corpus import Vocabulary, read_corpus
 from training.model import CharRNN, ModelConfig
 from training.precision import cpu_bf16_flags, resolve
@@ -59,6 +65,32 @@ def measure(
     return steps * batcher.batch_size * batcher.seq_len / seconds, sum(losses) / len(losses)
 
 
+def auto_choice(vocab_size: int, cell: str, hidden: int, batch: int, seq: int) -> dict[str, object]:
+    """What `--precision auto` picks for this shape, measured as a run would (never from the cache)."""
+    model = CharRNN(ModelConfig(vocab_size=vocab_size, cell=cell, num_layers=2, hidden_size=hidden))
+    with tempfile.TemporaryDirectory() as fresh, env_set("CHARSTREAM_CACHE_DIR", fresh):
+        result = calibrate(model, cell, vocab_size, torch.device("cpu"), batch, seq)
+    return {
+        "hidden": hidden,
+        "chosen": result.chosen,
+        "seconds_per_step": result.seconds_per_step,
+        "reason": result.reason(),
+    }
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
@@ -73,6 +105,7 @@ def main() -> None:
     vocab = Vocabulary.from_text(corpus.text)
     batcher = LaneBatcher(torch.tensor(vocab.encode(corpus.text)), args.batch, args.seq)
     rows = []
+    choices: list[dict[str, object]] = []
     for hidden in (int(h) for h in args.hidden.split(",")):
         base = None
         for precision in args.precisions.split(","):
@@ -90,6 +123,7 @@ def main() -> None:
                     "mean_train_loss": round(loss, 4),
                 }
             )
+        choices.append(auto_choice(len(vocab), args.cell, hidden, args.batch, args.seq))
     flags = cpu_bf16_flags()
     print(
         f"training throughput, batch {args.batch} x seq {args.seq}, {torch.get_num_threads()} threads, "
@@ -97,6 +131,8 @@ def main() -> None:
     )
     headers = ["cell", "layers", "hidden", "precision", "chars/s", "ms/step", "speedup", "mean train loss"]
     print(table(headers, [list(r.values()) for r in rows]))
+    for choice in choices:
+        print(f"2x{choice['hidden']}: --precision auto chose {choice['chosen']} ({choice['reason']})")
     payload = {
         "batch": args.batch,
         "seq": args.seq,
@@ -105,6 +141,7 @@ def main() -> None:
         "timed_steps": args.steps,
         "cpu_bf16_flags": flags,
         "rows": rows,
+        "auto": choices,
     }
     path = write_results("train_speed", payload)
     print(f"results: {path}")

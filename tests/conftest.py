@@ -37,6 +37,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # What runs cache between them (the precision auto measured) goes to a folder of the test run's
+    # own, for this process and every process it starts, never to the user's cache.
+    import os
+    import tempfile
+
+    os.environ["CHARSTREAM_CACHE_DIR"] = tempfile.mkdtemp(prefix="charstream-cache-")
     # Tiny models gain nothing from intra-op threads, and OpenMP threads that spin-wait make a
     # busy 2-core machine crawl; one thread keeps the suite's time steady.
     import torch
@@ -89,14 +95,15 @@ LEFT_RUNNING_GRACE_S = 20.0
 def nothing_left_running() -> Iterator[None]:
     """Every process, scheduler thread and non-daemon thread a test starts has ended when it ends (checked for each
     test, so the check holds alone, shuffled or module by module). Those of longer-lived fixtures
-    (a module's server, the session's Redis) were there before the test and are not counted."""
+    (a module's server, the session's Redis) were there before the test and are not counted, nor
+    what they start meanwhile (Chromium's helpers for the session's browser)."""
     me = psutil.Process()
     children = {p.pid for p in me.children(recursive=True)}
     threads = set(threading.enumerate())
     yield
     deadline = time.monotonic() + LEFT_RUNNING_GRACE_S
     while True:
-        processes = [p for p in me.children(recursive=True) if p.pid not in children and _alive(p)]
+        processes = [p for p in me.children(recursive=True) if _started_by_the_test(p, children) and _alive(p)]
         lingering = [t for t in threading.enumerate() if t not in threads and t.is_alive() and not _pooled(t)]
         if not (processes or lingering) or time.monotonic() > deadline:
             break
@@ -126,3 +133,13 @@ def _pooled(thread: threading.Thread) -> bool:
     if thread.name.startswith("step-"):  # a scheduler's: the server that ran it must have stopped it
         return False
     return thread.daemon or thread.name.startswith(("asyncio_", "ThreadPoolExecutor-"))
+
+
+def _started_by_the_test(process: psutil.Process, before: set[int]) -> bool:
+    """A process that was not there before the test and descends from none that was."""
+    if process.pid in before:
+        return False
+    try:
+        return not any(parent.pid in before for parent in process.parents())
+    except psutil.Error:
+        return False

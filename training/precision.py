@@ -2,16 +2,15 @@
 
 Only the forward pass and the loss run under `torch.autocast`; the weights, the optimizer state,
 the carried state and the checkpoints stay float32, and validation and export run in float32
-outside autocast. `auto` picks bfloat16 only where it trains faster: a CUDA device that supports
-it, or a CPU with AMX (amx_bf16); with AVX-512 BF16 alone oneDNN's bf16 recurrent kernels were
-measured slower than fp32 ones (the training docs keep the numbers). A precision the device's
-kernels cannot run for the run's cell is refused when asked for, and `auto` keeps fp32.
+outside autocast. `auto` is decided by measurement (calibrate.py): a few steps of each precision
+the device can run, on the run's own model and batch. A precision the device's kernels cannot run
+for the run's cell is refused when asked for.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +49,8 @@ class Precision:
 
 
 def cpu_bf16_flags() -> list[str]:
-    """The CPU's native bfloat16 features (avx512_bf16, amx_bf16) as /proc/cpuinfo and torch see them."""
+    """The CPU's native bfloat16 features (avx512_bf16, amx_bf16) as /proc/cpuinfo and torch see them:
+    facts a benchmark reports beside what it measured, never what `auto` decides by."""
     found: set[str] = set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -88,10 +88,18 @@ def cannot_run(name: str, device: torch.device, cell: str) -> str | None:
     return None
 
 
-def resolve(name: str, device: torch.device, cell: str = "lstm") -> Precision:
-    """The precision a run trains in: `name` as asked, or for `auto` what this device runs fast."""
+def resolve(
+    name: str, device: torch.device, cell: str = "lstm", measure: Callable[[], tuple[str, str]] | None = None
+) -> Precision:
+    """The precision a run trains in: `name` as asked, or for `auto` what `measure` found fastest
+    (its choice and the reason to say); without a measurement `auto` is fp32."""
     if name not in PRECISIONS:
         raise InvalidSetting(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}", ("precision",))
+    if name == "auto":
+        if measure is None:
+            return Precision("fp32", device.type, "auto: nothing measured, so fp32")
+        chosen, reason = measure()
+        return Precision(chosen, device.type, reason)
     precision = _resolve(name, device)
     if precision.dtype is not None and (why := cannot_run(precision.name, device, cell)):
         if name == "auto":
@@ -109,18 +117,7 @@ def _resolve(name: str, device: torch.device) -> Precision:
         native_bf16 = torch.cuda.is_bf16_supported()
         if name == "bf16" and not native_bf16:
             raise InvalidSetting("precision bf16 asked for, but this CUDA device does not support it", ("precision",))
-        if name == "auto":
-            if native_bf16:
-                return Precision("bf16", kind, "auto: this CUDA device supports bf16")
-            return Precision("fp32", kind, "auto: this CUDA device lacks bf16")
         return Precision(name, kind, "as asked")
     if name == "fp16":
         raise InvalidSetting("precision fp16 needs a CUDA device; on a CPU use bf16 or fp32", ("precision",))
-    if name == "auto":
-        flags = cpu_bf16_flags()
-        if "amx_bf16" in flags:
-            return Precision("bf16", kind, f"auto: this CPU has AMX ({', '.join(flags)})")
-        if flags:
-            return Precision("fp32", kind, f"auto: this CPU has {', '.join(flags)} but no AMX; bf16 LSTMs train slower")
-        return Precision("fp32", kind, "auto: this CPU has no native bf16 (no avx512_bf16 or amx_bf16)")
     return Precision(name, kind, "as asked")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from training import distributed
 from training.batching import LaneBatcher
+from training.calibrate import measured_choice
 from training.config import TrainConfig
 from training.corpus import Corpus, Vocabulary, read_corpus
 from training.errors import InvalidSetting
@@ -89,7 +91,7 @@ def build_setup(cfg: TrainConfig, ranks: distributed.Ranks) -> Setup:
     else:
         max_steps = cfg.max_steps or max(1, round((cfg.epochs or 1.0) * batcher.batches_per_epoch))
     model = _model(cfg, data, ranks, device)
-    precision = resolve(cfg.precision, device, model.config.cell)
+    precision = resolve(cfg.precision, device, model.config.cell, _measure(cfg, ranks, model, device, out))
     return Setup(
         cfg=cfg,
         ranks=ranks,
@@ -222,3 +224,30 @@ def _sample(setup: Setup) -> str:
     if not 0 < setup.cfg.eval_chars < held_out:
         return ""
     return f" on a fixed sample of {setup.cfg.eval_chars:,} of the {held_out:,} validation chars,"
+
+
+PRECISION_RECORD = "precision.json"  # in the run's folder: what `auto` measured
+
+
+def _measure(
+    cfg: TrainConfig, ranks: distributed.Ranks, model: CharRNN, device: torch.device, out: Path
+) -> Callable[[], tuple[str, str]]:
+    """How `auto` decides: the main process times the candidates on this run's model and per-process
+    batch; under DDP every process then trains in the precision it chose."""
+    lanes = ranks.lanes(cfg.batch_size)
+    batch = len(range(cfg.batch_size)[lanes])
+
+    def measure() -> tuple[str, str]:
+        choice = ("fp32", "")
+        if ranks.is_main:
+            config = model.config
+            choice = measured_choice(
+                model, config.cell, config.vocab_size, device, batch, cfg.seq_len, out / PRECISION_RECORD
+            )
+        if ranks.distributed:
+            shared = [choice]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            choice = shared[0]
+        return choice
+
+    return measure

@@ -2,27 +2,50 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.utils import bf16_cell, tiny_train_config
+from training.calibrate import choose
 from training.checkpoint import load_checkpoint, load_model
 from training.corpus import read_corpus
 from training.errors import InvalidSetting
 from training.evaluate import evaluate_loss, unigram_entropy
-from training.precision import cannot_run, cpu_bf16_flags, resolve
+from training.precision import cannot_run, resolve
 from training.train import train
 
 
-def test_auto_picks_bf16_only_where_the_cpu_has_amx() -> None:
-    chosen = resolve("auto", torch.device("cpu"))
-    flags = cpu_bf16_flags()
-    assert chosen.name == ("bf16" if "amx_bf16" in flags else "fp32")
-    assert chosen.reason.startswith("auto: ") and all(flag in chosen.reason for flag in flags)
+def test_auto_keeps_the_fastest_unless_within_five_percent_of_fp32() -> None:
+    assert choose({"fp32": 1.0, "bf16": 0.6}) == "bf16"
+    assert choose({"fp32": 1.0, "bf16": 0.96}) == "fp32"  # 4% is not worth bf16's rounding
+    assert choose({"fp32": 1.0, "bf16": 1.7}) == "fp32"
+    assert choose({"fp32": 1.0, "bf16": 0.9, "fp16": 0.5}) == "fp16"
+    assert resolve("auto", torch.device("cpu")).name == "fp32"  # nothing to measure
     assert resolve("fp32", torch.device("cpu")).dtype is None
     assert resolve("bf16", torch.device("cpu"), bf16_cell()).dtype == torch.bfloat16
+
+
+def test_auto_measures_the_runs_own_model_once_and_says_so(corpus_file: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The first run measures every candidate on its model and batch and records it in its folder;
+    the next run of the same shape reads the cache; neither changes the run's weights or randomness."""
+    cfg = tiny_train_config(corpus_file, tmp_path / "a", precision="auto", max_steps=2, eval_interval=2)
+    train(cfg)
+    said = capsys.readouterr().out
+    assert "precision " in said and "auto: measured fp32 " in said and "ms/step" in said
+    record = json.loads((tmp_path / "a" / "precision.json").read_text())
+    assert "fp32" in record["seconds_per_step"] and record["chosen"] == choose(record["seconds_per_step"])
+    assert set(record["seconds_per_step"]) | set(record["skipped"]) == {"fp32", "bf16"}
+    again = tiny_train_config(corpus_file, tmp_path / "b", precision="auto", max_steps=2, eval_interval=2)
+    train(again)
+    assert "auto: cached measurement" in capsys.readouterr().out
+    fixed = tiny_train_config(corpus_file, tmp_path / "c", precision=record["chosen"], max_steps=2, eval_interval=2)
+    train(fixed)
+    first, fixed_run = (load_checkpoint(tmp_path / d / "last.pt") for d in ("a", "c"))
+    assert first["precision"] == fixed_run["precision"] == record["chosen"]
+    assert all(torch.equal(first["model_state"][k], fixed_run["model_state"][k]) for k in first["model_state"])
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
