@@ -41,6 +41,11 @@ class RunState:
     steps_since_log: int = 0
     loss_since_log: float = 0.0
     estimated: bool = False  # the time budget's estimate of the steps left has been said
+    # Where this run's time went besides the steps: validations and checkpoint writes.
+    val_seconds: float = 0.0
+    val_runs: int = 0
+    checkpoint_seconds: float = 0.0
+    last_validation_s: float = 0.0  # the last validation with its checkpoint writes
 
     def start_clocks(self) -> None:
         self.t_start = self.t_log = time.perf_counter()

@@ -90,8 +90,11 @@ def _loop(setup: Setup, run: RunState) -> TrainResult:
         for x, y in setup.batcher.epoch(offset, start=run.window, rows=setup.lanes):
             lr = _train_step(setup, net, run, x, y)
             spent = run.training_seconds()
-            # Every process stops at the same step: the first to run out of time decides.
-            out_of_time = setup.ranks.any(setup.budget_s is not None and spent >= setup.budget_s, setup.device)
+            # Every process stops at the same step: the first to run out of time decides. The time
+            # includes the final validation and its checkpoint, so a step starts only if they fit.
+            out_of_time = setup.ranks.any(
+                setup.budget_s is not None and spent + _final_validation_s(setup, run) >= setup.budget_s, setup.device
+            )
             finished = out_of_time or (setup.max_steps is not None and run.step >= setup.max_steps)
             validate = finished or run.step % setup.cfg.eval_interval == 0
             if validate or run.step % 10 == 0:
@@ -103,6 +106,7 @@ def _loop(setup: Setup, run: RunState) -> TrainResult:
             run.window = 0
     bar.close()
     seconds = time.perf_counter() - run.t_start
+    setup.say(_time_spent(setup, run, seconds))
     return TrainResult(
         step=run.step,
         best_val_loss=run.best_val if math.isfinite(run.best_val) else float("nan"),
@@ -189,8 +193,12 @@ def _validate(setup: Setup, run: RunState, row: dict[str, Any], spent: float, fi
     every_lane = setup.ranks.gather_lanes(run.carried)
     rngs = setup.ranks.gather_objects(rng_state())
     if setup.ranks.is_main:
-        bound = None if final else setup.cfg.eval_chars or None
+        started = time.perf_counter()
+        # Under a time budget the final validation reads the sample too: the whole split may not fit.
+        whole = final and setup.budget_s is None
+        bound = None if whole else setup.cfg.eval_chars or None
         run.last_val, chars = evaluate(setup.model, setup.val_ids, max_chars=bound, progress=setup.cfg.progress)
+        validated = time.perf_counter()
         row["val_loss"] = round(run.last_val, 5)
         row["val_chars"] = chars
         improved = run.last_val < run.best_val
@@ -199,8 +207,35 @@ def _validate(setup: Setup, run: RunState, row: dict[str, Any], spent: float, fi
         save_atomic(ckpt, setup.last_path)
         if improved:
             save_atomic(ckpt, setup.best_path)
+        written = time.perf_counter()
+        run.val_seconds += validated - started
+        run.checkpoint_seconds += written - validated
+        run.val_runs += 1
+        run.last_validation_s = written - started
     run.last_val = setup.ranks.from_main(run.last_val, setup.device)
     run.best_val = setup.ranks.from_main(run.best_val, setup.device)
+
+
+def _final_validation_s(setup: Setup, run: RunState) -> float:
+    """What the final validation and its checkpoint will take: as long as the last one did, or before
+    any, the sample's characters at three times the training speed (a forward pass alone)."""
+    if run.val_runs:
+        return run.last_validation_s
+    trained = run.steps_this_run * setup.chars_per_step
+    if not trained:
+        return 0.0
+    sample = min(setup.cfg.eval_chars or len(setup.val_ids), len(setup.val_ids))
+    return sample * (time.perf_counter() - run.t_start) / trained / 3
+
+
+def _time_spent(setup: Setup, run: RunState, seconds: float) -> str:
+    """The closing line: how this run's time went."""
+    stepping = seconds - run.val_seconds - run.checkpoint_seconds
+    budget = "" if setup.budget_s is None else f" of the {setup.budget_s:,.0f} s budget"
+    return (
+        f"time: {seconds:,.1f} s{budget}: {run.steps_this_run:,} steps {stepping:,.1f} s, "
+        f"{run.val_runs} validations {run.val_seconds:,.1f} s, checkpoints {run.checkpoint_seconds:,.1f} s"
+    )
 
 
 def _checkpoint(setup: Setup, run: RunState, every_lane: State, rngs: list[Any], seconds: float) -> dict[str, Any]:
