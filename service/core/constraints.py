@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import llguidance
 import numpy as np
@@ -37,7 +38,14 @@ from llguidance._tokenizer import TokenizerWrapper
 
 from service.core.sampling import ConstraintSpec
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 KINDS = ("regex", "choice", "json", "grammar")
+# JSON Schema output is compact unless the schema's own x-guidance asks otherwise: free whitespace
+# between tokens lets a model that is no JSON expert write spaces and newlines until its length
+# runs out, where a compact object has to move on to the next key or value.
+JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False}
 COMPILED_KEPT = 256  # compiled constraints kept per model (each a few kB to a few MB of lexer states)
 # llguidance's own limits, lowered for a server that compiles what clients send: the lexer's
 # fuel bounds the time spent building a regex and its states bound the memory (the constraints
@@ -105,7 +113,7 @@ def grammar_of(spec: ConstraintSpec) -> str:
         if spec.kind == "choice":
             return str(llguidance.grammar_from("choice", spec.source))
         if spec.kind == "json":
-            return str(llguidance.LLMatcher.grammar_from_json_schema(spec.source))
+            return str(llguidance.LLMatcher.grammar_from_json_schema(spec.source, defaults=JSON_DEFAULTS))
         if spec.kind == "grammar":
             return str(llguidance.LLMatcher.grammar_from_lark(spec.source))
     except (ValueError, TypeError, json.JSONDecodeError) as exc:

@@ -383,3 +383,20 @@ def test_only_a_verdict_far_over_the_budget_is_cached(engine: Engine, over: floa
             compiler.matcher(ConstraintSpec("regex", "[a-z]{3}"))
     assert compiler.cached == (1 if kept else 0)
     assert compiler.compiles == (1 if kept else 2)
+
+
+def test_json_is_compact_unless_the_schema_asks_for_whitespace() -> None:
+    """Every text a JSON Schema allows is compact (random walks over the mask, with spaces and line
+    breaks in the vocabulary); a schema's own x-guidance can still allow whitespace."""
+    compiler = ConstraintCompiler(list('\n {}[]":,0123456789abcdefghijklmnopqrstuvwxyz'))
+    numbers = {"type": "array", "items": {"type": "integer", "maximum": 999}, "maxItems": 3}
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "maximum": 99}, "b": numbers}}
+    schema |= {"required": ["a", "b"], "additionalProperties": False}
+    compact = {walk(compiler, ConstraintSpec("json", json.dumps(schema)), seed, longest=200) for seed in range(20)}
+    assert all(" " not in t and "\n" not in t and isinstance(json.loads(t)["a"], int) for t in compact), compact
+    spaced = schema | {"x-guidance": {"whitespace_flexible": True}}
+    for flexible, allowed in ((spaced, True), (schema, False)):
+        matcher = compiler.matcher(ConstraintSpec("json", json.dumps(flexible)))
+        matcher.consume(compiler.vocab.index("{"))
+        matcher.refresh()
+        assert bool(matcher.allowed[compiler.vocab.index(" ")]) is allowed  # a space after the brace
