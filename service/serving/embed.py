@@ -10,19 +10,13 @@ when asked.
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 
-from service.core.generation import Generation
-from service.core.jobs import Job
 from service.core.sampling import SamplingParams
 from service.errors import InvalidInput
 from service.serving.checks import DEFAULT_START, prompt_ids
-from service.serving.leases import fresh_session
+from service.serving.reading import read_all, reading_job, zero_state
 from service.serving.resources import Resources
-
-_NO_DRAWS = np.random.default_rng(0)  # read-only jobs draw nothing
 
 
 class Embeddings:
@@ -41,21 +35,10 @@ class Embeddings:
             raise InvalidInput(f"dimensions is {dimensions}; this model's vectors have 1 to {hidden}", "dimensions")
         start = [info.vocab_index[DEFAULT_START]] if DEFAULT_START in info.vocab_index else []
         each = [start + prompt_ids(self.res, model, text, f"input.{i}") for i, text in enumerate(texts)]
-        scheduler = self.res.schedulers[model.id]
-        zero = list(fresh_session(model, None).state)
-        readings: list[tuple[Job, Generation]] = []
-        try:
-            for ids in each:
-                # wants_state: the job reads the text's last character too, so its state is the whole text's.
-                job = Job(ids, zero, None, SamplingParams(max_new_chars=0), _NO_DRAWS, wants_state=True)
-                scheduler.submit(job)
-                readings.append((job, Generation(job, scheduler, model.id, None, len(ids))))
-            await asyncio.gather(*(reading.result() for _, reading in readings))
-        except BaseException:
-            for _, reading in readings:
-                reading.cancel()
-            raise
-        return model.id, [_unit(job.state[0][-1][:dimensions]) for job, _ in readings]
+        zero = zero_state(model)
+        jobs = [reading_job(ids, SamplingParams(max_new_chars=0), zero, keep_state=True) for ids in each]
+        await read_all(self.res, model, jobs)
+        return model.id, [_unit(job.state[0][-1][:dimensions]) for job in jobs]
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

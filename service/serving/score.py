@@ -10,24 +10,16 @@ between the steps of running streams. Every text is checked before any is read.
 
 from __future__ import annotations
 
-import asyncio
-
-import numpy as np
-
 from service.core.events import PromptEvent
-from service.core.generation import Generation
-from service.core.jobs import Job
 from service.core.sampling import SamplingParams
 from service.errors import InvalidInput, TooLarge
 from service.serving.checks import DEFAULT_START, check_vocab_count, prompt_ids
-from service.serving.leases import fresh_session
+from service.serving.reading import read_all, reading_job, zero_state
 from service.serving.registry import LoadedModel
 from service.serving.resources import Resources
 
 # Characters one score request may bring, over all its texts: about a minute of reading on two cores.
 MAX_SCORE_CHARS = 1_000_000
-# The RNG of jobs that draw nothing (texts being scored).
-_NO_DRAWS = np.random.default_rng(0)
 
 
 class Scoring:
@@ -49,41 +41,17 @@ class Scoring:
                 f"texts have {total} characters in all; one request may score at most {MAX_SCORE_CHARS}", field="texts"
             )
         each = [prompt_ids(self.res, model, text, f"texts.{i}") for i, text in enumerate(texts)]
-        state, logits = await self._read_context(model, start)
-        # Greedy: a job that only reads draws nothing, so it needs no seeded RNG of its own.
+        before = reading_job(start, SamplingParams(max_new_chars=0), zero_state(model), keep_state=True)
+        await read_all(self.res, model, [before])
+        state, logits = list(before.state), before.logits
         params = SamplingParams(temperature=0.0, max_new_chars=0, prompt_logprobs=True, top_logprobs=top_logprobs)
-        scheduler = self.res.schedulers[model.id]
-        readings: list[Generation] = []
-        try:
-            for ids in each:  # each job's row is a copy of the state after the context
-                job = Job(ids, state, logits, params, _NO_DRAWS, wants_state=False)
-                scheduler.submit(job)
-                readings.append(Generation(job, scheduler, model.id, None, len(ids)))
-            results = await asyncio.gather(*(r.result() for r in readings))
-        except BaseException:
-            for reading in readings:
-                reading.cancel()
-            raise
+        # Each text's row starts as a copy of the state after the context.
+        results = await read_all(self.res, model, [reading_job(ids, params, state, logits) for ids in each])
         scored = []
         for result in results:
             assert result.prompt is not None  # asked for: sent once the text is read
             scored.append(result.prompt)
         return model.id, scored
-
-    async def _read_context(self, model: LoadedModel, ids: list[int]) -> tuple[list[np.ndarray], np.ndarray | None]:
-        """The state and next-character logits after reading `ids` from the zero state."""
-        zero = list(fresh_session(model, None).state)
-        scheduler = self.res.schedulers[model.id]
-        # wants_state: the job reads the context's last character too, so its state is the whole context's.
-        job = Job(ids, zero, None, SamplingParams(max_new_chars=0), _NO_DRAWS, wants_state=True)
-        scheduler.submit(job)
-        reading = Generation(job, scheduler, model.id, None, len(ids))
-        try:
-            await reading.result()
-        except BaseException:
-            reading.cancel()
-            raise
-        return list(job.state), job.logits
 
     def _context_ids(self, model: LoadedModel, context: str | None) -> list[int]:
         """What every text is read after: the context, or the line break a generation starts from."""
