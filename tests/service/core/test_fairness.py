@@ -75,6 +75,19 @@ def test_other_streams_flow_while_a_long_prompt_is_read(models_dir: Path) -> Non
         assert sum(arrivals) >= 50, sum(arrivals)
 
 
+async def run_all(scheduler: Scheduler, jobs: list[Job], finished: list[int]) -> list[Outcome]:
+    """Submit the jobs in order and wait for them all; `finished` gets their indices as they end."""
+
+    async def follow(index: int, job: Job) -> Outcome:
+        outcome = await drain(job)
+        finished.append(index)
+        return outcome
+
+    for job in jobs:
+        scheduler.submit(job)
+    return list(await asyncio.gather(*(follow(i, job) for i, job in enumerate(jobs))))
+
+
 def test_past_max_batch_size_no_job_waits_for_another_to_end(models_dir: Path) -> None:
     """Twelve long jobs fill three batches of four; a short one submitted after them is stepped at
     every iteration too (the batches are cut from all running jobs), so it ends long before them."""
@@ -90,14 +103,7 @@ def test_past_max_batch_size_no_job_waits_for_another_to_end(models_dir: Path) -
             for seed, n in enumerate(lengths)
         ]
 
-        async def follow(index: int, job: Job) -> Outcome:
-            outcome = await drain(job)
-            finished.append(index)
-            return outcome
-
-        for job in jobs:
-            scheduler.submit(job)
-        outcomes = await asyncio.gather(*(follow(i, job) for i, job in enumerate(jobs)))
+        outcomes = await run_all(scheduler, jobs, finished)
         await scheduler.stop()
         return outcomes
 
@@ -166,15 +172,7 @@ def test_a_request_runs_at_most_its_rows_and_the_rest_wait(models_dir: Path) -> 
         for job in jobs[:6]:
             job.group = request
         finished: list[int] = []
-
-        async def follow(index: int, job: Job) -> Outcome:
-            outcome = await drain(job)
-            finished.append(index)
-            return outcome
-
-        for job in jobs:
-            scheduler.submit(job)
-        outcomes = await asyncio.gather(*(follow(i, job) for i, job in enumerate(jobs)))
+        outcomes = await run_all(scheduler, jobs, finished)
         assert not scheduler._rows_of and not scheduler._queued  # nothing left counted
         await scheduler.stop()
         return [o.text for o in outcomes], finished
